@@ -1,0 +1,67 @@
+# Shepherd: the two commands are `make run` (the main job) and `make test` (every test).
+# Everything else is a building block they call; each installs what it needs on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The venv is rebuilt whenever pyproject.toml changes.
+VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+NODE_STAMP := node_modules/.installed-$(shell cat package.json package-lock.json | sha1sum | cut -c1-12)
+
+.PHONY: run test lint unit integration venv tools binaries cluster-up cluster-down cluster-status protos bench clean
+
+## run: start the control plane and the services, and run the demo workload.
+run: venv tools
+	$(BIN)/python -m controlplane up
+
+## test: lint, type-check, then every unit, contract and integration test (starts the control plane).
+test: lint
+	$(BIN)/pytest
+
+lint: venv tools
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: venv tools
+	$(BIN)/pytest tests/unit tests/contract
+
+integration: venv tools
+	$(BIN)/pytest tests/integration
+
+venv: $(VENV_STAMP)
+$(VENV_STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.11" >&2; exit 1; }
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: Python >= 3.11 is required" >&2; exit 1; }
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## tools: buf (npm) plus the Go-built control plane, ghz and grpcurl (cached outside the checkout).
+tools: $(NODE_STAMP) binaries
+$(NODE_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm not found; install Node.js >= 18 (buf comes from npm)" >&2; exit 1; }
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+binaries:
+	@bash controlplane/build.sh >/dev/null
+
+cluster-up: venv binaries
+	$(BIN)/python -m controlplane up
+
+cluster-down: venv
+	$(BIN)/python -m controlplane down
+
+cluster-status: venv
+	$(BIN)/python -m controlplane status
+
+## protos: regenerate the Python code and .pyi stubs from protos/ (tests fail when it is stale).
+protos: venv
+	$(BIN)/python tools/gen_protos.py
+
+clean: cluster-down
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,44 @@
+"""Command line for the local control plane: `python -m controlplane up|down|status|env`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from controlplane.cluster import Cluster, ClusterError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controlplane", description=__doc__)
+    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    args = parser.parse_args(argv)
+    cluster = Cluster()
+    try:
+        if args.command == "up":
+            info = cluster.up()
+            print(f"kube-apiserver {info.version} is ready at {info.server}")
+            print(f"  export KUBECONFIG={info.admin_kubeconfig}")
+            for name, path in info.kubeconfigs.items():
+                print(f"  {name:<10} ServiceAccount {info.namespace}/{name}: {path}")
+        elif args.command == "down":
+            cluster.down()
+        elif args.command == "status":
+            if not cluster.healthy():
+                print("the local cluster is not running")
+                return 1
+            print(json.dumps(asdict(cluster.info()), indent=2))
+        else:
+            if not cluster.healthy():
+                print("the local cluster is not running: `make cluster-up` starts it", file=sys.stderr)
+                return 1
+            print(f"export KUBECONFIG={cluster.info().admin_kubeconfig}")
+    except ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

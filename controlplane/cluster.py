@@ -1,0 +1,426 @@
+"""Bring the local control plane up (or reuse a healthy one), and take it down without a trace.
+
+Order matters: etcd, then kube-apiserver (ready when /readyz says ok), then the objects the
+services need (namespace, RBAC from deploy/, fake nodes, one token per ServiceAccount), then
+kube-scheduler and kwok, which need the API server to be there.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from controlplane.kubeapi import AdminClient, ApiError
+from controlplane.pki import Authority
+from controlplane.processes import Daemon, ProcessError, Supervisor
+from controlplane.settings import ClusterSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVICE_NAMESPACE = "shepherd"
+SERVICE_IDENTITIES = ("launcher", "watcher", "reconciler")
+_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be brought up; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """How to reach a running cluster."""
+
+    server: str
+    version: str
+    admin_kubeconfig: str
+    kubeconfigs: dict[str, str]
+    namespace: str
+    state_dir: str
+
+
+def _log(msg: str) -> None:
+    print(f"[cluster {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Cluster:
+    """One local control plane, identified by its state directory."""
+
+    def __init__(self, settings: ClusterSettings | None = None) -> None:
+        self.settings = settings or ClusterSettings()
+        self.supervisor = Supervisor(self.settings.state_dir)
+        self.pki_dir = self.settings.state_dir / "pki"
+        self.info_file = self.settings.state_dir / "cluster.json"
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def up(self) -> ClusterInfo:
+        """Start the cluster, or reuse it when it is already running and healthy."""
+        s = self.settings
+        if self.healthy():
+            _log(f"reusing the running cluster at {s.apiserver_url}")
+            self._issue_service_kubeconfigs(self._admin(), only_if_stale=True)
+            return self.info()
+        self._ensure_binaries()
+        leftovers = self.supervisor.stop_all()
+        if leftovers:
+            _log(f"stopped {len(leftovers)} process(es) left by an earlier run")
+        self._wipe_state()
+        started = time.monotonic()
+        authority = Authority(self.pki_dir)
+        self._write_kubeconfig_files(authority)
+        bins = s.bin_dir
+        self._start(
+            Daemon(
+                "etcd", [str(bins / "etcd"), "--config-file", str(self._etcd_config())], s.etcd_client_port
+            ),
+            self._etcd_ready,
+        )
+        sa = authority.service_account_keys()
+        serving = authority.issue(
+            "apiserver",
+            common_name="kube-apiserver",
+            server_hosts=["127.0.0.1", "localhost", "kubernetes", "kubernetes.default.svc", "10.96.0.1"],
+        )
+        self._start(
+            Daemon(
+                "kube-apiserver",
+                [
+                    str(bins / "kube-apiserver"),
+                    f"--etcd-servers=http://127.0.0.1:{s.etcd_client_port}",
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    f"--secure-port={s.apiserver_port}",
+                    f"--tls-cert-file={serving.cert}",
+                    f"--tls-private-key-file={serving.key}",
+                    f"--client-ca-file={authority.ca.cert}",
+                    f"--service-account-issuer={_AUDIENCE}",
+                    f"--api-audiences={_AUDIENCE}",
+                    f"--service-account-key-file={sa.cert}",
+                    f"--service-account-signing-key-file={sa.key}",
+                    "--service-cluster-ip-range=10.96.0.0/16",
+                    "--authorization-mode=Node,RBAC",
+                    # No kube-controller-manager runs here, so nothing would create the
+                    # `default` ServiceAccount that this admission plugin insists on.
+                    "--disable-admission-plugins=ServiceAccount",
+                    "--allow-privileged=true",
+                    # Load tests must measure Shepherd, not the API server's fairness queues.
+                    "--max-requests-inflight=0",
+                    "--max-mutating-requests-inflight=0",
+                    "--enable-priority-and-fairness=false",
+                    "--profiling=false",
+                    "--event-ttl=30m",
+                    f"--cert-dir={self.pki_dir}",
+                ],
+                s.apiserver_port,
+            ),
+            self._apiserver_ready,
+        )
+        admin = self._admin()
+        self._bootstrap(admin)
+        self._start(
+            Daemon(
+                "kube-scheduler",
+                [
+                    str(bins / "kube-scheduler"),
+                    f"--config={self._scheduler_config()}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={s.scheduler_port}",
+                    f"--cert-dir={self.pki_dir / 'scheduler'}",
+                ],
+                s.scheduler_port,
+            ),
+            lambda: self._https_ok(f"https://127.0.0.1:{s.scheduler_port}/healthz"),
+        )
+        self._start(
+            Daemon(
+                "kwok",
+                [
+                    str(bins / "kwok"),
+                    f"--kubeconfig={s.kubeconfig_dir / 'kwok.kubeconfig'}",
+                    f"--config={self._kwok_config()}",
+                    "--manage-all-nodes=false",
+                    "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                    "--cidr=10.244.0.0/16",
+                    "--node-ip=10.0.0.1",
+                    f"--server-address=127.0.0.1:{s.kwok_port}",
+                ],
+                s.kwok_port,
+            ),
+            lambda: self._http_ok(f"http://127.0.0.1:{s.kwok_port}/healthz"),
+        )
+        self._wait("fake nodes Ready", self._nodes_ready)
+        info = self.info(refresh=True)
+        _log(
+            f"cluster up in {time.monotonic() - started:.1f}s: kube-apiserver {info.version} at {info.server}"
+        )
+        return info
+
+    def down(self) -> None:
+        """Stop every process of this cluster and remove its state (the build cache stays)."""
+        stopped = self.supervisor.stop_all()
+        self._wipe_state()
+        _log(f"cluster down: stopped {len(stopped)} process(es), removed {self.settings.state_dir}")
+
+    def healthy(self) -> bool:
+        names = ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
+        if not self.info_file.exists() or any(self.supervisor.pid(n) is None for n in names):
+            return False
+        return self._apiserver_ready()
+
+    def info(self, refresh: bool = False) -> ClusterInfo:
+        if not refresh and self.info_file.exists():
+            return ClusterInfo(**json.loads(self.info_file.read_text()))
+        s = self.settings
+        version = self._admin().request("GET", "/version")["gitVersion"]
+        info = ClusterInfo(
+            server=s.apiserver_url,
+            version=version,
+            admin_kubeconfig=str(s.admin_kubeconfig),
+            kubeconfigs={n: str(s.kubeconfig_dir / f"{n}.kubeconfig") for n in SERVICE_IDENTITIES},
+            namespace=SERVICE_NAMESPACE,
+            state_dir=str(s.state_dir),
+        )
+        self.info_file.write_text(json.dumps(asdict(info), indent=2))
+        return info
+
+    # ---- start-up steps ---------------------------------------------------------------------
+
+    def _ensure_binaries(self) -> None:
+        needed = ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
+        if all((self.settings.bin_dir / n).exists() for n in needed):
+            return
+        _log("binaries missing: building them with controlplane/build.sh (the first time takes a while)")
+        result = subprocess.run(["bash", str(REPO_ROOT / "controlplane" / "build.sh")], check=False)
+        if result.returncode != 0:
+            raise ClusterError("building the control-plane binaries failed; see the messages above.")
+
+    def _wipe_state(self) -> None:
+        for path in (self.settings.state_dir, self.settings.etcd_data_dir):
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _start(self, daemon: Daemon, ready: Callable[[], bool]) -> None:
+        try:
+            self.supervisor.start(daemon)
+        except ProcessError as exc:
+            self.supervisor.stop_all()
+            raise ClusterError(str(exc)) from exc
+        self._wait(daemon.name, ready, daemon=daemon.name)
+
+    def _wait(self, what: str, ready: Callable[[], bool], daemon: str | None = None) -> None:
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        while time.monotonic() < deadline:
+            if daemon is not None and (tail := self.supervisor.exited_early(daemon)) is not None:
+                self.supervisor.stop_all()
+                raise ClusterError(f"{daemon} exited during start-up. Last lines of its log:\n{tail}")
+            try:
+                if ready():
+                    return
+            except (OSError, ApiError, ssl.SSLError, ValueError):
+                pass
+            time.sleep(0.2)
+        self.supervisor.stop_all()
+        raise ClusterError(
+            f"{what} was not ready within {self.settings.start_timeout_s:.0f}s; "
+            f"logs are in {self.supervisor.log_dir}"
+        )
+
+    def _etcd_config(self) -> Path:
+        s = self.settings
+        peer = f"http://127.0.0.1:{s.etcd_peer_port}"
+        client = f"http://127.0.0.1:{s.etcd_client_port}"
+        config = {
+            "name": "shepherd",
+            "data-dir": str(s.etcd_data_dir),
+            "listen-client-urls": client,
+            "advertise-client-urls": client,
+            "listen-peer-urls": peer,
+            "initial-advertise-peer-urls": peer,
+            "initial-cluster": f"shepherd={peer}",
+            "initial-cluster-state": "new",
+            # Test data: speed over durability (the data dir is tmpfs as well).
+            "unsafe-no-fsync": True,
+            "log-level": "warn",
+            "quota-backend-bytes": 4 * 1024**3,
+        }
+        path = s.state_dir / "etcd.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def _etcd_ready(self) -> bool:
+        return self._http_ok(f"http://127.0.0.1:{self.settings.etcd_client_port}/health")
+
+    def _apiserver_ready(self) -> bool:
+        try:
+            return bool(self._admin().request("GET", "/readyz") == "ok")
+        except (OSError, ApiError, ssl.SSLError):
+            return False
+
+    @staticmethod
+    def _http_ok(url: str) -> bool:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+
+    @staticmethod
+    def _https_ok(url: str) -> bool:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # kube-scheduler serves a self-signed health endpoint
+        with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:
+            return bool(resp.status == 200)
+
+    def _admin(self) -> AdminClient:
+        return AdminClient(
+            "127.0.0.1",
+            self.settings.apiserver_port,
+            str(self.pki_dir / "ca.crt"),
+            str(self.pki_dir / "admin.crt"),
+            str(self.pki_dir / "admin.key"),
+        )
+
+    def _scheduler_config(self) -> Path:
+        config = {
+            "apiVersion": "kubescheduler.config.k8s.io/v1",
+            "kind": "KubeSchedulerConfiguration",
+            "clientConnection": {
+                "kubeconfig": str(self.settings.kubeconfig_dir / "kube-scheduler.kubeconfig"),
+                "qps": 2000,
+                "burst": 4000,
+            },
+            "leaderElection": {"leaderElect": False},
+        }
+        path = self.settings.state_dir / "kube-scheduler.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def _kwok_config(self) -> Path:
+        s = self.settings
+        stages = (Path(__file__).parent / "kwok-stages.yaml").read_text()
+        stages = stages.replace("@POD_START_MS@", str(s.pod_start_ms)).replace(
+            "@POD_RUN_MS@", str(s.pod_run_ms)
+        )
+        path = s.state_dir / "kwok.yaml"
+        path.write_text(stages)
+        return path
+
+    def _nodes_ready(self) -> bool:
+        nodes = self._admin().request("GET", "/api/v1/nodes")["items"]
+        ready = [
+            n
+            for n in nodes
+            if any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in n.get("status", {}).get("conditions", [])
+            )
+        ]
+        return len(ready) >= self.settings.nodes
+
+    # ---- identities and objects -------------------------------------------------------------
+
+    def _write_kubeconfig_files(self, authority: Authority) -> None:
+        """Client-certificate kubeconfigs for the admin and the two Kubernetes components."""
+        self.settings.kubeconfig_dir.mkdir(parents=True, exist_ok=True)
+        identities = {
+            "admin": ("shepherd-admin", "system:masters"),
+            "kube-scheduler": ("system:kube-scheduler", None),
+            # kwok plays every kubelet, so it writes node and pod status cluster-wide.
+            "kwok": ("kwok-controller", "system:masters"),
+        }
+        for name, (cn, org) in identities.items():
+            pair = authority.issue(name, common_name=cn, organization=org)
+            user = {
+                "client-certificate-data": _b64(pair.cert.read_bytes()),
+                "client-key-data": _b64(pair.key.read_bytes()),
+            }
+            self._write_kubeconfig(name, user, namespace="default")
+
+    def _write_kubeconfig(self, name: str, user: dict[str, str], namespace: str) -> Path:
+        ca = (self.pki_dir / "ca.crt").read_bytes()
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": name,
+            "clusters": [
+                {
+                    "name": "shepherd-local",
+                    "cluster": {
+                        "server": self.settings.apiserver_url,
+                        "certificate-authority-data": _b64(ca),
+                    },
+                }
+            ],
+            "users": [{"name": name, "user": user}],
+            "contexts": [
+                {"name": name, "context": {"cluster": "shepherd-local", "user": name, "namespace": namespace}}
+            ],
+        }
+        path = self.settings.kubeconfig_dir / f"{name}.kubeconfig"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        path.chmod(0o600)
+        return path
+
+    def _bootstrap(self, admin: AdminClient) -> None:
+        """Namespace, per-service RBAC (deploy/), fake nodes, and a kubeconfig per service identity."""
+        manifests = [
+            REPO_ROOT / "deploy" / "namespace.yaml",
+            *sorted((REPO_ROOT / "deploy" / "rbac").glob("*.yaml")),
+        ]
+        for path in manifests:
+            for doc in yaml.safe_load_all(path.read_text()):
+                if doc:
+                    admin.apply(doc)
+        s = self.settings
+        for i in range(s.nodes):
+            resources = {"cpu": s.node_cpu, "memory": s.node_memory, "pods": str(s.node_pods)}
+            admin.apply(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": f"kwok-node-{i}",
+                        "annotations": {"kwok.x-k8s.io/node": "fake"},
+                        "labels": {
+                            "type": "kwok",
+                            "kubernetes.io/hostname": f"kwok-node-{i}",
+                            "kubernetes.io/os": "linux",
+                            "kubernetes.io/arch": "amd64",
+                        },
+                    },
+                    "status": {"allocatable": resources, "capacity": resources},
+                }
+            )
+        self._issue_service_kubeconfigs(admin, only_if_stale=False)
+
+    def _issue_service_kubeconfigs(self, admin: AdminClient, *, only_if_stale: bool) -> None:
+        """One kubeconfig per service, holding a token from the TokenRequest API for its ServiceAccount."""
+        for name in SERVICE_IDENTITIES:
+            path = self.settings.kubeconfig_dir / f"{name}.kubeconfig"
+            if (
+                only_if_stale
+                and path.exists()
+                and time.time() - path.stat().st_mtime < self.settings.token_ttl_s / 2
+            ):
+                continue
+            resp = admin.request(
+                "POST",
+                f"/api/v1/namespaces/{SERVICE_NAMESPACE}/serviceaccounts/{name}/token",
+                {
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenRequest",
+                    "spec": {"audiences": [_AUDIENCE], "expirationSeconds": self.settings.token_ttl_s},
+                },
+            )
+            self._write_kubeconfig(name, {"token": resp["status"]["token"]}, namespace=SERVICE_NAMESPACE)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

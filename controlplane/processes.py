@@ -1,0 +1,138 @@
+"""Start, find and stop the control-plane daemons without leaving anything behind.
+
+Each daemon runs in its own session (so a Ctrl-C in the terminal that started it does not kill
+the cluster) and has a pid file. A pid is trusted only if that process's command line still
+mentions our state directory, so a recycled pid never makes us kill a stranger, and processes
+of a crashed earlier run are found and stopped even when their pid files are gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ProcessError(RuntimeError):
+    """A daemon could not be started; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Daemon:
+    name: str
+    argv: Sequence[str]
+    port: int
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def owned_pids(marker: str) -> list[int]:
+    """Every live process whose command line mentions `marker` (our state directory)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid() and marker in _cmdline(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+class Supervisor:
+    """Keeps pid files and logs for the daemons of one state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.run_dir = state_dir / "run"
+        self.log_dir = state_dir / "logs"
+
+    def _pidfile(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def pid(self, name: str) -> int | None:
+        """The pid of a running daemon we started, or None."""
+        try:
+            pid = int(self._pidfile(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if str(self.state_dir) in _cmdline(pid) else None
+
+    def start(self, daemon: Daemon) -> int:
+        if not port_is_free(daemon.port):
+            raise ProcessError(
+                f"{daemon.name} cannot start: port {daemon.port} on 127.0.0.1 is already taken by another "
+                f"process. Stop it (see `ss -ltnp 'sport = :{daemon.port}'`) or choose another port with "
+                f"the matching SHEPHERD_CLUSTER_*_PORT variable."
+            )
+        binary = Path(daemon.argv[0])
+        if not binary.exists():
+            raise ProcessError(f"{daemon.name} binary {binary} is missing: run `make binaries` first.")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_dir / f"{daemon.name}.log").open("ab")
+        proc = subprocess.Popen(
+            list(daemon.argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+        log.close()
+        self._pidfile(daemon.name).write_text(str(proc.pid))
+        return proc.pid
+
+    def exited_early(self, name: str) -> str | None:
+        """If the daemon already died, the tail of its log, so start-up can explain why."""
+        if self.pid(name) is not None:
+            return None
+        log = self.log_dir / f"{name}.log"
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+        return "\n".join(tail)
+
+    def stop_all(self, timeout: float = 15.0) -> list[int]:
+        """Stop every process that belongs to this state directory: SIGTERM, then SIGKILL."""
+        pids = owned_pids(str(self.state_dir))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        for pid in pids:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for pidfile in self.run_dir.glob("*.pid") if self.run_dir.exists() else []:
+            pidfile.unlink(missing_ok=True)
+        return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,74 @@
+"""Where the local control plane keeps its binaries and state, and which ports it uses.
+
+Every field can be set from the environment with the `SHEPHERD_CLUSTER_` prefix, so CI and a
+developer with a port clash can move things without editing code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _cache_root() -> Path:
+    import os
+
+    base = os.environ.get("SHEPHERD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shepherd"
+    )
+    return Path(base)
+
+
+class ClusterSettings(BaseSettings):
+    """Settings of the local control plane."""
+
+    model_config = SettingsConfigDict(env_prefix="SHEPHERD_CLUSTER_", frozen=True)
+
+    cache_dir: Path = Field(
+        default_factory=_cache_root,
+        description="Root of the build cache (binaries keyed by version) outside the checkout.",
+    )
+    state_dir: Path = Field(
+        default_factory=lambda: _cache_root() / "cluster",
+        description="Certificates, kubeconfigs, pid files and logs of the running cluster.",
+    )
+    etcd_data_dir: Path = Field(
+        default=Path("/dev/shm/shepherd-etcd"),
+        description="etcd data directory; tmpfs by default because tests want speed, not durability.",
+    )
+    etcd_client_port: int = Field(default=23790, ge=1, le=65535, description="etcd client port (loopback).")
+    etcd_peer_port: int = Field(default=23800, ge=1, le=65535, description="etcd peer port (loopback).")
+    apiserver_port: int = Field(default=6443, ge=1, le=65535, description="kube-apiserver TLS port.")
+    scheduler_port: int = Field(default=10259, ge=1, le=65535, description="kube-scheduler health port.")
+    kwok_port: int = Field(default=10247, ge=1, le=65535, description="kwok health/metrics port.")
+    nodes: int = Field(default=4, ge=1, le=100, description="Number of fake kwok nodes.")
+    node_cpu: str = Field(default="64", description="Allocatable CPU of each fake node.")
+    node_memory: str = Field(default="256Gi", description="Allocatable memory of each fake node.")
+    node_pods: int = Field(default=3000, ge=1, description="Pod capacity of each fake node.")
+    pod_start_ms: int = Field(
+        default=300, ge=0, description="Default delay before a scheduled pod goes Running."
+    )
+    pod_run_ms: int = Field(default=1000, ge=0, description="Default delay before a Running pod completes.")
+    start_timeout_s: float = Field(default=90.0, gt=0, description="How long to wait for readiness.")
+    token_ttl_s: int = Field(
+        default=48 * 3600, ge=600, description="Lifetime of the per-service ServiceAccount tokens."
+    )
+
+    @property
+    def bin_dir(self) -> Path:
+        """The stable symlink directory written by controlplane/build.sh."""
+        return self.cache_dir / "bin" / "current"
+
+    @property
+    def kubeconfig_dir(self) -> Path:
+        return self.state_dir / "kubeconfigs"
+
+    @property
+    def admin_kubeconfig(self) -> Path:
+        return self.kubeconfig_dir / "admin.kubeconfig"
+
+    @property
+    def apiserver_url(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"

@@ -1,0 +1,6 @@
+"""Helpers shared by the test suites, so no test file grows its own copy."""
+
+from tests.helpers.eventually import eventually
+from tests.helpers.kube import core_api, make_pod, unique_name
+
+__all__ = ["core_api", "eventually", "make_pod", "unique_name"]

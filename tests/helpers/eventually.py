@@ -1,0 +1,23 @@
+"""Wait for a condition with a generous bound: a liveness check, never a timing assertion."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def eventually(
+    probe: Callable[[], T | None], *, what: str, timeout: float = 60.0, interval: float = 0.1
+) -> T:
+    """Return probe()'s first truthy result; fail with `what` if none comes within `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last value: {last!r})")
