@@ -1,0 +1,77 @@
+"""The gRPC plumbing every service shares, so each service's server.py stays about its RPCs.
+
+- grpc.aio server with the request-context interceptor and keepalive settings that survive
+  meshes and idle load balancers;
+- the standard grpc.health.v1 service, NOT_SERVING until the service says it is ready;
+- server reflection, so grpcurl and ghz need no .proto files;
+- SIGTERM/SIGINT: health flips to NOT_SERVING, new RPCs are refused, running ones get
+  `shutdown_grace_s` to finish, then the service's own shutdown runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shepherd.interceptors import RequestContextInterceptor
+from shepherd.logging import get_logger
+
+# Keepalive: ping idle connections so half-open ones (a vanished peer, a NAT that forgot us) are
+# found within a minute; allow clients to ping as often as every 10 s without being cut off.
+_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+]
+
+
+class GrpcServer:
+    """One service's server: create, register servicers, start, set_serving, run_until_signal."""
+
+    def __init__(self, *, host: str, port: int, service_names: Sequence[str]) -> None:
+        self.server = grpc.aio.server(interceptors=[RequestContextInterceptor()], options=_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = list(service_names)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self._stop = asyncio.Event()
+        self._log = get_logger(component="grpc")
+
+    async def start(self) -> None:
+        await self.set_serving(False)
+        await self.server.start()
+        self._log.info("listening", port=self.port, services=self.service_names)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_for_stop_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self._stop.wait()
+        self._log.info("stop requested: draining")
+
+    async def drain(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self._log.info("drained")

@@ -1,0 +1,199 @@
+"""Async calls to the Kubernetes API that the services need, speaking raw JSON.
+
+Watch events are split from the byte stream ourselves and parsed with orjson straight into
+dicts: no model objects, no per-line size limit, and an inactivity timeout that catches a
+silent or half-open stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from shepherd.kube.config import KubeConnection
+from shepherd.kube.errors import ApiError
+
+
+class WatchExpired(Exception):
+    """The watch's resourceVersion is too old (410 Gone): the caller must re-list."""
+
+
+def _pods_path(namespace: str | None) -> str:
+    return f"/api/v1/namespaces/{quote(namespace, safe='')}/pods" if namespace else "/api/v1/pods"
+
+
+class KubeClient:
+    """One pooled HTTP session to one API server."""
+
+    def __init__(
+        self, connection: KubeConnection, *, max_connections: int = 128, timeout_s: float = 30.0
+    ) -> None:
+        self._conn = connection
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=max_connections, ssl=connection.ssl_context, keepalive_timeout=60
+            ),
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> bytes:
+        headers = {"Accept": "application/json", "Content-Type": content_type, **self._conn.headers()}
+        async with self._session.request(
+            method, self._conn.server + path, params=params, data=body, headers=headers, timeout=self._timeout
+        ) as resp:
+            data = await resp.read()
+            if resp.status >= 400:
+                raise ApiError.from_response(resp.status, data, resp.headers)
+            return data
+
+    async def get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        return orjson.loads(await self._request("GET", path, params=params))
+
+    async def create_pod(self, namespace: str, pod: Mapping[str, Any]) -> dict[str, Any]:
+        data = await self._request("POST", _pods_path(namespace), body=orjson.dumps(pod))
+        created: dict[str, Any] = orjson.loads(data)
+        return created
+
+    async def list_pods(
+        self, namespace: str | None, *, label_selector: str = "", limit: int = 500, continue_token: str = ""
+    ) -> dict[str, Any]:
+        params = {"labelSelector": label_selector, "limit": str(limit)}
+        if continue_token:
+            params["continue"] = continue_token
+        page: dict[str, Any] = await self.get_json(_pods_path(namespace), params)
+        return page
+
+    async def list_all_pods(
+        self, namespace: str | None, *, label_selector: str = ""
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Every matching pod, paging through the API, and the resourceVersion of the list."""
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            page = await self.list_pods(namespace, label_selector=label_selector, continue_token=token)
+            items.extend(page.get("items") or [])
+            token = page.get("metadata", {}).get("continue", "")
+            if not token:
+                return items, str(page.get("metadata", {}).get("resourceVersion", ""))
+
+    async def watch_pods(
+        self,
+        namespace: str | None,
+        *,
+        label_selector: str,
+        resource_version: str,
+        server_timeout_s: int = 300,
+        inactivity_timeout_s: float = 90.0,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield raw watch events ({"type", "object"}), bookmarks included. Raises WatchExpired on 410,
+        asyncio.TimeoutError when nothing (not even a bookmark) arrives for inactivity_timeout_s."""
+        params = {
+            "watch": "true",
+            "allowWatchBookmarks": "true",
+            "labelSelector": label_selector,
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(server_timeout_s),
+        }
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=inactivity_timeout_s)
+        headers = {"Accept": "application/json", **self._conn.headers()}
+        async with self._session.get(
+            self._conn.server + _pods_path(namespace), params=params, headers=headers, timeout=timeout
+        ) as resp:
+            if resp.status == 410:
+                raise WatchExpired(resource_version)
+            if resp.status >= 400:
+                raise ApiError.from_response(resp.status, await resp.read(), resp.headers)
+            buffer = b""
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                while (newline := buffer.find(b"\n")) >= 0:
+                    line, buffer = buffer[:newline], buffer[newline + 1 :]
+                    if not line.strip():
+                        continue
+                    event: dict[str, Any] = orjson.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object") or {}
+                        if status.get("code") == 410:
+                            raise WatchExpired(resource_version)
+                        raise ApiError(
+                            int(status.get("code") or 500),
+                            str(status.get("reason", "")),
+                            str(status.get("message", "watch error")),
+                        )
+                    yield event
+
+    async def patch_pod(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        data = await self._request(
+            "PATCH",
+            f"{_pods_path(namespace)}/{quote(name, safe='')}",
+            body=orjson.dumps(patch),
+            content_type="application/merge-patch+json",
+        )
+        patched: dict[str, Any] = orjson.loads(data)
+        return patched
+
+    async def delete_pod(
+        self, namespace: str, name: str, *, uid: str | None = None, grace_period_s: int | None = None
+    ) -> bool:
+        """Delete a pod; False if it was already gone. With `uid`, never deletes a newer pod of that name."""
+        options: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions"}
+        if uid:
+            options["preconditions"] = {"uid": uid}
+        if grace_period_s is not None:
+            options["gracePeriodSeconds"] = grace_period_s
+        try:
+            await self._request(
+                "DELETE", f"{_pods_path(namespace)}/{quote(name, safe='')}", body=orjson.dumps(options)
+            )
+        except ApiError as err:
+            if err.status == 404 or (err.status == 409 and uid):
+                return False
+            raise
+        return True
+
+    async def pod_log(
+        self, namespace: str, name: str, *, container: str, tail_lines: int, follow: bool
+    ) -> AsyncIterator[bytes]:
+        params = {
+            "container": container,
+            "tailLines": str(tail_lines),
+            "follow": "true" if follow else "false",
+        }
+        timeout = aiohttp.ClientTimeout(total=None if follow else 60, sock_connect=30)
+        async with self._session.get(
+            f"{self._conn.server}{_pods_path(namespace)}/{quote(name, safe='')}/log",
+            params=params,
+            headers=self._conn.headers(),
+            timeout=timeout,
+        ) as resp:
+            if resp.status >= 400:
+                raise ApiError.from_response(resp.status, await resp.read(), resp.headers)
+            async for chunk in resp.content.iter_any():
+                yield chunk
+
+
+async def sleep_backoff(
+    attempt: int, *, base_s: float = 0.2, cap_s: float = 10.0, floor_s: float = 0.0
+) -> None:
+    """Capped exponential backoff with full jitter, never shorter than floor_s (e.g. Retry-After)."""
+    import random
+
+    delay = max(floor_s, random.uniform(0, min(cap_s, base_s * 2**attempt)))
+    await asyncio.sleep(delay)

@@ -1,0 +1,59 @@
+"""Settings every service has: where to listen, how to log, which executor it is, how to reach
+Kubernetes. Each service subclasses this and adds its own documented fields.
+
+Values come from flags (`--port 50051`), then the environment (`SHEPHERD_PORT=50051`), then the
+defaults; a bad value stops the process at start-up with the field's name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Literal, TypeVar
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S", bound="ServiceSettings")
+_EXECUTOR_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
+
+
+class ServiceSettings(BaseSettings):
+    """Common settings of the three services."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHEPHERD_", frozen=True, extra="forbid", cli_kebab_case=True, cli_implicit_flags=True
+    )
+
+    host: str = Field(default="0.0.0.0", description="Address the gRPC server binds to.")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    log_json: bool = Field(default=True, description="JSON log lines (false: human-readable, for terminals).")
+    executor_id: str = Field(
+        default="shepherd",
+        description="This executor's id, kept in every pod's labels; adoption and selectors use it. "
+        "Lowercase letters, digits and '-', at most 42 characters.",
+    )
+    kubeconfig: str | None = Field(
+        default=None, description="Kubeconfig to use; unset means in-cluster ServiceAccount credentials."
+    )
+    shutdown_grace_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="On SIGTERM, how long running RPCs may finish before being cut.",
+    )
+
+    @field_validator("executor_id")
+    @classmethod
+    def _executor_id_is_label_safe(cls, value: str) -> str:
+        if not _EXECUTOR_ID.match(value):
+            raise ValueError(
+                "must be 1-42 lowercase letters, digits or '-', starting and ending alphanumeric"
+            )
+        return value
+
+    @classmethod
+    def load(cls: type[S], argv: Sequence[str] | None = None) -> S:
+        """Read flags (argv), then environment, then defaults."""
+        return cls(_cli_parse_args=list(argv) if argv is not None else [])  # type: ignore[call-arg]
