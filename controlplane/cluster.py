@@ -109,9 +109,10 @@ class Cluster:
                     f"--service-account-signing-key-file={sa.key}",
                     "--service-cluster-ip-range=10.96.0.0/16",
                     "--authorization-mode=Node,RBAC",
-                    # No kube-controller-manager runs here, so nothing would create the
-                    # `default` ServiceAccount that this admission plugin insists on.
-                    "--disable-admission-plugins=ServiceAccount",
+                    # No kube-controller-manager runs here: nothing would create the `default`
+                    # ServiceAccount the first plugin insists on, nor lift the not-ready taint the
+                    # second puts on new nodes (kwok reports the nodes Ready itself).
+                    "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
                     "--allow-privileged=true",
                     # Load tests must measure Shepherd, not the API server's fairness queues.
                     "--max-requests-inflight=0",

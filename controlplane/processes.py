@@ -63,6 +63,9 @@ class Supervisor:
         self.state_dir = state_dir
         self.run_dir = state_dir / "run"
         self.log_dir = state_dir / "logs"
+        # Processes started by this object: polled directly, because right after fork the
+        # child's /proc cmdline may still be ours, not the daemon's.
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     def _pidfile(self, name: str) -> Path:
         return self.run_dir / f"{name}.pid"
@@ -97,12 +100,15 @@ class Supervisor:
             close_fds=True,
         )
         log.close()
+        self._children[daemon.name] = proc
         self._pidfile(daemon.name).write_text(str(proc.pid))
         return proc.pid
 
     def exited_early(self, name: str) -> str | None:
         """If the daemon already died, the tail of its log, so start-up can explain why."""
-        if self.pid(name) is not None:
+        child = self._children.get(name)
+        alive = child.poll() is None if child is not None else self.pid(name) is not None
+        if alive:
             return None
         log = self.log_dir / f"{name}.log"
         tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []

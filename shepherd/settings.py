@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 S = TypeVar("S", bound="ServiceSettings")
 _EXECUTOR_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
+_NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class ServiceSettings(BaseSettings):
@@ -37,6 +38,15 @@ class ServiceSettings(BaseSettings):
     kubeconfig: str | None = Field(
         default=None, description="Kubeconfig to use; unset means in-cluster ServiceAccount credentials."
     )
+    namespace: str = Field(
+        default="shepherd",
+        description="Namespace worker pods are created in unless a task's pod override names another.",
+    )
+    watch_namespaces: str = Field(
+        default="",
+        description="Further namespaces worker pods may live in: a comma-separated list, or '*' for every "
+        "namespace (which needs the ClusterRole variant of the RBAC in deploy/). Empty: only `namespace`.",
+    )
     shutdown_grace_s: float = Field(
         default=10.0,
         gt=0,
@@ -52,6 +62,31 @@ class ServiceSettings(BaseSettings):
                 "must be 1-42 lowercase letters, digits or '-', starting and ending alphanumeric"
             )
         return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_dns_label(cls, value: str) -> str:
+        if not _NAMESPACE.match(value):
+            raise ValueError("must be a DNS-1123 label (lowercase letters, digits, '-'; at most 63)")
+        return value
+
+    @field_validator("watch_namespaces")
+    @classmethod
+    def _namespaces_are_dns_labels(cls, value: str) -> str:
+        if value.strip() == "*":
+            return "*"
+        for name in filter(None, (n.strip() for n in value.split(","))):
+            if not _NAMESPACE.match(name):
+                raise ValueError(f"{name!r} is not a DNS-1123 label")
+        return value
+
+    @property
+    def namespaces(self) -> list[str] | None:
+        """The namespaces worker pods may live in, `namespace` first; None means every namespace."""
+        if self.watch_namespaces == "*":
+            return None
+        extra = [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]
+        return [self.namespace, *(n for n in dict.fromkeys(extra) if n != self.namespace)]
 
     @classmethod
     def load(cls: type[S], argv: Sequence[str] | None = None) -> S:

@@ -36,7 +36,13 @@ class _PodEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PodEvent
     POD_EVENT_TYPE_DELETED: _PodEventType.ValueType  # 3
     """The pod is gone (deleted, or no longer matches the executor's selector)."""
     POD_EVENT_TYPE_SNAPSHOT: _PodEventType.ValueType  # 4
-    """Part of a snapshot of current pods (sent when the request asked for one)."""
+    """Part of a snapshot of current pods (sent when the request asked for one). Snapshot events
+    carry the cursor the snapshot is consistent with.
+    """
+    POD_EVENT_TYPE_SNAPSHOT_COMPLETE: _PodEventType.ValueType  # 5
+    """Ends a snapshot: every current pod has been sent. Pods the client knew of but did not
+    receive are gone. Live events with higher cursors follow.
+    """
 
 class PodEventType(_PodEventType, metaclass=_PodEventTypeEnumTypeWrapper):
     """PodEventType is what happened to a pod."""
@@ -50,7 +56,13 @@ POD_EVENT_TYPE_MODIFIED: PodEventType.ValueType  # 2
 POD_EVENT_TYPE_DELETED: PodEventType.ValueType  # 3
 """The pod is gone (deleted, or no longer matches the executor's selector)."""
 POD_EVENT_TYPE_SNAPSHOT: PodEventType.ValueType  # 4
-"""Part of a snapshot of current pods (sent when the request asked for one)."""
+"""Part of a snapshot of current pods (sent when the request asked for one). Snapshot events
+carry the cursor the snapshot is consistent with.
+"""
+POD_EVENT_TYPE_SNAPSHOT_COMPLETE: PodEventType.ValueType  # 5
+"""Ends a snapshot: every current pod has been sent. Pods the client knew of but did not
+receive are gone. Live events with higher cursors follow.
+"""
 Global___PodEventType: _TypeAlias = PodEventType  # noqa: Y015
 
 @_typing.final

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class WatcherServiceStub:
     """WatcherService streams pod events, each with a cursor, so a consumer that reconnects with its
-    last cursor misses nothing and sees nothing twice.
+    last cursor misses nothing and sees nothing twice. Cursors grow across watcher restarts, but a
+    restarted watcher no longer has the events of its previous run: a cursor from an earlier run is
+    answered with OUT_OF_RANGE, and the client re-syncs with a snapshot.
     """
 
     def __init__(self, channel):
@@ -45,7 +47,9 @@ class WatcherServiceStub:
 
 class WatcherServiceServicer:
     """WatcherService streams pod events, each with a cursor, so a consumer that reconnects with its
-    last cursor misses nothing and sees nothing twice.
+    last cursor misses nothing and sees nothing twice. Cursors grow across watcher restarts, but a
+    restarted watcher no longer has the events of its previous run: a cursor from an earlier run is
+    answered with OUT_OF_RANGE, and the client re-syncs with a snapshot.
     """
 
     def WatchPodEvents(self, request, context):
@@ -75,7 +79,9 @@ def add_WatcherServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class WatcherService:
     """WatcherService streams pod events, each with a cursor, so a consumer that reconnects with its
-    last cursor misses nothing and sees nothing twice.
+    last cursor misses nothing and sees nothing twice. Cursors grow across watcher restarts, but a
+    restarted watcher no longer has the events of its previous run: a cursor from an earlier run is
+    answered with OUT_OF_RANGE, and the client re-syncs with a snapshot.
     """
 
     @staticmethod

@@ -28,7 +28,9 @@ GRPC_VERSION: str
 
 class WatcherServiceStub:
     """WatcherService streams pod events, each with a cursor, so a consumer that reconnects with its
-    last cursor misses nothing and sees nothing twice.
+    last cursor misses nothing and sees nothing twice. Cursors grow across watcher restarts, but a
+    restarted watcher no longer has the events of its previous run: a cursor from an earlier run is
+    answered with OUT_OF_RANGE, and the client re-syncs with a snapshot.
     """
 
     @_typing.overload
@@ -44,7 +46,9 @@ class WatcherServiceStub:
 @_typing.type_check_only
 class WatcherServiceAsyncStub(WatcherServiceStub):
     """WatcherService streams pod events, each with a cursor, so a consumer that reconnects with its
-    last cursor misses nothing and sees nothing twice.
+    last cursor misses nothing and sees nothing twice. Cursors grow across watcher restarts, but a
+    restarted watcher no longer has the events of its previous run: a cursor from an earlier run is
+    answered with OUT_OF_RANGE, and the client re-syncs with a snapshot.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -56,7 +60,9 @@ class WatcherServiceAsyncStub(WatcherServiceStub):
 
 class WatcherServiceServicer(metaclass=_abc_1.ABCMeta):
     """WatcherService streams pod events, each with a cursor, so a consumer that reconnects with its
-    last cursor misses nothing and sees nothing twice.
+    last cursor misses nothing and sees nothing twice. Cursors grow across watcher restarts, but a
+    restarted watcher no longer has the events of its previous run: a cursor from an earlier run is
+    answered with OUT_OF_RANGE, and the client re-syncs with a snapshot.
     """
 
     @_abc_1.abstractmethod

@@ -27,6 +27,14 @@ def _status(api: Any, cluster: ClusterInfo, name: str) -> Any:
     return api.read_namespaced_pod_status(name, cluster.namespace).status
 
 
+def test_a_plain_pod_is_scheduled_runs_and_succeeds(cluster: ClusterInfo) -> None:
+    api, name = _create(cluster, annotations={"sim.shepherd.dev/run-time": "200ms"})
+    status = eventually(lambda: (s := _status(api, cluster, name)).phase == "Succeeded" and s, what="success")
+    assert status.container_statuses[0].state.terminated.exit_code == 0
+    assert api.read_namespaced_pod(name, cluster.namespace).spec.node_name.startswith("kwok-node-")
+    api.delete_namespaced_pod(name, cluster.namespace)
+
+
 def test_a_pod_fails_with_the_exit_code_it_was_told(cluster: ClusterInfo) -> None:
     api, name = _create(
         cluster,
@@ -55,12 +63,15 @@ def test_a_pod_can_hit_an_image_pull_error_and_stay_pending(cluster: ClusterInfo
 
 
 @pytest.mark.parametrize(
-    "unschedulable",
-    [{"cpu": "100000"}, {"node_selector": {"disktype": "no-such-node"}}],
+    ("unschedulable", "why"),
+    [
+        ({"cpu": "100000"}, "Insufficient cpu"),
+        ({"node_selector": {"disktype": "no-such-node"}}, "didn't match Pod's node affinity/selector"),
+    ],
     ids=["larger-than-any-node", "selector-no-node-has"],
 )
 def test_a_pod_no_node_can_take_stays_pending_as_unschedulable(
-    cluster: ClusterInfo, unschedulable: dict[str, Any]
+    cluster: ClusterInfo, unschedulable: dict[str, Any], why: str
 ) -> None:
     api, name = _create(cluster, **unschedulable)
 
@@ -70,5 +81,6 @@ def test_a_pod_no_node_can_take_stays_pending_as_unschedulable(
 
     condition = eventually(scheduled_condition, what="the scheduler's verdict")
     assert (condition.status, condition.reason) == ("False", "Unschedulable")
+    assert why in condition.message
     assert _status(api, cluster, name).phase == "Pending"
     api.delete_namespaced_pod(name, cluster.namespace)

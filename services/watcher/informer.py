@@ -1,0 +1,167 @@
+"""List, then watch, this executor's pods in each namespace, and never lose an event.
+
+Per namespace (or once for all namespaces):
+  1. list with the executor's label selector; remember the list's resourceVersion;
+  2. watch from it with bookmarks, advancing the resourceVersion on every event and bookmark;
+  3. when the watch ends (server timeout), resume from the last resourceVersion;
+  4. when nothing arrives for `inactivity_timeout_s` (a silent or half-open stream), resume too;
+  5. on 410 Gone, re-list and diff against the cache: pods that changed during the gap get a
+     synthetic MODIFIED, new ones a synthetic ADDED, vanished ones a synthetic DELETED.
+The resourceVersion never goes back to "0": that would replay history and throw progress away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.watcher.events import pod_event
+from shepherd.eventlog import MemoryLog
+from shepherd.kube import KubeClient, WatchExpired, is_transient
+from shepherd.kube.client import sleep_backoff
+from shepherd.logging import get_logger
+from shepherd.v1 import watcher_service_pb2
+
+PodEvent = watcher_service_pb2.PodEvent
+
+
+@dataclass
+class _Known:
+    resource_version: str
+    event: PodEvent
+
+
+@dataclass
+class InformerStats:
+    """Counters for logs, health and tests."""
+
+    lists: int = 0
+    relists_after_gone: int = 0
+    silent_restarts: int = 0
+    events: int = 0
+    synthetic_events: int = 0
+
+
+@dataclass
+class Informer:
+    """Feeds one MemoryLog from one or more namespaces' list+watch loops."""
+
+    kube: KubeClient
+    log: MemoryLog[PodEvent]
+    label_selector: str
+    namespaces: list[str] | None  # None: every namespace
+    watch_timeout_s: int = 300
+    inactivity_timeout_s: float = 90.0
+    stats: InformerStats = field(default_factory=InformerStats)
+    _cache: dict[str, _Known] = field(default_factory=dict)  # pod uid -> last known state
+    _listed: set[str] = field(default_factory=set)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once every namespace's first list has been emitted."""
+        return self._ready
+
+    def snapshot(self) -> tuple[int, list[PodEvent]]:
+        """The current pods and the cursor they are consistent with (taken without awaiting)."""
+        return self.log.head, [known.event for known in self._cache.values()]
+
+    async def run(self) -> None:
+        scopes: list[str | None] = list(self.namespaces) if self.namespaces is not None else [None]
+        async with asyncio.TaskGroup() as group:
+            for namespace in scopes:
+                group.create_task(self._run_scope(namespace), name=f"informer:{namespace or '*'}")
+
+    def _emit(self, event_type: str, pod: dict[str, Any], *, synthetic: bool) -> None:
+        event = pod_event(event_type, pod, synthetic=synthetic)
+        now = Timestamp()
+        now.GetCurrentTime()
+        event.observe_time.CopyFrom(now)
+        event.cursor = self.log.head + 1
+        self.log.append(event)
+        self.stats.events += 1
+        self.stats.synthetic_events += synthetic
+        if event_type == "DELETED":
+            self._cache.pop(event.pod_uid, None)
+        else:
+            self._cache[event.pod_uid] = _Known(event.resource_version, event)
+
+    def _in_scope(self, namespace: str | None, event: PodEvent) -> bool:
+        return namespace is None or event.namespace == namespace
+
+    async def _list(self, namespace: str | None, *, after_gap: bool) -> str:
+        pods, resource_version = await self.kube.list_all_pods(namespace, label_selector=self.label_selector)
+        self.stats.lists += 1
+        seen: set[str] = set()
+        for pod in pods:
+            meta = pod.get("metadata") or {}
+            uid = meta.get("uid", "")
+            seen.add(uid)
+            known = self._cache.get(uid)
+            if known is None:
+                self._emit("ADDED", pod, synthetic=after_gap)
+            elif known.resource_version != meta.get("resourceVersion"):
+                self._emit("MODIFIED", pod, synthetic=after_gap)
+        for uid, known in list(self._cache.items()):
+            if uid not in seen and self._in_scope(namespace, known.event):
+                # The pod vanished while we were not watching: its deletion is reconstructed.
+                vanished = PodEvent()
+                vanished.CopyFrom(known.event)
+                vanished.type = watcher_service_pb2.POD_EVENT_TYPE_DELETED
+                vanished.synthetic = True
+                vanished.cursor = self.log.head + 1
+                self.log.append(vanished)
+                self._cache.pop(uid, None)
+                self.stats.events += 1
+                self.stats.synthetic_events += 1
+        return resource_version
+
+    async def _run_scope(self, namespace: str | None) -> None:
+        log = get_logger(component="informer", namespace=namespace or "*")
+        scope = namespace or "*"
+        resource_version: str | None = None
+        failures = 0
+        while True:
+            try:
+                if resource_version is None:
+                    resource_version = await self._list(namespace, after_gap=scope in self._listed)
+                    if scope not in self._listed:
+                        self._listed.add(scope)
+                        scopes = len(self.namespaces) if self.namespaces is not None else 1
+                        if len(self._listed) == scopes:
+                            self._ready.set()
+                        log.info("listed", resource_version=resource_version, pods=len(self._cache))
+                async for raw in self.kube.watch_pods(
+                    namespace,
+                    label_selector=self.label_selector,
+                    resource_version=resource_version,
+                    server_timeout_s=self.watch_timeout_s,
+                    inactivity_timeout_s=self.inactivity_timeout_s,
+                ):
+                    obj = raw.get("object") or {}
+                    resource_version = (obj.get("metadata") or {}).get("resourceVersion") or resource_version
+                    if raw.get("type") != "BOOKMARK":
+                        self._emit(str(raw.get("type")), obj, synthetic=False)
+                    failures = 0
+            except WatchExpired:
+                self.stats.relists_after_gone += 1
+                log.warning(
+                    "watch expired (410 Gone): re-listing to rebuild the gap",
+                    resource_version=resource_version,
+                )
+                resource_version = None
+            except TimeoutError:
+                self.stats.silent_restarts += 1
+                log.warning(
+                    "watch went silent: resuming from the last resourceVersion",
+                    resource_version=resource_version,
+                )
+            except Exception as err:  # the loop must outlive any API or network failure
+                failures += 1
+                log.warning(
+                    "watch failed; retrying", error=str(err), transient=is_transient(err), failures=failures
+                )
+                await sleep_backoff(failures, cap_s=30.0)

@@ -1,0 +1,110 @@
+"""Cursor-addressed event logs and the one loop that streams them to gRPC subscribers.
+
+All three services expose an ordered log that clients read "after cursor N": the watcher's
+pod events (in memory, rebuilt from the API server after a restart), the launcher's launch
+outcomes and the reconciler's task transitions (both durable in SQLite). `follow` is the
+shared reader: it replays what is retained after the cursor, then waits for appends, so a
+reconnecting client gets every later event exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Generic, Protocol, TypeVar
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+_SEQ_BITS = 32
+
+
+class CursorOutOfRange(Exception):
+    """The cursor is not served by this log (too old, from an earlier run, or in the future)."""
+
+
+class CursorLog(Protocol[T_co]):
+    def read_after(self, cursor: int, limit: int) -> Sequence[tuple[int, T_co]]:
+        """Entries with cursor > `cursor`, oldest first, at most `limit`. Raises CursorOutOfRange."""
+        ...
+
+    async def wait_for_append(self, cursor: int) -> None:
+        """Return once an entry with a cursor greater than `cursor` may exist."""
+        ...
+
+
+class AppendSignal:
+    """Wakes every waiter on each append; waiters re-check the log, so no wake-up is lost."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class MemoryLog(Generic[T]):
+    """A bounded in-memory log. Cursors are (run epoch << 32 | sequence), so they keep growing across
+    restarts and a cursor from an earlier run is recognisable and refused."""
+
+    def __init__(self, retention: int, epoch: int | None = None) -> None:
+        self.epoch = int(time.time()) if epoch is None else epoch
+        self._base = self.epoch << _SEQ_BITS
+        self._entries: deque[T] = deque(maxlen=retention)
+        self._next_seq = 1  # sequence of the next append
+        self._signal = AppendSignal()
+
+    @property
+    def head(self) -> int:
+        """Cursor of the newest entry (or of the run's start when empty)."""
+        return self._base + self._next_seq - 1
+
+    def append(self, item: T) -> int:
+        self._entries.append(item)
+        cursor = self._base + self._next_seq
+        self._next_seq += 1
+        self._signal.notify()
+        return cursor
+
+    def read_after(self, cursor: int, limit: int) -> list[tuple[int, T]]:
+        if cursor == 0:
+            cursor = self._base + self._next_seq - 1 - len(self._entries)
+        if cursor >> _SEQ_BITS != self.epoch:
+            raise CursorOutOfRange(
+                f"cursor {cursor} is from another run of this log (this run is {self.epoch}); "
+                "re-sync with a snapshot"
+            )
+        seq = cursor - self._base
+        first_seq = self._next_seq - len(self._entries)
+        if seq > self._next_seq - 1:
+            raise CursorOutOfRange(f"cursor {cursor} is ahead of the newest event {self.head}")
+        if seq < first_seq - 1:
+            raise CursorOutOfRange(
+                f"cursor {cursor} is older than the retained events; re-sync with a snapshot"
+            )
+        start = seq - first_seq + 1
+        stop = min(len(self._entries), start + limit)
+        return [(self._base + first_seq + i, self._entries[i]) for i in range(start, stop)]
+
+    async def wait_for_append(self, cursor: int) -> None:
+        if cursor < self.head:
+            return
+        await self._signal.wait()
+
+
+async def follow(log: CursorLog[T], after: int, *, batch: int = 512) -> AsyncIterator[tuple[int, T]]:
+    """Every entry after `after`, then each new one as it is appended, forever."""
+    while True:
+        entries = log.read_after(after, batch)
+        if entries:
+            for cursor, item in entries:
+                yield cursor, item
+            after = entries[-1][0]
+        else:
+            await log.wait_for_append(after)
