@@ -20,7 +20,7 @@ class KubeConnection:
     """Server URL, TLS context and the Authorization header (refreshed for rotating tokens)."""
 
     server: str
-    ssl_context: ssl.SSLContext | bool
+    ssl_context: ssl.SSLContext
     _configuration: client.Configuration
     _last_refresh: float = field(default=0.0)
 
