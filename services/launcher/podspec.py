@@ -1,0 +1,195 @@
+"""Building a worker pod from a template, the task, and a per-task override.
+
+Layers merge left to right: template -> generated pod -> override. Scalars: the later layer wins.
+Mappings (labels, annotations, nodeSelector, resources...): merged key by key. env, envFrom,
+volumes, volumeMounts and initContainers: concatenated, a later entry replacing an earlier one with
+the same name (mountPath for mounts), so no pod ends up with duplicate entries. Containers are
+matched by name; the task runs in the container named `base`. Any other list: the later one wins.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from shepherd import podmeta
+from shepherd.v1 import task_pb2
+from shepherd.validation import InvalidField
+
+MAX_DOC_BYTES = 256 * 1024
+MAIN_CONTAINER = "base"
+_CONCAT_BY: dict[str, str] = {
+    "env": "name",
+    "envFrom": "",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "initContainers": "name",
+}
+_RESERVED_PREFIX = podmeta.PREFIX
+_CONTAINER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def parse_pod_document(text: str, field: str) -> dict[str, Any]:
+    """A YAML or JSON v1 Pod (whole or partial) as a dict; INVALID_ARGUMENT naming `field` otherwise."""
+    if len(text.encode()) > MAX_DOC_BYTES:
+        raise InvalidField(field, f"must be at most {MAX_DOC_BYTES} bytes")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise InvalidField(field, f"is not valid YAML or JSON{at}: {getattr(err, 'problem', err)}") from err
+    if not isinstance(doc, dict):
+        raise InvalidField(field, "must be a mapping (a v1 Pod), not " + type(doc).__name__)
+    if doc.get("kind", "Pod") != "Pod":
+        raise InvalidField(f"{field}.kind", f"must be Pod (got {doc.get('kind')!r})")
+    for section in ("metadata", "spec"):
+        if section in doc and not isinstance(doc[section], dict):
+            raise InvalidField(f"{field}.{section}", "must be a mapping")
+    spec = doc.get("spec") or {}
+    for list_field in ("containers", "initContainers", "volumes"):
+        if list_field in spec and not isinstance(spec[list_field], list):
+            raise InvalidField(f"{field}.spec.{list_field}", "must be a list")
+    return doc
+
+
+def check_override(override: dict[str, Any], field: str) -> None:
+    """An override may not rename the pod or forge the metadata that maps it to its task."""
+    meta = override.get("metadata") or {}
+    if "name" in meta or "generateName" in meta:
+        raise InvalidField(f"{field}.metadata.name", "cannot be set: pod names are derived from the task key")
+    for section in ("labels", "annotations"):
+        for name in meta.get(section) or {}:
+            if str(name).startswith(_RESERVED_PREFIX):
+                raise InvalidField(
+                    f"{field}.metadata.{section}", f"{name!r}: the {_RESERVED_PREFIX} prefix is reserved"
+                )
+
+
+def _merge_named(base: list[Any], over: list[Any], key: str) -> list[Any]:
+    if not key:
+        return [*base, *over]
+    result = list(base)
+    index = {item.get(key): i for i, item in enumerate(result) if isinstance(item, dict)}
+    for item in over:
+        name = item.get(key) if isinstance(item, dict) else None
+        if name is not None and name in index:
+            result[index[name]] = item
+        else:
+            index[name] = len(result)
+            result.append(item)
+    return result
+
+
+def _merge_containers(base: list[dict[str, Any]], over: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    result = [copy.deepcopy(c) for c in base]
+    by_name = {c.get("name"): i for i, c in enumerate(result)}
+    for container in over:
+        i = by_name.get(container.get("name"))
+        if i is None:
+            by_name[container.get("name")] = len(result)
+            result.append(copy.deepcopy(container))
+        else:
+            result[i] = merge(result[i], container)
+    return result
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge `over` onto `base` by the rules in this module's docstring; inputs are not modified."""
+    result = copy.deepcopy(base)
+    for name, value in over.items():
+        current = result.get(name)
+        if value is None:
+            continue
+        if name == "containers" and isinstance(current, list) and isinstance(value, list):
+            result[name] = _merge_containers(current, value)
+        elif name in _CONCAT_BY and isinstance(current, list) and isinstance(value, list):
+            result[name] = _merge_named(current, copy.deepcopy(value), _CONCAT_BY[name])
+        elif isinstance(current, dict) and isinstance(value, dict):
+            result[name] = merge(current, value)
+        else:
+            result[name] = copy.deepcopy(value)
+    return result
+
+
+def generated_pod(
+    key: task_pb2.TaskKey, command: list[str], *, executor_id: str, namespace: str, attempt: int
+) -> dict[str, Any]:
+    """The layer Shepherd itself contributes: identity, task metadata and the command."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": podmeta.pod_name(key, attempt),
+            "namespace": namespace,
+            "labels": podmeta.task_labels(key, executor_id),
+            "annotations": podmeta.task_annotations(key, attempt),
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": MAIN_CONTAINER,
+                    "args": list(command),
+                    "env": [{"name": "SHEPHERD_TASK_POD", "value": "true"}],
+                }
+            ],
+        },
+    }
+
+
+def build_pod(
+    template: dict[str, Any],
+    key: task_pb2.TaskKey,
+    command: list[str],
+    *,
+    override: dict[str, Any] | None,
+    executor_id: str,
+    namespace: str,
+    attempt: int = 1,
+    namespace_allowed: Callable[[str], bool] = lambda _: True,
+) -> dict[str, Any]:
+    """The complete pod for one launch attempt; INVALID_ARGUMENT when the result is not runnable."""
+    pod = merge(
+        template, generated_pod(key, command, executor_id=executor_id, namespace=namespace, attempt=attempt)
+    )
+    if override:
+        pod = merge(pod, override)
+    # Identity is re-asserted last: neither template nor override can change what maps pod to task.
+    identity = generated_pod(key, command, executor_id=executor_id, namespace=namespace, attempt=attempt)[
+        "metadata"
+    ]
+    pod["metadata"]["name"] = identity["name"]
+    pod["metadata"]["labels"].update(identity["labels"])
+    pod["metadata"]["annotations"].update(identity["annotations"])
+    _check_runnable(pod, namespace_allowed)
+    return pod
+
+
+def _check_runnable(pod: dict[str, Any], namespace_allowed: Callable[[str], bool]) -> None:
+    namespace = pod["metadata"].get("namespace", "")
+    if not podmeta.is_dns_label(str(namespace)):
+        raise InvalidField(
+            "pod_override_yaml.metadata.namespace", f"{namespace!r} is not a valid namespace name"
+        )
+    if not namespace_allowed(namespace):
+        raise InvalidField(
+            "pod_override_yaml.metadata.namespace",
+            f"{namespace!r} is not one of the namespaces this executor watches",
+        )
+    containers = pod["spec"].get("containers") or []
+    for i, container in enumerate([*(pod["spec"].get("initContainers") or []), *containers]):
+        if not isinstance(container, dict):
+            raise InvalidField(f"pod.spec.containers[{i}]", "must be a mapping")
+        name = str(container.get("name", ""))
+        if not _CONTAINER_NAME.match(name):
+            raise InvalidField(f"pod.spec.containers[{i}].name", f"{name!r} is not a valid container name")
+        if not container.get("image"):
+            raise InvalidField(
+                f"pod.spec.containers[{name}].image",
+                "no image: set it in the pod template or the pod override",
+            )

@@ -1,0 +1,95 @@
+"""WatcherService over gRPC: a thin layer over the informer's event log."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from services.watcher.informer import Informer
+from services.watcher.settings import WatcherSettings
+from shepherd import podmeta
+from shepherd.eventlog import CursorOutOfRange, MemoryLog, follow
+from shepherd.grpcserver import GrpcServer
+from shepherd.kube import KubeClient, load_connection
+from shepherd.logging import configure, get_logger
+from shepherd.v1 import watcher_service_pb2, watcher_service_pb2_grpc
+
+PodEvent = watcher_service_pb2.PodEvent
+SERVICE_NAME = watcher_service_pb2.DESCRIPTOR.services_by_name["WatcherService"].full_name
+
+
+class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
+    def __init__(self, informer: Informer, log: MemoryLog[PodEvent]) -> None:
+        self._informer = informer
+        self._log = log
+
+    async def WatchPodEvents(  # noqa: N802 - gRPC method name
+        self,
+        request: watcher_service_pb2.WatchPodEventsRequest,
+        context: grpc.aio.ServicerContext[
+            watcher_service_pb2.WatchPodEventsRequest, watcher_service_pb2.WatchPodEventsResponse
+        ],
+    ) -> AsyncIterator[watcher_service_pb2.WatchPodEventsResponse]:
+        if not self._informer.ready.is_set():
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the watcher has not finished its first list yet"
+            )
+        after = request.after_cursor
+        if request.snapshot:
+            after, pods = self._informer.snapshot()
+            for pod in pods:
+                event = PodEvent()
+                event.CopyFrom(pod)
+                event.type, event.cursor = watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT, after
+                yield watcher_service_pb2.WatchPodEventsResponse(event=event)
+            yield watcher_service_pb2.WatchPodEventsResponse(
+                event=PodEvent(type=watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT_COMPLETE, cursor=after)
+            )
+        try:
+            async for _, event in follow(self._log, after):
+                yield watcher_service_pb2.WatchPodEventsResponse(event=event)
+        except CursorOutOfRange as err:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+
+
+async def serve(settings: WatcherSettings) -> None:
+    log = get_logger(service="watcher")
+    kube = KubeClient(load_connection(settings.kubeconfig))
+    events: MemoryLog[PodEvent] = MemoryLog(settings.event_retention)
+    informer = Informer(
+        kube=kube,
+        log=events,
+        label_selector=podmeta.executor_selector(settings.executor_id),
+        namespaces=settings.namespaces,
+        watch_timeout_s=settings.watch_timeout_s,
+        inactivity_timeout_s=settings.inactivity_timeout_s,
+    )
+    server = GrpcServer(host=settings.host, port=settings.port, service_names=[SERVICE_NAME])
+    watcher_service_pb2_grpc.add_WatcherServiceServicer_to_server(
+        WatcherServicer(informer, events), server.server
+    )
+    await server.start()
+    informer_task = asyncio.create_task(informer.run(), name="informer")
+
+    async def mark_ready() -> None:
+        await informer.ready.wait()
+        await server.set_serving(True)
+        log.info(
+            "ready: first list done", namespaces=settings.namespaces or "*", pods=len(informer.snapshot()[1])
+        )
+
+    ready_task = asyncio.create_task(mark_ready(), name="readiness")
+    await server.wait_for_stop_signal()
+    await server.drain(settings.shutdown_grace_s)
+    for task in (ready_task, informer_task):
+        task.cancel()
+    await asyncio.gather(ready_task, informer_task, return_exceptions=True)
+    await kube.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = WatcherSettings.load(argv)
+    configure("watcher", settings.log_level, json=settings.log_json)
+    asyncio.run(serve(settings))
