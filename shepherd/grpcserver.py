@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +21,9 @@ from grpc_reflection.v1alpha import reflection
 
 from shepherd.interceptors import RequestContextInterceptor
 from shepherd.logging import get_logger
+
+# grpc ships no type information; servicer methods annotate their context with this alias.
+Context: TypeAlias = Any
 
 # Keepalive: ping idle connections so half-open ones (a vanished peer, a NAT that forgot us) are
 # found within a minute; allow clients to ping as often as every 10 s without being cut off.

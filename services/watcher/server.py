@@ -25,7 +25,7 @@ class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
         self._informer = informer
         self._log = log
 
-    async def WatchPodEvents(  # noqa: N802 - gRPC method name
+    async def WatchPodEvents(
         self,
         request: watcher_service_pb2.WatchPodEventsRequest,
         context: grpc.aio.ServicerContext[

@@ -1,0 +1,143 @@
+"""Creating pods through the Kubernetes API: concurrently, bounded, and patiently.
+
+A fixed pool of workers drains the queue of accepted launches, so at most `concurrency` creates
+are in flight and nothing waits for a scheduler loop. Transient failures (429, 409 conflicts,
+5xx, 403 exceeded quota, connection errors) are retried with capped, jittered exponential
+backoff; a 429's Retry-After pauses every worker, since it speaks for the whole API server.
+Permanent failures (400, 422, 404, other 403s) fail the launch at once with the API's message.
+A 409 AlreadyExists means an earlier attempt already made the pod: that is success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from services.launcher.store import LaunchStore, stamp_created, stamp_failed
+from shepherd import podmeta
+from shepherd.kube import ApiError, KubeClient, is_transient
+from shepherd.kube.client import sleep_backoff
+from shepherd.logging import get_logger
+from shepherd.v1 import launcher_service_pb2, task_pb2
+
+Launch = launcher_service_pb2.Launch
+
+
+@dataclass
+class CreatorStats:
+    created: int = 0
+    already_existed: int = 0
+    failed: int = 0
+    retries: int = 0
+
+
+@dataclass
+class PodCreator:
+    kube: KubeClient
+    store: LaunchStore
+    concurrency: int = 64
+    max_retries: int = 8  # -1: retry transient errors forever
+    backoff_cap_s: float = 30.0
+    stats: CreatorStats = field(default_factory=CreatorStats)
+    _queue: asyncio.Queue[tuple[Launch, dict[str, Any]]] = field(default_factory=asyncio.Queue)
+    _inflight: set[str] = field(default_factory=set)
+    _cancelled: set[str] = field(default_factory=set)
+    _resume_at: float = 0.0
+
+    @property
+    def backlog(self) -> int:
+        """Launches accepted and not yet settled (queued or being created)."""
+        return self._queue.qsize() + len(self._inflight)
+
+    def submit(self, launch: Launch, pod: dict[str, Any]) -> None:
+        self._queue.put_nowait((launch, pod))
+
+    def cancel(self, key: task_pb2.TaskKey) -> bool:
+        """Stop a queued create; True if a create for the key is in flight right now."""
+        name = podmeta.key_string(key)
+        self._cancelled.add(name)
+        return name in self._inflight
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for i in range(self.concurrency):
+                group.create_task(self._worker(), name=f"pod-creator-{i}")
+
+    async def _worker(self) -> None:
+        while True:
+            launch, pod = await self._queue.get()
+            name = podmeta.key_string(launch.key)
+            if name in self._cancelled:
+                continue
+            self._inflight.add(name)
+            try:
+                await self._create(launch, pod, name)
+            except Exception as err:  # a worker must survive anything one launch throws at it
+                get_logger(component="creator").exception("unexpected error creating pod", error=str(err))
+            finally:
+                self._inflight.discard(name)
+
+    async def _create(self, launch: Launch, pod: dict[str, Any], name: str) -> None:
+        log = get_logger(
+            component="creator",
+            pod=launch.pod_name,
+            namespace=launch.namespace,
+            task_key=name.replace("\x1f", "/"),
+        )
+        attempt = 0
+        while True:
+            if name in self._cancelled:
+                return
+            if (wait := self._resume_at - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            try:
+                await self.kube.create_pod(launch.namespace, pod)
+            except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as err:
+                if isinstance(err, ApiError) and err.already_exists:
+                    self.stats.already_existed += 1
+                    await self.store.update(
+                        stamp_created(launch), only_if_state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED
+                    )
+                    log.info("pod already existed: launch is settled")
+                    return
+                if is_transient(err) and (self.max_retries < 0 or attempt < self.max_retries):
+                    attempt += 1
+                    self.stats.retries += 1
+                    retry_after = err.retry_after_s if isinstance(err, ApiError) else None
+                    if retry_after:
+                        self._resume_at = max(self._resume_at, time.monotonic() + retry_after)
+                    log.warning("transient error creating pod; retrying", error=str(err), attempt=attempt)
+                    await sleep_backoff(attempt, cap_s=self.backoff_cap_s, floor_s=retry_after or 0.0)
+                    continue
+                self.stats.failed += 1
+                await self.store.update(
+                    stamp_failed(launch, _failure(err, attempt)),
+                    only_if_state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED,
+                )
+                log.warning(
+                    "pod creation failed", error=str(err), transient=is_transient(err), attempts=attempt + 1
+                )
+                return
+            self.stats.created += 1
+            await self.store.update(
+                stamp_created(launch), only_if_state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED
+            )
+            return
+
+
+def _failure(err: BaseException, retries: int) -> task_pb2.FailureDetails:
+    if isinstance(err, ApiError):
+        what = "gave up after retries" if is_transient(err) else "the API server refused the pod"
+        return task_pb2.FailureDetails(
+            reason="LaunchRejected" if not is_transient(err) else "LaunchRetriesExhausted",
+            message=f"{what}: {err.message}" + (f" ({retries} retries)" if retries else ""),
+            api_status=err.status,
+        )
+    return task_pb2.FailureDetails(
+        reason="LaunchRetriesExhausted",
+        message=f"could not reach the API server after {retries} retries: {err}",
+    )

@@ -1,0 +1,226 @@
+"""LauncherService over gRPC: validation and answers here, the work in store.py and creator.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from services.launcher.creator import PodCreator
+from services.launcher.podspec import build_pod, check_override, parse_pod_document
+from services.launcher.settings import LauncherSettings
+from services.launcher.store import LaunchStore, stamp_cancelled
+from services.launcher.templates import TemplateCatalog, UnknownTemplate
+from shepherd.errors import abort_invalid
+from shepherd.eventlog import CursorOutOfRange, follow
+from shepherd.grpcserver import Context, GrpcServer
+from shepherd.kube import KubeClient, load_connection
+from shepherd.logging import configure, get_logger
+from shepherd.v1 import launcher_service_pb2 as pb
+from shepherd.v1 import launcher_service_pb2_grpc as pb_grpc
+from shepherd.validation import InvalidField, check_key, check_text
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LauncherService"].full_name
+MAX_COMMAND_ARGS = 256
+MAX_ARG_LEN = 32 * 1024
+MAX_BATCH = 1000
+
+
+class QueueFull(Exception):
+    """The launch queue is at its limit."""
+
+
+class LauncherServicer(pb_grpc.LauncherServiceServicer):
+    def __init__(
+        self, settings: LauncherSettings, store: LaunchStore, creator: PodCreator, templates: TemplateCatalog
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._creator = creator
+        self._templates = templates
+        namespaces = settings.namespaces
+        self._namespace_allowed = (lambda _: True) if namespaces is None else (lambda ns: ns in namespaces)
+
+    # ---- RPCs ---------------------------------------------------------------------------------
+
+    async def LaunchTask(self, request: pb.LaunchTaskRequest, context: Context) -> pb.LaunchTaskResponse:
+        try:
+            return await self._launch(request, "")
+        except InvalidField as err:
+            await abort_invalid(context, err)
+        except UnknownTemplate as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        except QueueFull as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        raise AssertionError("unreachable")
+
+    async def BatchLaunchTasks(
+        self, request: pb.BatchLaunchTasksRequest, context: Context
+    ) -> pb.BatchLaunchTasksResponse:
+        if not 1 <= len(request.requests) <= MAX_BATCH:
+            await abort_invalid(context, InvalidField("requests", f"must hold 1 to {MAX_BATCH} launches"))
+
+        async def one(i: int, item: pb.LaunchTaskRequest) -> pb.BatchLaunchResult:
+            try:
+                return pb.BatchLaunchResult(response=await self._launch(item, f"requests[{i}]."))
+            except InvalidField as err:
+                return pb.BatchLaunchResult(
+                    error=pb.LaunchError(
+                        code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(err), field=err.field
+                    )
+                )
+            except UnknownTemplate as err:
+                return pb.BatchLaunchResult(
+                    error=pb.LaunchError(
+                        code=grpc.StatusCode.NOT_FOUND.value[0],
+                        message=str(err),
+                        field=f"requests[{i}].template_name",
+                    )
+                )
+            except QueueFull as err:
+                return pb.BatchLaunchResult(
+                    error=pb.LaunchError(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=str(err))
+                )
+
+        results = await asyncio.gather(*(one(i, item) for i, item in enumerate(request.requests)))
+        return pb.BatchLaunchTasksResponse(results=results)
+
+    async def GetLaunch(self, request: pb.GetLaunchRequest, context: Context) -> pb.GetLaunchResponse:
+        launch = await self._existing(request.key, request.HasField("key"), context)
+        return pb.GetLaunchResponse(launch=launch)
+
+    async def CancelLaunch(
+        self, request: pb.CancelLaunchRequest, context: Context
+    ) -> pb.CancelLaunchResponse:
+        launch = await self._existing(request.key, request.HasField("key"), context)
+        in_flight = self._creator.cancel(request.key)
+        if launch.state == pb.LAUNCH_STATE_ACCEPTED:
+            cancelled = await self._store.update(
+                stamp_cancelled(launch), only_if_state=pb.LAUNCH_STATE_ACCEPTED
+            )
+            if cancelled is not None:
+                return pb.CancelLaunchResponse(launch=cancelled, pod_created=in_flight)
+            launch = self._store.get(request.key) or launch
+        created = launch.state == pb.LAUNCH_STATE_CREATED or in_flight
+        return pb.CancelLaunchResponse(launch=launch, pod_created=created)
+
+    async def WatchLaunchEvents(
+        self, request: pb.WatchLaunchEventsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchLaunchEventsResponse]:
+        try:
+            async for cursor, launch in follow(self._store, request.after_cursor):
+                yield pb.WatchLaunchEventsResponse(cursor=cursor, launch=launch)
+        except CursorOutOfRange as err:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+
+    # ---- the work behind LaunchTask -------------------------------------------------------------
+
+    async def _existing(self, key: Any, present: bool, context: Context) -> pb.Launch:
+        try:
+            check_key(key, present=present)
+        except InvalidField as err:
+            await abort_invalid(context, err)
+        launch = self._store.get(key)
+        if launch is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "key: this task was never launched here")
+        assert launch is not None
+        return launch
+
+    async def _launch(self, request: pb.LaunchTaskRequest, prefix: str) -> pb.LaunchTaskResponse:
+        try:
+            check_key(request.key, f"{prefix}key", present=request.HasField("key"))
+            if (existing := self._store.get(request.key)) is not None:
+                return pb.LaunchTaskResponse(launch=existing, already_existed=True)
+            pod = self._build(request)
+        except InvalidField as err:
+            raise InvalidField(
+                err.field if err.field.startswith(prefix) else prefix + err.field, err.problem
+            ) from err
+        if self._creator.backlog >= self._settings.queue_limit:
+            raise QueueFull(
+                f"the launch queue is full ({self._settings.queue_limit} launches waiting); retry later"
+            )
+        launch = pb.Launch(
+            key=request.key,
+            namespace=pod["metadata"]["namespace"],
+            pod_name=pod["metadata"]["name"],
+            executor_id=self._settings.executor_id,
+            attempt=1,
+        )
+        accepted = await self._store.accept(launch, pod)
+        if not accepted.already_existed:
+            self._creator.submit(accepted.launch, accepted.pod)
+        return pb.LaunchTaskResponse(launch=accepted.launch, already_existed=accepted.already_existed)
+
+    def _build(self, request: pb.LaunchTaskRequest) -> dict[str, Any]:
+        command = list(request.command)
+        if not 1 <= len(command) <= MAX_COMMAND_ARGS:
+            raise InvalidField("command", f"must have 1 to {MAX_COMMAND_ARGS} arguments (got {len(command)})")
+        for i, arg in enumerate(command):
+            check_text(arg, f"command[{i}]", max_len=MAX_ARG_LEN)
+        allowed = self._settings.allowed_executables
+        if allowed and command[0] not in allowed:
+            raise InvalidField(
+                "command[0]", f"{command[0]!r} is not an allowed command (allowed: {sorted(allowed)})"
+            )
+        if request.template_name and request.template_yaml:
+            raise InvalidField("template_yaml", "give template_name or template_yaml, not both")
+        if request.template_yaml:
+            template = parse_pod_document(request.template_yaml, "template_yaml")
+        else:
+            check_text(request.template_name, "template_name", max_len=253, required=False)
+            template = self._templates.get(request.template_name)
+        override = None
+        if request.pod_override_yaml:
+            override = parse_pod_document(request.pod_override_yaml, "pod_override_yaml")
+            check_override(override, "pod_override_yaml")
+        return build_pod(
+            template,
+            request.key,
+            command,
+            override=override,
+            executor_id=self._settings.executor_id,
+            namespace=self._settings.namespace,
+            namespace_allowed=self._namespace_allowed,
+        )
+
+
+async def serve(settings: LauncherSettings) -> None:
+    log = get_logger(service="launcher")
+    templates = TemplateCatalog(settings.templates_dir, settings.default_template)
+    store = LaunchStore(settings.store_path, synchronous=settings.store_synchronous)
+    kube = KubeClient(load_connection(settings.kubeconfig), max_connections=settings.create_concurrency + 8)
+    creator = PodCreator(
+        kube=kube,
+        store=store,
+        concurrency=settings.create_concurrency,
+        max_retries=settings.create_max_retries,
+        backoff_cap_s=settings.create_backoff_cap_s,
+    )
+    replay = store.pending()
+    for launch, pod in replay:
+        creator.submit(launch, pod)
+    server = GrpcServer(host=settings.host, port=settings.port, service_names=[SERVICE_NAME])
+    pb_grpc.add_LauncherServiceServicer_to_server(
+        LauncherServicer(settings, store, creator, templates), server.server
+    )
+    await server.start()
+    creator_task = asyncio.create_task(creator.run(), name="pod-creator")
+    await server.set_serving(True)
+    log.info("ready", replayed=len(replay), templates=templates.names, executor_id=settings.executor_id)
+    await server.wait_for_stop_signal()
+    await server.drain(settings.shutdown_grace_s)
+    # Accepted launches not yet created stay ACCEPTED in the store and are replayed on next start.
+    creator_task.cancel()
+    await asyncio.gather(creator_task, return_exceptions=True)
+    await store.close()
+    await kube.close()
+    log.info("stopped", stats=vars(creator.stats))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = LauncherSettings.load(argv)
+    configure("launcher", settings.log_level, json=settings.log_json)
+    asyncio.run(serve(settings))

@@ -1,0 +1,56 @@
+"""The Launcher's settings (on top of the shared ones)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from shepherd.settings import ServiceSettings
+
+_REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "deploy" / "pod-templates"
+
+
+def _state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "shepherd"
+
+
+class LauncherSettings(ServiceSettings):
+    """Settings of the Launcher."""
+
+    store_path: Path = Field(
+        default_factory=lambda: _state_dir() / "launcher.db",
+        description="SQLite file holding accepted launches; put it on a persistent volume.",
+    )
+    store_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
+        default="FULL",
+        description="SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes.",
+    )
+    templates_dir: Path = Field(
+        default=_REPO_TEMPLATES, description="Directory of named pod templates (<name>.yaml)."
+    )
+    default_template: str = Field(default="default", description="Template used when a launch names none.")
+    create_concurrency: int = Field(default=64, ge=1, le=1024, description="Pod creates in flight at most.")
+    queue_limit: int = Field(
+        default=10_000,
+        ge=1,
+        description="Accepted-but-not-created launches at most; beyond it RESOURCE_EXHAUSTED.",
+    )
+    create_max_retries: int = Field(
+        default=8,
+        ge=-1,
+        description="Retries of a transient create error before the launch fails; -1: forever.",
+    )
+    create_backoff_cap_s: float = Field(
+        default=30.0, gt=0, description="Longest wait between two create retries."
+    )
+    allowed_commands: str = Field(
+        default="",
+        description="Comma-separated executables a task's command may start with; empty allows any.",
+    )
+
+    @property
+    def allowed_executables(self) -> frozenset[str]:
+        return frozenset(c.strip() for c in self.allowed_commands.split(",") if c.strip())

@@ -1,0 +1,173 @@
+"""The launcher's durable memory: every accepted launch, and the ordered log of launch events.
+
+A launch is written (and committed) before LaunchTask answers OK, so an acknowledged task survives
+a kill at any point: on start, launches still ACCEPTED are replayed. The key is the primary key,
+so a retried or concurrent launch of the same key finds the first one instead of making another.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from shepherd import podmeta
+from shepherd.eventlog import AppendSignal, CursorOutOfRange
+from shepherd.sqlite import Database, Synchronous
+from shepherd.v1 import launcher_service_pb2, task_pb2
+
+Launch = launcher_service_pb2.Launch
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS launches (
+    key TEXT PRIMARY KEY,           -- podmeta.key_string(TaskKey)
+    launch BLOB NOT NULL,           -- serialized shepherd.v1.Launch
+    pod BLOB NOT NULL,              -- the pod to create, as JSON
+    state INTEGER NOT NULL          -- LaunchState, duplicated for the replay query
+);
+CREATE INDEX IF NOT EXISTS launches_by_state ON launches(state);
+CREATE TABLE IF NOT EXISTS launch_events (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    launch BLOB NOT NULL
+);
+"""
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+@dataclass(frozen=True)
+class Accepted:
+    launch: Launch
+    pod: dict[str, object]
+    already_existed: bool
+
+
+class LaunchStore:
+    def __init__(self, path: Path | str, *, synchronous: Synchronous = "FULL") -> None:
+        self.db = Database(path, SCHEMA, synchronous=synchronous)
+        self._signal = AppendSignal()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # ---- reads (event-loop thread) ------------------------------------------------------------
+
+    def get(self, key: task_pb2.TaskKey) -> Launch | None:
+        row = self.db.reader.execute(
+            "SELECT launch FROM launches WHERE key = ?", (podmeta.key_string(key),)
+        ).fetchone()
+        return Launch.FromString(row[0]) if row else None
+
+    def pending(self) -> list[tuple[Launch, dict[str, object]]]:
+        """Launches accepted but not yet created: the work to replay on start."""
+        rows = self.db.reader.execute(
+            "SELECT launch, pod FROM launches WHERE state = ? ORDER BY rowid",
+            (launcher_service_pb2.LAUNCH_STATE_ACCEPTED,),
+        ).fetchall()
+        return [(Launch.FromString(launch), orjson.loads(pod)) for launch, pod in rows]
+
+    def read_after(self, cursor: int, limit: int) -> list[tuple[int, Launch]]:
+        head = self.db.reader.execute("SELECT COALESCE(MAX(cursor), 0) FROM launch_events").fetchone()[0]
+        if cursor > head:
+            raise CursorOutOfRange(f"cursor {cursor} is ahead of the newest launch event {head}")
+        rows = self.db.reader.execute(
+            "SELECT cursor, launch FROM launch_events WHERE cursor > ? ORDER BY cursor LIMIT ?",
+            (cursor, limit),
+        ).fetchall()
+        return [(c, Launch.FromString(blob)) for c, blob in rows]
+
+    async def wait_for_append(self, cursor: int) -> None:
+        head = self.db.reader.execute("SELECT COALESCE(MAX(cursor), 0) FROM launch_events").fetchone()[0]
+        if head > cursor:
+            return
+        await self._signal.wait()
+
+    # ---- writes (group-committed) -------------------------------------------------------------
+
+    async def accept(self, launch: Launch, pod: dict[str, object]) -> Accepted:
+        """Store a new launch, or return the one already stored for its key."""
+        key = podmeta.key_string(launch.key)
+        launch.accept_time.CopyFrom(_now())
+        launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED
+        blob, pod_json = launch.SerializeToString(), orjson.dumps(pod)
+
+        def insert(conn: sqlite3.Connection) -> tuple[bytes, bytes, bool]:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO launches(key, launch, pod, state) VALUES (?, ?, ?, ?)",
+                (key, blob, pod_json, launch.state),
+            )
+            if cur.rowcount == 1:
+                conn.execute("INSERT INTO launch_events(launch) VALUES (?)", (blob,))
+                return blob, pod_json, False
+            row = conn.execute("SELECT launch, pod FROM launches WHERE key = ?", (key,)).fetchone()
+            return row[0], row[1], True
+
+        stored, stored_pod, existed = await self.db.write(insert)
+        if not existed:
+            self._signal.notify()
+        return Accepted(Launch.FromString(stored), orjson.loads(stored_pod), existed)
+
+    async def update(self, launch: Launch, *, only_if_state: int | None = None) -> Launch | None:
+        """Persist a new state of a launch and log it; with `only_if_state`, only from that state."""
+        key = podmeta.key_string(launch.key)
+        blob = launch.SerializeToString()
+
+        def write(conn: sqlite3.Connection) -> bool:
+            if only_if_state is None:
+                cur = conn.execute(
+                    "UPDATE launches SET launch = ?, state = ? WHERE key = ?", (blob, launch.state, key)
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE launches SET launch = ?, state = ? WHERE key = ? AND state = ?",
+                    (blob, launch.state, key, only_if_state),
+                )
+            if cur.rowcount != 1:
+                return False
+            conn.execute("INSERT INTO launch_events(launch) VALUES (?)", (blob,))
+            return True
+
+        changed = await self.db.write(write)
+        if changed:
+            self._signal.notify()
+            return launch
+        return None
+
+    def pending_count(self) -> int:
+        row = self.db.reader.execute(
+            "SELECT COUNT(*) FROM launches WHERE state = ?", (launcher_service_pb2.LAUNCH_STATE_ACCEPTED,)
+        ).fetchone()
+        return int(row[0])
+
+
+def stamp_created(launch: Launch) -> Launch:
+    updated = Launch()
+    updated.CopyFrom(launch)
+    updated.state = launcher_service_pb2.LAUNCH_STATE_CREATED
+    updated.create_time.CopyFrom(_now())
+    return updated
+
+
+def stamp_failed(launch: Launch, failure: task_pb2.FailureDetails) -> Launch:
+    updated = Launch()
+    updated.CopyFrom(launch)
+    updated.state = launcher_service_pb2.LAUNCH_STATE_FAILED
+    updated.failure.CopyFrom(failure)
+    return updated
+
+
+def stamp_cancelled(launch: Launch) -> Launch:
+    updated = Launch()
+    updated.CopyFrom(launch)
+    updated.state = launcher_service_pb2.LAUNCH_STATE_CANCELLED
+    return updated
+
+
+__all__ = ["Accepted", "LaunchStore", "stamp_cancelled", "stamp_created", "stamp_failed"]
