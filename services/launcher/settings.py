@@ -20,6 +20,8 @@ def _state_dir() -> Path:
 class LauncherSettings(ServiceSettings):
     """Settings of the Launcher."""
 
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+
     store_path: Path = Field(
         default_factory=lambda: _state_dir() / "launcher.db",
         description="SQLite file holding accepted launches; put it on a persistent volume.",

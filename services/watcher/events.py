@@ -85,6 +85,8 @@ def pod_event(
     )
     if (key := podmeta.key_from_annotations(annotations)) is not None:
         event.task_key.CopyFrom(key)
+        attempt = annotations.get(podmeta.ANNOTATION_LAUNCH_ATTEMPT, "")
+        event.launch_attempt = int(attempt) if attempt.isdigit() else 0
     if (created := _timestamp(meta.get("creationTimestamp"))) is not None:
         event.creation_time.CopyFrom(created)
     if (deleted := _timestamp(meta.get("deletionTimestamp"))) is not None:

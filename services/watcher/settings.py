@@ -10,6 +10,8 @@ from shepherd.settings import ServiceSettings
 class WatcherSettings(ServiceSettings):
     """Settings of the Watcher."""
 
+    port: int = Field(default=50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+
     event_retention: int = Field(
         default=200_000,
         ge=1000,

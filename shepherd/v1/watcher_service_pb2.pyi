@@ -144,6 +144,7 @@ class PodEvent(_message.Message):
     RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     OBSERVE_TIME_FIELD_NUMBER: _builtins.int
+    LAUNCH_ATTEMPT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
     """Position in the watcher's event log; strictly increasing."""
     type: Global___PodEventType.ValueType
@@ -168,6 +169,8 @@ class PodEvent(_message.Message):
     """The pod's resourceVersion in this event."""
     node_name: _builtins.str
     """Node the pod is bound to, if any."""
+    launch_attempt: _builtins.int
+    """Launch attempt that created the pod, from its annotations; 0 when unknown."""
     @_builtins.property
     def task_key(self) -> _task_pb2.TaskKey:
         """The task, read from the pod's annotations; unset when the annotations are missing or bad."""
@@ -222,10 +225,11 @@ class PodEvent(_message.Message):
         resource_version: _builtins.str = ...,
         node_name: _builtins.str = ...,
         observe_time: _timestamp_pb2.Timestamp | None = ...,
+        launch_attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "deletion_time", b"deletion_time", "observe_time", b"observe_time", "task_key", b"task_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "containers", b"containers", "creation_time", b"creation_time", "cursor", b"cursor", "deletion_time", b"deletion_time", "init_containers", b"init_containers", "labels", b"labels", "message", b"message", "namespace", b"namespace", "node_name", b"node_name", "observe_time", b"observe_time", "phase", b"phase", "pod_name", b"pod_name", "pod_uid", b"pod_uid", "reason", b"reason", "resource_version", b"resource_version", "synthetic", b"synthetic", "task_key", b"task_key", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "containers", b"containers", "creation_time", b"creation_time", "cursor", b"cursor", "deletion_time", b"deletion_time", "init_containers", b"init_containers", "labels", b"labels", "launch_attempt", b"launch_attempt", "message", b"message", "namespace", b"namespace", "node_name", b"node_name", "observe_time", b"observe_time", "phase", b"phase", "pod_name", b"pod_name", "pod_uid", b"pod_uid", "reason", b"reason", "resource_version", b"resource_version", "synthetic", b"synthetic", "task_key", b"task_key", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,7 @@
+"""`python -m services.reconciler [--flags]`: run the Reconciler."""
+
+import sys
+
+from services.reconciler.server import main
+
+main(sys.argv[1:])

@@ -1,0 +1,323 @@
+"""Applying events to tasks, in batches, through one applier so no two changes race.
+
+Launch events (from the launcher), pod events (from the watcher) and commands (cancel) enter one
+queue. The applier takes whatever is waiting (up to `batch_size`), runs each item through the
+state machine against its task, and commits the batch's task rows, transitions, pod actions and
+stream cursors in one transaction. Only then are the new pod actions handed to the action runner
+and the transitions visible to WatchTaskStates. Per event the work is O(1): a dict lookup, a
+pure decision, and a share of one commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.reconciler.statemachine import TERMINAL, PodAction, Policy, decide, moves_forward
+from services.reconciler.store import Batch, PodActionRow, TaskStore
+from shepherd import podmeta
+from shepherd.logging import get_logger
+from shepherd.v1 import launcher_service_pb2, task_pb2, watcher_service_pb2
+
+PodEvent = watcher_service_pb2.PodEvent
+Launch = launcher_service_pb2.Launch
+SOURCE_LAUNCHER = "launcher"
+SOURCE_WATCHER = "watcher"
+_TERMINAL_CACHE = 20_000  # finished tasks kept in memory to answer late events without a read
+
+
+class UnknownTask(LookupError):
+    """No task with that key."""
+
+
+@dataclass
+class Tracked:
+    task: task_pb2.Task
+    pod_uid: str = ""
+
+
+@dataclass(frozen=True)
+class LaunchItem:
+    cursor: int
+    launch: Launch
+
+
+@dataclass(frozen=True)
+class PodItem:
+    event: PodEvent
+
+
+@dataclass(frozen=True)
+class SnapshotStart:
+    """The watcher stream is about to send a full snapshot of current pods."""
+
+
+@dataclass(frozen=True)
+class CancelItem:
+    key: task_pb2.TaskKey
+    reason: str
+    done: asyncio.Future[tuple[task_pb2.Task, Tracked]]
+
+
+Item = LaunchItem | PodItem | SnapshotStart | CancelItem
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    items: int = 0
+    transitions: int = 0
+    ignored_events: int = 0
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+@dataclass
+class Engine:
+    store: TaskStore
+    policy: Policy
+    executor_id: str
+    on_actions: Callable[[list[PodActionRow]], None]
+    batch_size: int = 1000
+    queue_size: int = 20_000
+    stats: EngineStats = field(default_factory=EngineStats)
+    _active: dict[str, Tracked] = field(default_factory=dict)
+    _finished: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)
+    _queue: asyncio.Queue[Item] = field(init=False)
+    _snapshot_seen: set[str] | None = None
+    _last: dict[str, int] = field(default_factory=dict)  # last cursor enqueued per source
+
+    def __post_init__(self) -> None:
+        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        for task, uid in self.store.unfinished():
+            self._active[podmeta.key_string(task.key)] = Tracked(task, uid)
+        for source in (SOURCE_LAUNCHER, SOURCE_WATCHER):
+            self._last[source] = self.store.cursor(source)
+
+    # ---- inputs --------------------------------------------------------------------------------
+
+    def resume_cursor(self, source: str) -> int:
+        """Where a (re)connecting stream consumer should continue."""
+        return self._last[source]
+
+    async def submit(self, item: Item, *, source: str | None = None, cursor: int = 0) -> None:
+        await self._queue.put(item)
+        if source is not None and cursor:
+            self._last[source] = cursor
+
+    def forget_watcher_position(self) -> None:
+        """The watcher cannot resume our cursor (it restarted): the next connection asks for a snapshot."""
+        self._last[SOURCE_WATCHER] = 0
+
+    async def cancel(self, key: task_pb2.TaskKey, reason: str) -> tuple[task_pb2.Task, Tracked]:
+        done: asyncio.Future[tuple[task_pb2.Task, Tracked]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(CancelItem(key, reason, done))
+        return await done
+
+    @property
+    def active_tasks(self) -> int:
+        return len(self._active)
+
+    # ---- the applier ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        log = get_logger(component="engine")
+        while True:
+            items = [await self._queue.get()]
+            while len(items) < self.batch_size and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            batch = Batch()
+            replies: list[tuple[CancelItem, Any]] = []
+            for item in items:
+                try:
+                    reply = self._apply(item, batch)
+                except Exception as err:  # a malformed event must not stop the reconciler
+                    log.exception(
+                        "could not apply an event; skipping it", item=type(item).__name__, error=str(err)
+                    )
+                    reply = err
+                if isinstance(item, CancelItem):
+                    replies.append((item, reply))
+            committed = await self.store.commit(batch) if batch else None
+            self.stats.batches += 1
+            self.stats.items += len(items)
+            if committed is not None:
+                self.stats.transitions += len(committed.changes)
+                if committed.new_actions:
+                    self.on_actions(committed.new_actions)
+            for item, reply in replies:
+                if isinstance(reply, BaseException):
+                    item.done.set_exception(reply)
+                else:
+                    item.done.set_result(reply)
+
+    def _apply(self, item: Item, batch: Batch) -> Any:
+        if isinstance(item, LaunchItem):
+            self._apply_launch(item, batch)
+            batch.cursors[SOURCE_LAUNCHER] = item.cursor
+        elif isinstance(item, PodItem):
+            self._apply_pod(item.event, batch)
+        elif isinstance(item, SnapshotStart):
+            self._snapshot_seen = set()
+        else:
+            return self._apply_cancel(item, batch)
+        return None
+
+    # ---- per-item logic ------------------------------------------------------------------------
+
+    def _lookup(self, key: str) -> Tracked | None:
+        tracked = self._active.get(key) or self._finished.get(key)
+        if tracked is None and (row := self.store.get(key)) is not None:
+            tracked = Tracked(*row)
+            self._remember(key, tracked)
+        return tracked
+
+    def _remember(self, key: str, tracked: Tracked) -> None:
+        if tracked.task.state in TERMINAL:
+            self._active.pop(key, None)
+            self._finished[key] = tracked
+            self._finished.move_to_end(key)
+            while len(self._finished) > _TERMINAL_CACHE:
+                self._finished.popitem(last=False)
+        else:
+            self._active[key] = tracked
+
+    def _save(self, key: str, tracked: Tracked, batch: Batch) -> None:
+        copy = task_pb2.Task()
+        copy.CopyFrom(tracked.task)
+        batch.tasks[key] = (copy, tracked.pod_uid)
+        self._remember(key, tracked)
+
+    def _transition(
+        self,
+        key: str,
+        tracked: Tracked,
+        state: task_pb2.TaskState.ValueType,
+        batch: Batch,
+        failure: task_pb2.FailureDetails | None = None,
+    ) -> None:
+        task = tracked.task
+        previous = task.state
+        now = _now()
+        task.state = state
+        if failure is not None:
+            task.failure.CopyFrom(failure)
+        if state == task_pb2.TASK_STATE_RUNNING and not task.HasField("start_time"):
+            task.start_time.CopyFrom(now)
+        if state in TERMINAL:
+            task.end_time.CopyFrom(now)
+        change = task_pb2.TaskStateChange(previous_state=previous, change_time=now)
+        change.task.CopyFrom(task)
+        batch.changes.append(change)
+        self._save(key, tracked, batch)
+        get_logger(component="engine", task_key=key.replace("\x1f", "/"), pod=task.pod_name).info(
+            "transition",
+            previous=task_pb2.TaskState.Name(previous),
+            state=task_pb2.TaskState.Name(state),
+            reason=failure.reason if failure is not None else "",
+        )
+
+    def _new_task(self, key: task_pb2.TaskKey, namespace: str, pod_name: str, attempt: int) -> Tracked:
+        task = task_pb2.Task(
+            namespace=namespace,
+            pod_name=pod_name,
+            executor_id=self.executor_id,
+            launch_attempts=max(attempt, 1),
+        )
+        task.key.CopyFrom(key)
+        return Tracked(task)
+
+    def _apply_launch(self, item: LaunchItem, batch: Batch) -> None:
+        launch = item.launch
+        key = podmeta.key_string(launch.key)
+        tracked = self._lookup(key)
+        if tracked is None:
+            tracked = self._new_task(launch.key, launch.namespace, launch.pod_name, launch.attempt)
+            tracked.task.queued_time.CopyFrom(launch.accept_time)
+        target = {
+            launcher_service_pb2.LAUNCH_STATE_ACCEPTED: task_pb2.TASK_STATE_QUEUED,
+            launcher_service_pb2.LAUNCH_STATE_FAILED: task_pb2.TASK_STATE_FAILED,
+        }.get(launch.state)
+        if target is not None and moves_forward(tracked.task.state, target):
+            failure = launch.failure if target == task_pb2.TASK_STATE_FAILED else None
+            self._transition(key, tracked, target, batch, failure)
+
+    def _apply_pod(self, event: PodEvent, batch: Batch) -> None:
+        kind = event.type
+        if kind == watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT_COMPLETE:
+            self._finish_snapshot(batch)
+            batch.cursors[SOURCE_WATCHER] = event.cursor
+            return
+        if kind == watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT:
+            if self._snapshot_seen is not None:
+                self._snapshot_seen.add(event.pod_uid)
+        elif event.cursor:
+            batch.cursors[SOURCE_WATCHER] = event.cursor
+        if not event.HasField("task_key"):
+            self.stats.ignored_events += 1
+            return
+        key = podmeta.key_string(event.task_key)
+        tracked = self._lookup(key)
+        if tracked is None:
+            tracked = self._new_task(event.task_key, event.namespace, event.pod_name, event.launch_attempt)
+        deleted = kind == watcher_service_pb2.POD_EVENT_TYPE_DELETED
+        if event.launch_attempt and event.launch_attempt < tracked.task.launch_attempts:
+            # A pod of an earlier launch attempt: it no longer speaks for the task, it only goes away.
+            if not deleted:
+                batch.actions.append(PodActionRow(event.pod_uid, event.namespace, event.pod_name, "delete"))
+            return
+        if not deleted and tracked.pod_uid != event.pod_uid:
+            tracked.pod_uid = event.pod_uid
+            tracked.task.pod_name, tracked.task.namespace = event.pod_name, event.namespace
+            if tracked.task.state != task_pb2.TASK_STATE_UNSPECIFIED:
+                self._save(key, tracked, batch)
+        decision = decide(tracked.task.state, event, self.policy)
+        if decision.lost_before_start and tracked.task.state not in TERMINAL:
+            self._transition(key, tracked, task_pb2.TASK_STATE_UP_FOR_RESCHEDULE, batch, decision.failure)
+        elif decision.state is not None and moves_forward(tracked.task.state, decision.state):
+            self._transition(key, tracked, decision.state, batch, decision.failure)
+        if decision.action is not PodAction.NONE and not deleted and event.pod_uid:
+            batch.actions.append(
+                PodActionRow(event.pod_uid, event.namespace, event.pod_name, decision.action.value)
+            )
+
+    def _finish_snapshot(self, batch: Batch) -> None:
+        """Tasks whose pod we had seen but which the snapshot no longer has: the pod vanished unseen."""
+        seen, self._snapshot_seen = self._snapshot_seen, None
+        if seen is None:
+            return
+        for key, tracked in list(self._active.items()):
+            if not tracked.pod_uid or tracked.pod_uid in seen:
+                continue
+            if tracked.task.state == task_pb2.TASK_STATE_RUNNING:
+                failure = task_pb2.FailureDetails(
+                    reason="DeletedWhileRunning", message="the pod disappeared while it was running"
+                )
+                self._transition(key, tracked, task_pb2.TASK_STATE_FAILED, batch, failure)
+            else:
+                failure = task_pb2.FailureDetails(
+                    reason="PodLostBeforeStart", message="the pod disappeared before it started"
+                )
+                self._transition(key, tracked, task_pb2.TASK_STATE_UP_FOR_RESCHEDULE, batch, failure)
+
+    def _apply_cancel(self, item: CancelItem, batch: Batch) -> tuple[task_pb2.Task, Tracked]:
+        key = podmeta.key_string(item.key)
+        tracked = self._lookup(key)
+        if tracked is None or tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
+            raise UnknownTask("key: no task with this key")
+        if tracked.task.state not in TERMINAL:
+            self._transition(key, tracked, task_pb2.TASK_STATE_REVOKED, batch)
+            if tracked.pod_uid:
+                batch.actions.append(
+                    PodActionRow(tracked.pod_uid, tracked.task.namespace, tracked.task.pod_name, "delete")
+                )
+        return tracked.task, tracked

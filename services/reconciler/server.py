@@ -1,0 +1,155 @@
+"""ReconcilerService over gRPC: queries and streams read the store; changes go through the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from services.reconciler.actions import PodActions
+from services.reconciler.engine import Engine, UnknownTask
+from services.reconciler.settings import ReconcilerSettings
+from services.reconciler.statemachine import Policy
+from services.reconciler.store import TaskStore, decode_page_token
+from services.reconciler.streams import consume_launcher, consume_watcher
+from shepherd import podmeta
+from shepherd.errors import abort_invalid
+from shepherd.eventlog import CursorOutOfRange, follow
+from shepherd.grpcserver import Context, GrpcServer
+from shepherd.kube import KubeClient, load_connection
+from shepherd.logging import configure, get_logger
+from shepherd.v1 import launcher_service_pb2, launcher_service_pb2_grpc
+from shepherd.v1 import reconciler_service_pb2 as pb
+from shepherd.v1 import reconciler_service_pb2_grpc as pb_grpc
+from shepherd.validation import InvalidField, check_key, check_text
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReconcilerService"].full_name
+MAX_PAGE = 1000
+
+
+class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
+    def __init__(
+        self, store: TaskStore, engine: Engine, launcher: launcher_service_pb2_grpc.LauncherServiceStub
+    ):
+        self._store = store
+        self._engine = engine
+        self._launcher = launcher
+
+    async def WatchTaskStates(
+        self, request: pb.WatchTaskStatesRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTaskStatesResponse]:
+        try:
+            async for _, change in follow(self._store, request.after_cursor):
+                yield pb.WatchTaskStatesResponse(change=change)
+        except CursorOutOfRange as err:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+
+    async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
+        try:
+            check_key(request.key, present=request.HasField("key"))
+        except InvalidField as err:
+            await abort_invalid(context, err)
+        row = self._store.get(podmeta.key_string(request.key))
+        if row is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with this key")
+        assert row is not None
+        return pb.GetTaskResponse(task=row[0])
+
+    async def ListTasks(self, request: pb.ListTasksRequest, context: Context) -> pb.ListTasksResponse:
+        try:
+            if not 0 <= request.page_size <= MAX_PAGE:
+                raise InvalidField("page_size", f"must be between 0 and {MAX_PAGE} (got {request.page_size})")
+            check_text(request.dag_id, "dag_id", max_len=250, required=False)
+            try:
+                after = decode_page_token(request.page_token) if request.page_token else ""
+            except ValueError:
+                raise InvalidField(
+                    "page_token", "is malformed: pass back a next_page_token unchanged"
+                ) from None
+        except InvalidField as err:
+            await abort_invalid(context, err)
+        tasks, token = self._store.list_tasks(
+            page_size=request.page_size or 100, after_key=after, state=request.state, dag_id=request.dag_id
+        )
+        return pb.ListTasksResponse(tasks=tasks, next_page_token=token)
+
+    async def CancelTask(self, request: pb.CancelTaskRequest, context: Context) -> pb.CancelTaskResponse:
+        try:
+            check_key(request.key, present=request.HasField("key"))
+            check_text(request.reason, "reason", max_len=1024, required=False)
+        except InvalidField as err:
+            await abort_invalid(context, err)
+        try:
+            task, _ = await self._engine.cancel(request.key, request.reason)
+        except UnknownTask as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        # Keep the pod from ever being created if it does not exist yet; a pod created anyway is
+        # deleted when the watcher reports it, because its task is REVOKED.
+        try:
+            await self._launcher.CancelLaunch(
+                launcher_service_pb2.CancelLaunchRequest(key=request.key), timeout=5
+            )
+        except grpc.aio.AioRpcError as err:
+            get_logger(component="cancel").warning("launcher did not take the cancel", code=err.code().name)
+        return pb.CancelTaskResponse(task=task)
+
+    async def AdoptTasks(self, request: pb.AdoptTasksRequest, context: Context) -> pb.AdoptTasksResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "AdoptTasks is not implemented yet")
+        raise AssertionError("unreachable")
+
+    async def GetTaskLogs(
+        self, request: pb.GetTaskLogsRequest, context: Context
+    ) -> AsyncIterator[pb.GetTaskLogsResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetTaskLogs is not implemented yet")
+        yield pb.GetTaskLogsResponse()
+
+
+async def serve(settings: ReconcilerSettings) -> None:
+    log = get_logger(service="reconciler")
+    store = TaskStore(settings.store_path, synchronous=settings.store_synchronous)
+    kube = KubeClient(load_connection(settings.kubeconfig), max_connections=settings.action_concurrency + 8)
+    actions = PodActions(kube=kube, store=store, concurrency=settings.action_concurrency)
+    policy = Policy(
+        settings.delete_worker_pods, settings.delete_worker_pods_on_failure, settings.fatal_reasons
+    )
+    engine = Engine(
+        store=store,
+        policy=policy,
+        executor_id=settings.executor_id,
+        on_actions=actions.submit,
+        batch_size=settings.batch_size,
+    )
+    actions.submit(store.pending_actions())
+    launcher_channel = grpc.aio.insecure_channel(settings.launcher_address)
+    launcher = launcher_service_pb2_grpc.LauncherServiceStub(launcher_channel)
+    server = GrpcServer(host=settings.host, port=settings.port, service_names=[SERVICE_NAME])
+    pb_grpc.add_ReconcilerServiceServicer_to_server(
+        ReconcilerServicer(store, engine, launcher), server.server
+    )
+    await server.start()
+    tasks = [
+        asyncio.create_task(engine.run(), name="engine"),
+        asyncio.create_task(actions.run(), name="pod-actions"),
+        asyncio.create_task(consume_launcher(settings.launcher_address, engine), name="launcher-stream"),
+        asyncio.create_task(consume_watcher(settings.watcher_address, engine), name="watcher-stream"),
+    ]
+    await server.set_serving(True)
+    log.info("ready", active_tasks=engine.active_tasks, executor_id=settings.executor_id)
+    await server.wait_for_stop_signal()
+    await server.drain(settings.shutdown_grace_s)
+    # Events read but not committed are not lost: their cursors were not committed either, so they
+    # are read again after restart. Committed transitions are all in the store.
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await launcher_channel.close()
+    await store.close()
+    await kube.close()
+    log.info("stopped", engine=vars(engine.stats), actions=vars(actions.stats))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = ReconcilerSettings.load(argv)
+    configure("reconciler", settings.log_level, json=settings.log_json)
+    asyncio.run(serve(settings))

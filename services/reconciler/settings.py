@@ -1,0 +1,54 @@
+"""The Reconciler's settings (on top of the shared ones)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from services.reconciler.statemachine import DEFAULT_FATAL_REASONS
+from shepherd.settings import ServiceSettings
+
+
+def _state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "shepherd"
+
+
+class ReconcilerSettings(ServiceSettings):
+    """Settings of the Reconciler."""
+
+    port: int = Field(default=50053, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+
+    launcher_address: str = Field(default="127.0.0.1:50051", description="host:port of the Launcher.")
+    watcher_address: str = Field(default="127.0.0.1:50052", description="host:port of the Watcher.")
+    store_path: Path = Field(
+        default_factory=lambda: _state_dir() / "reconciler.db",
+        description="SQLite file holding tasks and transitions; put it on a persistent volume.",
+    )
+    store_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
+        default="FULL",
+        description="SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes.",
+    )
+    delete_worker_pods: bool = Field(
+        default=True, description="Delete a worker pod once its task finished (else only mark it done)."
+    )
+    delete_worker_pods_on_failure: bool = Field(
+        default=False,
+        description="Also delete pods of failed tasks (else keep them, marked done, for debugging).",
+    )
+    fatal_container_reasons: str = Field(
+        default=",".join(sorted(DEFAULT_FATAL_REASONS)),
+        description="Comma-separated waiting reasons that fail a Pending pod's task at once.",
+    )
+    batch_size: int = Field(
+        default=1000, ge=1, le=100_000, description="Events applied per transaction at most."
+    )
+    action_concurrency: int = Field(
+        default=16, ge=1, le=512, description="Pod deletes/patches in flight at most."
+    )
+
+    @property
+    def fatal_reasons(self) -> frozenset[str]:
+        return frozenset(r.strip() for r in self.fatal_container_reasons.split(",") if r.strip())

@@ -1,0 +1,209 @@
+"""The reconciler's durable state: tasks, the transition log, stream cursors and pod actions.
+
+Everything one batch of events changes is committed in one transaction: the new task rows, the
+transitions appended to the log, the pod actions to carry out, and the cursors of the streams the
+events came from. So after a crash the reconciler resumes exactly where its last commit ended:
+no transition is applied twice, none is lost, and a transition is on disk before any subscriber
+can read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shepherd.eventlog import AppendSignal, CursorOutOfRange
+from shepherd.sqlite import Database, Synchronous
+from shepherd.v1 import task_pb2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    key TEXT PRIMARY KEY,          -- podmeta.key_string(TaskKey)
+    dag_id TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    task BLOB NOT NULL,            -- serialized shepherd.v1.Task
+    pod_uid TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks(state, key);
+CREATE INDEX IF NOT EXISTS tasks_by_dag ON tasks(dag_id, key);
+CREATE TABLE IF NOT EXISTS transitions (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    change BLOB NOT NULL           -- serialized shepherd.v1.TaskStateChange (its cursor field unset)
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    source TEXT PRIMARY KEY,       -- "launcher" or "watcher"
+    cursor INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pod_actions (
+    pod_uid TEXT PRIMARY KEY,      -- one action per pod, ever: no pod is deleted twice
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    action TEXT NOT NULL,          -- "delete" or "mark-done"
+    done INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS pod_actions_pending ON pod_actions(done);
+"""
+
+
+@dataclass(frozen=True)
+class PodActionRow:
+    pod_uid: str
+    namespace: str
+    name: str
+    action: str
+
+
+@dataclass
+class Batch:
+    """What one batch of events changes; written in one transaction."""
+
+    tasks: dict[str, tuple[task_pb2.Task, str]] = field(default_factory=dict)  # key -> (task, pod uid)
+    changes: list[task_pb2.TaskStateChange] = field(default_factory=list)
+    actions: list[PodActionRow] = field(default_factory=list)
+    cursors: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.changes or self.actions or self.cursors)
+
+
+@dataclass(frozen=True)
+class Committed:
+    changes: list[task_pb2.TaskStateChange]
+    new_actions: list[PodActionRow]
+
+
+class TaskStore:
+    def __init__(self, path: Path | str, *, synchronous: Synchronous = "FULL") -> None:
+        self.db = Database(path, SCHEMA, synchronous=synchronous)
+        self._signal = AppendSignal()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    def get(self, key: str) -> tuple[task_pb2.Task, str] | None:
+        row = self.db.reader.execute("SELECT task, pod_uid FROM tasks WHERE key = ?", (key,)).fetchone()
+        return (task_pb2.Task.FromString(row[0]), row[1]) if row else None
+
+    def cursor(self, source: str) -> int:
+        row = self.db.reader.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def unfinished(self) -> list[tuple[task_pb2.Task, str]]:
+        rows = self.db.reader.execute(
+            "SELECT task, pod_uid FROM tasks WHERE state IN (?, ?, ?)",
+            (task_pb2.TASK_STATE_QUEUED, task_pb2.TASK_STATE_RUNNING, task_pb2.TASK_STATE_ADOPTED),
+        ).fetchall()
+        return [(task_pb2.Task.FromString(blob), uid) for blob, uid in rows]
+
+    def pending_actions(self) -> list[PodActionRow]:
+        rows = self.db.reader.execute(
+            "SELECT pod_uid, namespace, name, action FROM pod_actions WHERE done = 0 ORDER BY rowid"
+        ).fetchall()
+        return [PodActionRow(*row) for row in rows]
+
+    def list_tasks(
+        self, *, page_size: int, after_key: str, state: int, dag_id: str
+    ) -> tuple[list[task_pb2.Task], str]:
+        clauses, params = ["key > ?"], [after_key]
+        if state:
+            clauses.append("state = ?")
+            params.append(str(state))
+        if dag_id:
+            clauses.append("dag_id = ?")
+            params.append(dag_id)
+        rows = self.db.reader.execute(
+            f"SELECT key, task FROM tasks WHERE {' AND '.join(clauses)} ORDER BY key LIMIT ?",
+            (*params, page_size + 1),
+        ).fetchall()
+        tasks = [task_pb2.Task.FromString(blob) for _, blob in rows[:page_size]]
+        next_key = rows[page_size - 1][0] if len(rows) > page_size else ""
+        return tasks, encode_page_token(next_key) if next_key else ""
+
+    def read_after(self, cursor: int, limit: int) -> list[tuple[int, task_pb2.TaskStateChange]]:
+        head = self.db.reader.execute("SELECT COALESCE(MAX(cursor), 0) FROM transitions").fetchone()[0]
+        if cursor > head:
+            raise CursorOutOfRange(f"cursor {cursor} is ahead of the newest transition {head}")
+        rows = self.db.reader.execute(
+            "SELECT cursor, change FROM transitions WHERE cursor > ? ORDER BY cursor LIMIT ?", (cursor, limit)
+        ).fetchall()
+        result = []
+        for c, blob in rows:
+            change = task_pb2.TaskStateChange.FromString(blob)
+            change.cursor = c
+            result.append((c, change))
+        return result
+
+    async def wait_for_append(self, cursor: int) -> None:
+        head = self.db.reader.execute("SELECT COALESCE(MAX(cursor), 0) FROM transitions").fetchone()[0]
+        if head > cursor:
+            return
+        await self._signal.wait()
+
+    # ---- writes --------------------------------------------------------------------------------
+
+    async def commit(self, batch: Batch) -> Committed:
+        task_rows = [
+            (key, task.key.dag_id, task.state, task.SerializeToString(), uid)
+            for key, (task, uid) in batch.tasks.items()
+        ]
+        change_blobs = [change.SerializeToString() for change in batch.changes]
+
+        def write(conn: sqlite3.Connection) -> tuple[list[int], list[PodActionRow]]:
+            conn.executemany(
+                "INSERT INTO tasks(key, dag_id, state, task, pod_uid) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET "
+                "state = excluded.state, task = excluded.task, pod_uid = excluded.pod_uid",
+                task_rows,
+            )
+            cursors = [
+                conn.execute("INSERT INTO transitions(change) VALUES (?)", (blob,)).lastrowid or 0
+                for blob in change_blobs
+            ]
+            fresh = []
+            for row in batch.actions:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO pod_actions(pod_uid, namespace, name, action) VALUES (?, ?, ?, ?)",
+                    (row.pod_uid, row.namespace, row.name, row.action),
+                )
+                if cur.rowcount == 1:
+                    fresh.append(row)
+            conn.executemany(
+                "INSERT INTO cursors(source, cursor) VALUES (?, ?) "
+                "ON CONFLICT(source) DO UPDATE SET cursor = excluded.cursor",
+                list(batch.cursors.items()),
+            )
+            return cursors, fresh
+
+        cursors, fresh = await self.db.write(write)
+        for change, cursor in zip(batch.changes, cursors, strict=True):
+            change.cursor = cursor
+        if batch.changes:
+            self._signal.notify()
+        return Committed(batch.changes, fresh)
+
+    async def finish_actions(self, uids: Sequence[str]) -> None:
+        await self.db.write(
+            lambda conn: conn.executemany(
+                "UPDATE pod_actions SET done = 1 WHERE pod_uid = ?", [(u,) for u in uids]
+            )
+        )
+
+
+def encode_page_token(key: str) -> str:
+    return base64.urlsafe_b64encode(key.encode()).decode()
+
+
+def decode_page_token(token: str) -> str:
+    """The key to continue after; ValueError when the token was not made by encode_page_token."""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError("malformed page token") from err
+
+
+__all__ = ["Batch", "Committed", "PodActionRow", "TaskStore"]

@@ -1,0 +1,96 @@
+"""Subscribing to the launcher's and the watcher's event streams, and never losing our place.
+
+Each consumer resumes from the last cursor it handed to the engine (after a restart: the last one
+committed). When the watcher cannot serve that cursor (it restarted, or we fell too far behind)
+it answers OUT_OF_RANGE, and the consumer re-syncs with a snapshot of current pods; the engine
+then also notices pods that vanished while nobody was watching.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from services.reconciler.engine import (
+    SOURCE_LAUNCHER,
+    SOURCE_WATCHER,
+    Engine,
+    LaunchItem,
+    PodItem,
+    SnapshotStart,
+)
+from shepherd.kube.client import sleep_backoff
+from shepherd.logging import get_logger
+from shepherd.v1 import (
+    launcher_service_pb2,
+    launcher_service_pb2_grpc,
+    watcher_service_pb2,
+    watcher_service_pb2_grpc,
+)
+
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+async def consume_launcher(address: str, engine: Engine) -> None:
+    log = get_logger(component="launcher-stream", address=address)
+    failures = 0
+    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        stub = launcher_service_pb2_grpc.LauncherServiceStub(channel)
+        while True:
+            after = engine.resume_cursor(SOURCE_LAUNCHER)
+            try:
+                stream = stub.WatchLaunchEvents(
+                    launcher_service_pb2.WatchLaunchEventsRequest(after_cursor=after)
+                )
+                log.info("subscribed", after_cursor=after)
+                async for response in stream:
+                    failures = 0
+                    await engine.submit(
+                        LaunchItem(response.cursor, response.launch),
+                        source=SOURCE_LAUNCHER,
+                        cursor=response.cursor,
+                    )
+            except grpc.aio.AioRpcError as err:
+                failures += 1
+                log.warning(
+                    "launcher stream broke; reconnecting", code=err.code().name, details=err.details()
+                )
+                await sleep_backoff(failures, cap_s=5.0)
+
+
+async def consume_watcher(address: str, engine: Engine) -> None:
+    log = get_logger(component="watcher-stream", address=address)
+    failures = 0
+    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
+        while True:
+            after = engine.resume_cursor(SOURCE_WATCHER)
+            snapshot = after == 0
+            try:
+                request = watcher_service_pb2.WatchPodEventsRequest(after_cursor=after, snapshot=snapshot)
+                stream = stub.WatchPodEvents(request)
+                log.info("subscribed", after_cursor=after, snapshot=snapshot)
+                if snapshot:
+                    await engine.submit(SnapshotStart())
+                async for response in stream:
+                    failures = 0
+                    event = response.event
+                    # Snapshot events share the snapshot's cursor: only its end marks the position.
+                    position = (
+                        0 if event.type == watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT else event.cursor
+                    )
+                    await engine.submit(PodItem(event), source=SOURCE_WATCHER, cursor=position)
+            except grpc.aio.AioRpcError as err:
+                failures += 1
+                if err.code() == grpc.StatusCode.OUT_OF_RANGE:
+                    log.warning(
+                        "the watcher cannot resume our cursor; re-syncing from a snapshot",
+                        details=err.details(),
+                    )
+                    engine.forget_watcher_position()
+                    continue
+                log.warning("watcher stream broke; reconnecting", code=err.code().name, details=err.details())
+                await sleep_backoff(failures, cap_s=5.0)
