@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from controlplane import Cluster, ClusterInfo
+from controlplane.stack import ServiceStack
+from tests.helpers.scheduler import SchedulerClient
 
 _VERSION_KEY = pytest.StashKey[str]()
 
@@ -29,3 +32,24 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     version = config.stash.get(_VERSION_KEY, None)
     if version:
         terminalreporter.write_sep("-", f"integration tests ran against {version}")
+
+
+@pytest.fixture(scope="session")
+def stack(cluster: ClusterInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceStack]:
+    """The three services as real processes, each under its own ServiceAccount, with a short
+    pending timeout so timeouts can be observed in a test."""
+    services = ServiceStack(
+        cluster,
+        tmp_path_factory.mktemp("stack"),
+        executor_id=f"test-{uuid.uuid4().hex[:8]}",
+        flags={"reconciler": ["--pending-timeout-s", "4"]},
+    )
+    services.start()
+    yield services
+    services.stop_all()
+
+
+@pytest.fixture
+async def client(stack: ServiceStack) -> AsyncIterator[SchedulerClient]:
+    async with SchedulerClient.connect(stack) as scheduler:
+        yield scheduler

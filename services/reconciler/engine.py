@@ -11,6 +11,9 @@ pure decision, and a share of one commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ class UnknownTask(LookupError):
 class Tracked:
     task: task_pb2.Task
     pod_uid: str = ""
+    pending_note: str = ""  # why the pod is still Pending (the scheduler's message), for timeouts
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,13 @@ class CancelItem:
     done: asyncio.Future[tuple[task_pb2.Task, Tracked]]
 
 
-Item = LaunchItem | PodItem | SnapshotStart | CancelItem
+@dataclass(frozen=True)
+class PendingExpired:
+    key: str
+    pod_uid: str
+
+
+Item = LaunchItem | PodItem | SnapshotStart | CancelItem | PendingExpired
 
 
 @dataclass
@@ -89,19 +99,27 @@ class Engine:
     on_actions: Callable[[list[PodActionRow]], None]
     batch_size: int = 1000
     queue_size: int = 20_000
+    pending_timeout_s: float = 300.0
     stats: EngineStats = field(default_factory=EngineStats)
     _active: dict[str, Tracked] = field(default_factory=dict)
     _finished: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)
     _queue: asyncio.Queue[Item] = field(init=False)
     _snapshot_seen: set[str] | None = None
     _last: dict[str, int] = field(default_factory=dict)  # last cursor enqueued per source
+    _deadlines: dict[str, tuple[float, str]] = field(default_factory=dict)  # pod uid -> (deadline, task key)
+    _deadline_heap: list[tuple[float, str]] = field(default_factory=list)
+    _deadline_added: asyncio.Event = field(default_factory=asyncio.Event)
+    synced: asyncio.Event = field(default_factory=asyncio.Event)  # a watcher snapshot has been applied
 
     def __post_init__(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.queue_size)
         for task, uid in self.store.unfinished():
             self._active[podmeta.key_string(task.key)] = Tracked(task, uid)
-        for source in (SOURCE_LAUNCHER, SOURCE_WATCHER):
-            self._last[source] = self.store.cursor(source)
+        self._last[SOURCE_LAUNCHER] = self.store.cursor(SOURCE_LAUNCHER)
+        # After a start, the watcher is always asked for a snapshot: it brings every unfinished
+        # task's pod back into view (re-arming Pending deadlines, noticing pods that vanished)
+        # however long we were away, and the forward-only state machine makes the replay harmless.
+        self._last[SOURCE_WATCHER] = 0
 
     # ---- inputs --------------------------------------------------------------------------------
 
@@ -168,6 +186,8 @@ class Engine:
             self._apply_pod(item.event, batch)
         elif isinstance(item, SnapshotStart):
             self._snapshot_seen = set()
+        elif isinstance(item, PendingExpired):
+            self._expire_pending(item, batch)
         else:
             return self._apply_cancel(item, batch)
         return None
@@ -281,6 +301,7 @@ class Engine:
             if tracked.task.state != task_pb2.TASK_STATE_UNSPECIFIED:
                 self._save(key, tracked, batch)
         decision = decide(tracked.task.state, event, self.policy)
+        self._track_pending(key, tracked, event, deleted)
         if decision.lost_before_start and tracked.task.state not in TERMINAL:
             self._transition(key, tracked, task_pb2.TASK_STATE_UP_FOR_RESCHEDULE, batch, decision.failure)
         elif decision.state is not None and moves_forward(tracked.task.state, decision.state):
@@ -290,9 +311,60 @@ class Engine:
                 PodActionRow(event.pod_uid, event.namespace, event.pod_name, decision.action.value)
             )
 
+    # ---- pending timeout ---------------------------------------------------------------------
+
+    def _track_pending(self, key: str, tracked: Tracked, event: PodEvent, deleted: bool) -> None:
+        """Arm a deadline the first time a pod is seen Pending; disarm it when it moves on."""
+        uid = event.pod_uid
+        if event.phase == "Pending" and not deleted and tracked.task.state not in TERMINAL:
+            scheduled = next((c for c in event.conditions if c.type == "PodScheduled"), None)
+            if scheduled is not None and scheduled.status == "False":
+                tracked.pending_note = f"{scheduled.reason}: {scheduled.message}"
+            if uid not in self._deadlines and event.HasField("creation_time"):
+                deadline = event.creation_time.ToNanoseconds() / 1e9 + self.pending_timeout_s
+                self._deadlines[uid] = (deadline, key)
+                heapq.heappush(self._deadline_heap, (deadline, uid))
+                self._deadline_added.set()
+        else:
+            self._deadlines.pop(uid, None)  # its heap entry is skipped when it comes up
+
+    async def run_pending_timer(self) -> None:
+        """Wake at the earliest deadline (never scanning all pods) and expire what is due."""
+        while True:
+            self._deadline_added.clear()
+            if not self._deadline_heap:
+                await self._deadline_added.wait()
+                continue
+            wait = self._deadline_heap[0][0] - time.time()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._deadline_added.wait(), timeout=min(wait, 60.0))
+                continue
+            deadline, uid = heapq.heappop(self._deadline_heap)
+            armed = self._deadlines.get(uid)
+            if armed is not None and armed[0] == deadline:
+                del self._deadlines[uid]
+                await self._queue.put(PendingExpired(armed[1], uid))
+
+    def _expire_pending(self, item: PendingExpired, batch: Batch) -> None:
+        tracked = self._lookup(item.key)
+        if tracked is None or tracked.pod_uid != item.pod_uid or tracked.task.state in TERMINAL:
+            return
+        if tracked.task.state == task_pb2.TASK_STATE_RUNNING:
+            return
+        message = f"the pod stayed Pending for more than {self.pending_timeout_s:g}s"
+        if tracked.pending_note:
+            message += f" ({tracked.pending_note})"
+        failure = task_pb2.FailureDetails(reason="PendingTimeout", message=message, pod_phase="Pending")
+        self._transition(item.key, tracked, task_pb2.TASK_STATE_FAILED, batch, failure)
+        batch.actions.append(
+            PodActionRow(item.pod_uid, tracked.task.namespace, tracked.task.pod_name, "delete")
+        )
+
     def _finish_snapshot(self, batch: Batch) -> None:
         """Tasks whose pod we had seen but which the snapshot no longer has: the pod vanished unseen."""
         seen, self._snapshot_seen = self._snapshot_seen, None
+        self.synced.set()
         if seen is None:
             return
         for key, tracked in list(self._active.items()):

@@ -119,6 +119,7 @@ async def serve(settings: ReconcilerSettings) -> None:
         executor_id=settings.executor_id,
         on_actions=actions.submit,
         batch_size=settings.batch_size,
+        pending_timeout_s=settings.pending_timeout_s,
     )
     actions.submit(store.pending_actions())
     launcher_channel = grpc.aio.insecure_channel(settings.launcher_address)
@@ -130,12 +131,20 @@ async def serve(settings: ReconcilerSettings) -> None:
     await server.start()
     tasks = [
         asyncio.create_task(engine.run(), name="engine"),
+        asyncio.create_task(engine.run_pending_timer(), name="pending-timer"),
         asyncio.create_task(actions.run(), name="pod-actions"),
         asyncio.create_task(consume_launcher(settings.launcher_address, engine), name="launcher-stream"),
         asyncio.create_task(consume_watcher(settings.watcher_address, engine), name="watcher-stream"),
     ]
-    await server.set_serving(True)
-    log.info("ready", active_tasks=engine.active_tasks, executor_id=settings.executor_id)
+
+    async def mark_ready() -> None:
+        # Ready means in sync: the watcher's snapshot of current pods has been applied, so no
+        # state a pod passes through from now on can be missed.
+        await engine.synced.wait()
+        await server.set_serving(True)
+        log.info("ready", active_tasks=engine.active_tasks, executor_id=settings.executor_id)
+
+    tasks.append(asyncio.create_task(mark_ready(), name="readiness"))
     await server.wait_for_stop_signal()
     await server.drain(settings.shutdown_grace_s)
     # Events read but not committed are not lost: their cursors were not committed either, so they

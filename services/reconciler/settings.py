@@ -42,6 +42,12 @@ class ReconcilerSettings(ServiceSettings):
         default=",".join(sorted(DEFAULT_FATAL_REASONS)),
         description="Comma-separated waiting reasons that fail a Pending pod's task at once.",
     )
+    pending_timeout_s: float = Field(
+        default=300.0,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="A worker pod still Pending this long after creation is deleted and its task FAILED.",
+    )
     batch_size: int = Field(
         default=1000, ge=1, le=100_000, description="Events applied per transaction at most."
     )

@@ -1,0 +1,61 @@
+"""Launcher -> Watcher -> Reconciler on the real control plane: each scenario ends in the right
+state, exactly once per transition, with the failure details a scheduler needs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shepherd.v1 import task_pb2
+from tests.helpers import task_key, unique_name
+from tests.helpers.scheduler import SchedulerClient
+
+pytestmark = pytest.mark.integration
+S = task_pb2
+
+
+async def test_a_successful_task_goes_queued_running_succeeded_once_each(client: SchedulerClient) -> None:
+    key = task_key(task_id=unique_name("ok"))
+    await client.launch(key, annotations={"sim.shepherd.dev/run-time": "300ms"})
+    task = await client.final(key)
+    assert task.state == S.TASK_STATE_SUCCEEDED
+    await asyncio.sleep(0.5)  # give any duplicate a chance to show up
+    assert client.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
+
+
+async def test_a_failing_task_reports_its_container_and_exit_code(client: SchedulerClient) -> None:
+    key = task_key(task_id=unique_name("fail"))
+    await client.launch(
+        key,
+        annotations={
+            "sim.shepherd.dev/outcome": "fail",
+            "sim.shepherd.dev/exit-code": "7",
+            "sim.shepherd.dev/run-time": "300ms",
+        },
+    )
+    task = await client.final(key)
+    assert task.state == S.TASK_STATE_FAILED
+    assert task.failure.reason == "PodFailed"
+    assert task.failure.pod_phase == "Failed"
+    assert (task.failure.container.name, task.failure.container.exit_code) == ("base", 7)
+    assert task.failure.container.kind == S.CONTAINER_KIND_MAIN
+
+
+async def test_an_image_pull_error_fails_the_task_without_waiting(client: SchedulerClient) -> None:
+    key = task_key(task_id=unique_name("pull"))
+    await client.launch(key, annotations={"sim.shepherd.dev/outcome": "waiting"})
+    task = await client.final(key)
+    assert task.failure.reason == "FatalContainerState"
+    assert task.failure.container.reason == "ErrImagePull"
+
+
+async def test_an_unschedulable_pod_times_out_pending_and_says_why(client: SchedulerClient) -> None:
+    key = task_key(task_id=unique_name("unsched"))
+    await client.launch(
+        key, override="spec: {containers: [{name: base, resources: {requests: {cpu: '5000'}}}]}"
+    )
+    task = await client.final(key, timeout=60)
+    assert task.state == S.TASK_STATE_FAILED
+    assert task.failure.reason == "PendingTimeout"
+    assert "Insufficient cpu" in task.failure.message

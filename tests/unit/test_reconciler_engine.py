@@ -1,0 +1,113 @@
+"""The engine applies events durably and idempotently, and times out stuck Pending pods."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.reconciler.engine import Engine, PodItem
+from services.reconciler.statemachine import Policy
+from services.reconciler.store import PodActionRow, TaskStore
+from shepherd import podmeta
+from shepherd.v1 import task_pb2, watcher_service_pb2
+from tests.helpers import task_key
+from tests.helpers.pods import pod_event
+
+S = task_pb2
+
+
+class Harness:
+    def __init__(self, store: TaskStore, *, pending_timeout_s: float) -> None:
+        self.actions: list[PodActionRow] = []
+        self.engine = Engine(
+            store=store,
+            policy=Policy(),
+            executor_id="e",
+            on_actions=self.actions.extend,
+            pending_timeout_s=pending_timeout_s,
+        )
+        self.store = store
+
+    async def feed(self, *events: watcher_service_pb2.PodEvent) -> None:
+        for event in events:
+            await self.engine.submit(PodItem(event))
+        await self.settle()
+
+    async def settle(self) -> None:
+        while not self.engine._queue.empty():
+            await asyncio.sleep(0.01)
+        await self.store.db.write(lambda _: None)
+
+    def states(self, key: task_pb2.TaskKey) -> list[int]:
+        return [change.task.state for _, change in self.store.read_after(0, 1000) if change.task.key == key]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    store = TaskStore(tmp_path / "r.db", synchronous="OFF")
+    h = Harness(store, pending_timeout_s=0.5)
+    runner = asyncio.create_task(h.engine.run())
+    timer = asyncio.create_task(h.engine.run_pending_timer())
+    yield h
+    runner.cancel()
+    timer.cancel()
+    await asyncio.gather(runner, timer, return_exceptions=True)
+    await store.close()
+
+
+async def test_a_pod_life_becomes_queued_running_succeeded_and_one_delete(harness: Harness) -> None:
+    key = task_key()
+    await harness.feed(pod_event(key, "Pending"), pod_event(key, "Running"), pod_event(key, "Succeeded"))
+    assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
+    assert [a.action for a in harness.actions] == ["delete"]
+
+
+async def test_duplicate_and_out_of_order_events_never_move_a_task_backwards(harness: Harness) -> None:
+    key = task_key()
+    await harness.feed(
+        pod_event(key, "Running"),
+        pod_event(key, "Pending"),
+        pod_event(key, "Succeeded"),
+        pod_event(key, "Running"),
+        pod_event(key, "Succeeded"),
+        pod_event(key, "Failed"),
+    )
+    assert harness.states(key) == [S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
+    assert len(harness.actions) == 1
+
+
+async def test_a_pod_stuck_pending_past_the_timeout_fails_and_is_deleted(harness: Harness) -> None:
+    key = task_key(task_id="stuck")
+    await harness.feed(pod_event(key, "Pending", uid="stuck-1"))
+    deadline = time.monotonic() + 10
+    while S.TASK_STATE_FAILED not in harness.states(key) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await harness.settle()
+    assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_FAILED]
+    task, _ = harness.store.get(podmeta.key_string(key)) or (None, None)
+    assert task is not None
+    assert task.failure.reason == "PendingTimeout"
+    assert [(a.pod_uid, a.action) for a in harness.actions] == [("stuck-1", "delete")]
+
+
+async def test_many_pending_pods_each_time_out_once(harness: Harness) -> None:
+    keys = [task_key(task_id=f"p{i}") for i in range(50)]
+    await harness.feed(*(pod_event(k, "Pending", uid=f"u{i}") for i, k in enumerate(keys)))
+    deadline = time.monotonic() + 10
+    while len(harness.actions) < 50 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await harness.settle()
+    assert all(harness.states(k) == [S.TASK_STATE_QUEUED, S.TASK_STATE_FAILED] for k in keys)
+    assert sorted(a.pod_uid for a in harness.actions) == sorted(f"u{i}" for i in range(50))
+
+
+async def test_a_pod_that_starts_in_time_is_not_timed_out(harness: Harness) -> None:
+    key = task_key(task_id="quick")
+    await harness.feed(pod_event(key, "Pending", uid="q"), pod_event(key, "Running", uid="q"))
+    await asyncio.sleep(1.0)
+    await harness.settle()
+    assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING]
