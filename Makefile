@@ -11,9 +11,10 @@ NODE_STAMP := node_modules/.installed-$(shell cat package.json package-lock.json
 
 .PHONY: run test lint unit integration venv tools binaries cluster-up cluster-down cluster-status protos bench clean
 
-## run: start the control plane and the services, and run the demo workload.
+## run: start the control plane and the three services, and run the demo workload (TASKS=300).
+TASKS ?= 300
 run: venv tools
-	$(BIN)/python -m controlplane up
+	$(BIN)/python -m demo --tasks $(TASKS)
 
 ## test: lint, type-check, then every unit, contract and integration test (starts the control plane).
 test: lint

@@ -29,6 +29,9 @@ from controlplane.settings import ClusterSettings
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE_NAMESPACE = "shepherd"
 SERVICE_IDENTITIES = ("launcher", "watcher", "reconciler")
+# Start order; stopping goes the other way so clients leave before their servers.
+DAEMONS = ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
+STOP_ORDER = tuple(reversed(DAEMONS))
 _AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 
 
@@ -71,7 +74,7 @@ class Cluster:
             self._issue_service_kubeconfigs(self._admin(), only_if_stale=True)
             return self.info()
         self._ensure_binaries()
-        leftovers = self.supervisor.stop_all()
+        leftovers = self.supervisor.stop_all(STOP_ORDER)
         if leftovers:
             _log(f"stopped {len(leftovers)} process(es) left by an earlier run")
         self._wipe_state()
@@ -168,13 +171,12 @@ class Cluster:
 
     def down(self) -> None:
         """Stop every process of this cluster and remove its state (the build cache stays)."""
-        stopped = self.supervisor.stop_all()
+        stopped = self.supervisor.stop_all(STOP_ORDER)
         self._wipe_state()
         _log(f"cluster down: stopped {len(stopped)} process(es), removed {self.settings.state_dir}")
 
     def healthy(self) -> bool:
-        names = ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
-        if not self.info_file.exists() or any(self.supervisor.pid(n) is None for n in names):
+        if not self.info_file.exists() or any(self.supervisor.pid(n) is None for n in DAEMONS):
             return False
         return self._apiserver_ready()
 
@@ -213,7 +215,7 @@ class Cluster:
         try:
             self.supervisor.start(daemon)
         except ProcessError as exc:
-            self.supervisor.stop_all()
+            self.supervisor.stop_all(STOP_ORDER)
             raise ClusterError(str(exc)) from exc
         self._wait(daemon.name, ready, daemon=daemon.name)
 
@@ -221,7 +223,7 @@ class Cluster:
         deadline = time.monotonic() + self.settings.start_timeout_s
         while time.monotonic() < deadline:
             if daemon is not None and (tail := self.supervisor.exited_early(daemon)) is not None:
-                self.supervisor.stop_all()
+                self.supervisor.stop_all(STOP_ORDER)
                 raise ClusterError(f"{daemon} exited during start-up. Last lines of its log:\n{tail}")
             try:
                 if ready():
@@ -229,7 +231,7 @@ class Cluster:
             except (OSError, ApiError, ssl.SSLError, ValueError):
                 pass
             time.sleep(0.2)
-        self.supervisor.stop_all()
+        self.supervisor.stop_all(STOP_ORDER)
         raise ClusterError(
             f"{what} was not ready within {self.settings.start_timeout_s:.0f}s; "
             f"logs are in {self.supervisor.log_dir}"

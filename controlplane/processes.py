@@ -114,22 +114,39 @@ class Supervisor:
         tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
         return "\n".join(tail)
 
-    def stop_all(self, timeout: float = 15.0) -> list[int]:
-        """Stop every process that belongs to this state directory: SIGTERM, then SIGKILL."""
-        pids = owned_pids(str(self.state_dir))
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.1)
-        for pid in pids:
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+    def stop_all(self, order: Sequence[str] = (), timeout: float = 15.0) -> list[int]:
+        """Stop every process that belongs to this state directory: the named daemons one by one in
+        `order` (clients before the servers they hold connections to, so none waits on the other),
+        then any leftovers of a crashed run. SIGTERM first, SIGKILL after `timeout`."""
+        stopped: list[int] = []
+        for name in order:
+            pid = self.pid(name)
+            if pid is not None:
+                _terminate([pid], timeout)
+                stopped.append(pid)
+        leftovers = owned_pids(str(self.state_dir))
+        _terminate(leftovers, timeout)
+        for child in self._children.values():
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+        self._children.clear()
         for pidfile in self.run_dir.glob("*.pid") if self.run_dir.exists() else []:
             pidfile.unlink(missing_ok=True)
-        return pids
+        return stopped + leftovers
+
+
+def _terminate(pids: list[int], timeout: float) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
