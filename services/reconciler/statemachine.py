@@ -189,9 +189,10 @@ def decide(current: task_pb2.TaskState.ValueType, event: PodEvent, policy: Polic
                 note="evicted before it ever ran",
                 failure=failure_details(event, "PodLostBeforeStart", event.message or "evicted"),
             )
-        message = f"pod failed: {event.reason}: {event.message}" if event.reason else "pod failed"
         return Decision(
-            S.TASK_STATE_FAILED, failure_details(event, "PodFailed", message), _finished(policy, failed=True)
+            S.TASK_STATE_FAILED,
+            failure_details(event, "PodFailed", _failed_message(event)),
+            _finished(policy, failed=True),
         )
     if phase == "Succeeded":
         return Decision(S.TASK_STATE_SUCCEEDED, action=_finished(policy, failed=False))

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_protos_pass_buf_lint() -> None:
     buf = REPO / "node_modules" / ".bin" / "buf"
-    assert buf.exists(), "buf is not installed: run `make tools` (npm ci)"
+    assert buf.exists(), "buf is not installed: run `make tools`"
     result = subprocess.run(
         [str(buf), "lint", "protos"], cwd=REPO, capture_output=True, text=True, check=False
     )

@@ -1,0 +1,173 @@
+"""The pod-event -> task-state mapping, row by row of the reference table, with its gaps fixed."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.reconciler.statemachine import PodAction, Policy, decide, moves_forward
+from shepherd import podmeta
+from shepherd.v1 import task_pb2, watcher_service_pb2
+from tests.helpers import task_key
+from tests.helpers.pods import container, pod_event
+
+S = task_pb2
+W = watcher_service_pb2
+KEY = task_key()
+WAITING = S.CONTAINER_PHASE_WAITING
+TERMINATED = S.CONTAINER_PHASE_TERMINATED
+
+
+def test_a_revoked_pod_is_deleted_whatever_it_does() -> None:
+    event = pod_event(KEY, "Running", labels={podmeta.LABEL_REVOKED: "true"})
+    decision = decide(S.TASK_STATE_RUNNING, event, Policy())
+    assert (decision.state, decision.action) == (None, PodAction.DELETE)
+
+
+def test_a_pod_that_left_the_selector_without_deletion_changes_nothing() -> None:
+    event = pod_event(KEY, "Running", kind=W.POD_EVENT_TYPE_DELETED)
+    decision = decide(S.TASK_STATE_RUNNING, event, Policy())
+    assert (decision.state, decision.action, decision.lost_before_start) == (None, PodAction.NONE, False)
+
+
+def test_provider_failed_fails_the_task() -> None:
+    decision = decide(S.TASK_STATE_RUNNING, pod_event(KEY, "Pending", reason="ProviderFailed"), Policy())
+    assert decision.state == S.TASK_STATE_FAILED
+    assert decision.failure is not None
+    assert decision.failure.reason == "ProviderFailed"
+
+
+def test_a_pending_pod_deleted_before_it_ran_is_a_loss_not_a_failure() -> None:
+    event = pod_event(KEY, "Pending", kind=W.POD_EVENT_TYPE_DELETED, deleting=True)
+    decision = decide(S.TASK_STATE_QUEUED, event, Policy())
+    assert decision.state is None
+    assert decision.lost_before_start
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    ],
+)
+def test_a_fatal_waiting_reason_fails_the_task_at_once(reason: str) -> None:
+    event = pod_event(KEY, "Pending", containers=[container(phase=WAITING, reason=reason, message="nope")])
+    decision = decide(S.TASK_STATE_QUEUED, event, Policy())
+    assert decision.state == S.TASK_STATE_FAILED
+    assert decision.failure is not None
+    assert decision.failure.reason == "FatalContainerState"
+    assert decision.failure.container.reason == reason
+
+
+def test_every_container_is_checked_not_only_the_first() -> None:
+    event = pod_event(
+        KEY,
+        "Pending",
+        containers=[
+            container("base", phase=WAITING, reason="ContainerCreating"),
+            container("sidecar", phase=WAITING, reason="ErrImagePull"),
+        ],
+    )
+    decision = decide(S.TASK_STATE_QUEUED, event, Policy())
+    assert decision.failure is not None
+    assert decision.failure.container.name == "sidecar"
+
+
+def test_an_init_container_in_a_fatal_state_fails_the_task() -> None:
+    event = pod_event(
+        KEY,
+        "Pending",
+        init_containers=[container("fetch", phase=WAITING, reason="CreateContainerConfigError", init=True)],
+    )
+    decision = decide(S.TASK_STATE_QUEUED, event, Policy())
+    assert decision.failure is not None
+    assert decision.failure.container.kind == S.CONTAINER_KIND_INIT
+
+
+def test_the_kubelets_own_pull_rate_limit_is_not_fatal() -> None:
+    event = pod_event(
+        KEY,
+        "Pending",
+        containers=[container(phase=WAITING, reason="ErrImagePull", message="pull QPS exceeded")],
+    )
+    assert decide(S.TASK_STATE_QUEUED, event, Policy()).state == S.TASK_STATE_QUEUED
+
+
+def test_the_fatal_reasons_are_configurable() -> None:
+    event = pod_event(KEY, "Pending", containers=[container(phase=WAITING, reason="ErrImagePull")])
+    assert decide(S.TASK_STATE_QUEUED, event, Policy(fatal_reasons=frozenset())).state == S.TASK_STATE_QUEUED
+
+
+def test_a_failed_pod_blames_the_failing_init_container_first() -> None:
+    event = pod_event(
+        KEY,
+        "Failed",
+        init_containers=[container("fetch", phase=TERMINATED, reason="Error", exit_code=3, init=True)],
+        containers=[container("base", phase=WAITING, reason="PodInitializing")],
+    )
+    decision = decide(S.TASK_STATE_QUEUED, event, Policy())
+    assert decision.failure is not None
+    assert (decision.failure.container.name, decision.failure.container.exit_code) == ("fetch", 3)
+    assert "init container 'fetch' exited with code 3" in decision.failure.message
+
+
+def test_a_succeeded_pod_succeeds_and_is_deleted() -> None:
+    decision = decide(S.TASK_STATE_RUNNING, pod_event(KEY, "Succeeded"), Policy())
+    assert (decision.state, decision.action) == (S.TASK_STATE_SUCCEEDED, PodAction.DELETE)
+
+
+@pytest.mark.parametrize(
+    ("policy", "action"),
+    [
+        (Policy(delete_worker_pods=True, delete_worker_pods_on_failure=False), PodAction.MARK_DONE),
+        (Policy(delete_worker_pods=True, delete_worker_pods_on_failure=True), PodAction.DELETE),
+        (Policy(delete_worker_pods=False, delete_worker_pods_on_failure=True), PodAction.MARK_DONE),
+    ],
+)
+def test_failed_pods_are_deleted_or_marked_done_by_policy(policy: Policy, action: PodAction) -> None:
+    assert decide(S.TASK_STATE_RUNNING, pod_event(KEY, "Failed"), policy).action == action
+
+
+def test_kept_successful_pods_are_marked_done() -> None:
+    decision = decide(S.TASK_STATE_RUNNING, pod_event(KEY, "Succeeded"), Policy(delete_worker_pods=False))
+    assert decision.action == PodAction.MARK_DONE
+
+
+def test_a_running_pod_is_reported_running() -> None:
+    assert decide(S.TASK_STATE_QUEUED, pod_event(KEY, "Running"), Policy()).state == S.TASK_STATE_RUNNING
+
+
+def test_a_running_pod_that_is_deleted_fails_the_task() -> None:
+    event = pod_event(KEY, "Running", kind=W.POD_EVENT_TYPE_DELETED, deleting=True)
+    decision = decide(S.TASK_STATE_RUNNING, event, Policy())
+    assert decision.state == S.TASK_STATE_FAILED
+    assert decision.failure is not None
+    assert decision.failure.reason == "DeletedWhileRunning"
+
+
+def test_an_eviction_before_the_task_ran_is_a_loss() -> None:
+    event = pod_event(KEY, "Failed", reason="Evicted")
+    assert decide(S.TASK_STATE_QUEUED, event, Policy()).lost_before_start
+
+
+def test_an_unknown_phase_decides_nothing() -> None:
+    assert decide(S.TASK_STATE_RUNNING, pod_event(KEY, "Unknown"), Policy()).state is None
+
+
+@pytest.mark.parametrize(
+    ("current", "new", "forward"),
+    [
+        (S.TASK_STATE_UNSPECIFIED, S.TASK_STATE_QUEUED, True),
+        (S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING, True),
+        (S.TASK_STATE_RUNNING, S.TASK_STATE_QUEUED, False),
+        (S.TASK_STATE_RUNNING, S.TASK_STATE_RUNNING, False),
+        (S.TASK_STATE_QUEUED, S.TASK_STATE_SUCCEEDED, True),
+        (S.TASK_STATE_SUCCEEDED, S.TASK_STATE_FAILED, False),
+        (S.TASK_STATE_REVOKED, S.TASK_STATE_SUCCEEDED, False),
+    ],
+)
+def test_transitions_only_move_forward_and_terminal_is_final(current: int, new: int, forward: bool) -> None:
+    assert moves_forward(current, new) is forward  # type: ignore[arg-type]
