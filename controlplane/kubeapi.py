@@ -72,14 +72,16 @@ class AdminClient:
         except json.JSONDecodeError:
             return data
 
-    def apply(self, obj: dict[str, Any], field_manager: str = "shepherd-controlplane") -> Any:
-        """Server-side apply: idempotent, so `up` can run against a cluster that already has it."""
+    def apply(
+        self, obj: dict[str, Any], field_manager: str = "shepherd-controlplane", *, dry_run: bool = False
+    ) -> Any:
+        """Server-side apply: idempotent, so `up` can run against a cluster that already has it.
+        With dry_run the API server validates and defaults the object but stores nothing."""
+        query = {"fieldManager": field_manager, "force": "true"}
+        if dry_run:
+            query["dryRun"] = "All"
         return self.request(
-            "PATCH",
-            object_path(obj),
-            obj,
-            content_type="application/apply-patch+yaml",
-            query={"fieldManager": field_manager, "force": "true"},
+            "PATCH", object_path(obj), obj, content_type="application/apply-patch+yaml", query=query
         )
 
 

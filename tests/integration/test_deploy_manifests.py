@@ -1,0 +1,71 @@
+"""deploy/ holds what a real cluster applies: the API server accepts every object (server-side
+dry run), and each service keeps one name everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane import Cluster, ClusterInfo
+from shepherd.v1 import launcher_service_pb2, reconciler_service_pb2, watcher_service_pb2
+
+pytestmark = pytest.mark.integration
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+SERVICES = {
+    "launcher": launcher_service_pb2.DESCRIPTOR.services_by_name["LauncherService"],
+    "watcher": watcher_service_pb2.DESCRIPTOR.services_by_name["WatcherService"],
+    "reconciler": reconciler_service_pb2.DESCRIPTOR.services_by_name["ReconcilerService"],
+}
+
+
+def kustomized_objects() -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k deploy/` creates (resources plus the generated ConfigMap)."""
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    objects = [
+        doc
+        for resource in kustomization["resources"]
+        for doc in yaml.safe_load_all((DEPLOY / resource).read_text())
+        if doc
+    ]
+    for generator in kustomization.get("configMapGenerator", []):
+        data = {Path(f).name: (DEPLOY / f).read_text() for f in generator["files"]}
+        objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": generator["name"], "namespace": generator["namespace"]},
+                "data": data,
+            }
+        )
+    return objects
+
+
+def test_every_manifest_is_accepted_by_the_api_server(cluster: ClusterInfo) -> None:
+    admin = Cluster()._admin()
+    objects = kustomized_objects()
+    assert {o["kind"] for o in objects} >= {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding"}
+    for obj in objects:
+        admin.apply(obj, dry_run=True)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = set(yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["resources"])
+    on_disk = {str(p.relative_to(DEPLOY)) for d in ("base", "rbac") for p in (DEPLOY / d).glob("*.yaml")}
+    assert on_disk <= listed
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_each_service_has_one_name_everywhere(name: str) -> None:
+    objects = {(o["kind"], o["metadata"]["name"]) for o in kustomized_objects()}
+    assert {("Deployment", name), ("Service", name), ("ServiceAccount", name), ("Role", name)} <= objects
+    assert (Path(__file__).resolve().parents[2] / "services" / name / "server.py").exists()
+    assert SERVICES[name].name == f"{name.capitalize()}Service"
+    deployment = next(
+        o for o in kustomized_objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == name
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == name
+    assert pod["containers"][0]["readinessProbe"]["grpc"]["service"] == SERVICES[name].full_name
