@@ -51,6 +51,11 @@ class ClusterSettings(BaseSettings):
         default=300, ge=0, description="Default delay before a scheduled pod goes Running."
     )
     pod_run_ms: int = Field(default=1000, ge=0, description="Default delay before a Running pod completes.")
+    pods_watch_cache: bool = Field(
+        default=True,
+        description="Serve pod watches from the API server's watch cache. Off, watches read etcd directly, "
+        "so compacting etcd makes a lagging watch get 410 Gone at once (used by the compaction test).",
+    )
     start_timeout_s: float = Field(default=90.0, gt=0, description="How long to wait for readiness.")
     token_ttl_s: int = Field(
         default=48 * 3600, ge=600, description="Lifetime of the per-service ServiceAccount tokens."

@@ -20,13 +20,13 @@ class WatcherSettings(ServiceSettings):
     )
     watch_timeout_s: int = Field(
         default=300,
-        ge=10,
+        ge=1,
         le=3600,
         description="Server-side timeout of one watch request; the watch is then resumed, not restarted.",
     )
     inactivity_timeout_s: float = Field(
         default=90.0,
-        ge=5,
+        ge=1,
         le=3600,
         description="A watch that sends nothing, not even a bookmark (about one a minute), for this long "
         "is treated as half-open and resumed from the last resourceVersion.",

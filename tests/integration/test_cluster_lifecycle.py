@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import Cluster, ClusterSettings
+from controlplane import Cluster
 from controlplane.processes import owned_pids
-from controlplane.stack import free_port
+from tests.helpers.cluster import spare_settings
 
 pytestmark = pytest.mark.integration
 
@@ -20,17 +20,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def spare(tmp_path: Path, cluster: object) -> Iterator[Cluster]:
     """Depends on `cluster` only so the binaries are built first."""
-    settings = ClusterSettings(
-        state_dir=tmp_path / "state",
-        etcd_data_dir=tmp_path / "etcd",
-        nodes=1,
-        etcd_client_port=free_port(),
-        etcd_peer_port=free_port(),
-        apiserver_port=free_port(),
-        scheduler_port=free_port(),
-        kwok_port=free_port(),
-    )
-    spare = Cluster(settings)
+    spare = Cluster(spare_settings(tmp_path))
     yield spare
     spare.down()
 
