@@ -81,7 +81,7 @@ class ServiceStack:
             ]
         return argv + self.flags.get(name, [])
 
-    def start(self, names: tuple[str, ...] = SERVICES, *, timeout: float = 60.0) -> None:
+    def start(self, names: tuple[str, ...] = SERVICES, *, timeout: float = 60.0, wait: bool = True) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for name in ("launcher", "watcher"):  # the reconciler needs their addresses
             self.ports.setdefault(name, free_port())
@@ -92,7 +92,7 @@ class ServiceStack:
                 self.command(name), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
             log.close()
-        for name in names:
+        for name in names if wait else ():
             self.wait_serving(name, timeout=timeout)
 
     def wait_serving(self, name: str, *, timeout: float = 60.0) -> None:

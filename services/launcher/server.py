@@ -13,6 +13,7 @@ from services.launcher.podspec import build_pod, check_override, parse_pod_docum
 from services.launcher.settings import LauncherSettings
 from services.launcher.store import LaunchStore, stamp_cancelled
 from services.launcher.templates import TemplateCatalog, UnknownTemplate
+from shepherd import podmeta
 from shepherd.errors import abort_invalid
 from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer
@@ -152,6 +153,11 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         accepted = await self._store.accept(launch, pod)
         if not accepted.already_existed:
             self._creator.submit(accepted.launch, accepted.pod)
+            get_logger(
+                task_key=podmeta.key_string(request.key).replace("\x1f", "/"),
+                pod=launch.pod_name,
+                namespace=launch.namespace,
+            ).info("launch accepted")
         return pb.LaunchTaskResponse(launch=accepted.launch, already_existed=accepted.already_existed)
 
     def _build(self, request: pb.LaunchTaskRequest) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""What every service offers a platform team: reflection for grpcurl and ghz, health that means
+ready, request ids in the logs, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from controlplane import ClusterInfo
+from controlplane.settings import ClusterSettings
+from controlplane.stack import SERVICES, ServiceStack
+from shepherd.v1 import launcher_service_pb2 as lpb
+from shepherd.v1 import (
+    launcher_service_pb2_grpc,
+    reconciler_service_pb2,
+    reconciler_service_pb2_grpc,
+    watcher_service_pb2,
+    watcher_service_pb2_grpc,
+)
+from tests.helpers import task_key, unique_name
+from tests.helpers.cluster import unreachable_kubeconfig
+
+pytestmark = pytest.mark.integration
+GRPCURL = str(ClusterSettings().bin_dir / "grpcurl")
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_grpcurl_discovers_each_service_by_reflection(stack: ServiceStack, name: str) -> None:
+    listed = subprocess.run(
+        [GRPCURL, "-plaintext", stack.address(name), "list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert f"shepherd.v1.{name.capitalize()}Service" in listed
+    assert "grpc.health.v1.Health" in listed
+
+
+def test_grpcurl_can_call_an_rpc_without_proto_files(stack: ServiceStack) -> None:
+    body = json.dumps({"page_size": 1})
+    out = subprocess.run(
+        [
+            GRPCURL,
+            "-plaintext",
+            "-d",
+            body,
+            stack.address("reconciler"),
+            "shepherd.v1.ReconcilerService/ListTasks",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.returncode == 0
+
+
+async def test_the_watcher_is_not_serving_until_its_first_list(cluster: ClusterInfo, tmp_path: Path) -> None:
+    stack = ServiceStack(
+        cluster,
+        tmp_path,
+        executor_id="never-listed",
+        flags={"watcher": ["--kubeconfig", unreachable_kubeconfig(cluster.kubeconfigs["watcher"], tmp_path)]},
+    )
+    stack.start(("watcher",), wait=False)  # its API server is unreachable: the first list never completes
+    try:
+        async with grpc.aio.insecure_channel(stack.address("watcher")) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="shepherd.v1.WatcherService")
+            reply = await health.Check(request, wait_for_ready=True, timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.WatchPodEvents(watcher_service_pb2.WatchPodEventsRequest()):
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stack.stop_all()
+
+
+async def test_request_ids_are_echoed_and_bound_into_log_lines(stack: ServiceStack) -> None:
+    key = task_key(task_id=unique_name("rid"))
+    async with grpc.aio.insecure_channel(stack.address("launcher")) as channel:
+        stub = launcher_service_pb2_grpc.LauncherServiceStub(channel)
+        call = stub.LaunchTask(
+            lpb.LaunchTaskRequest(key=key, command=["run"]), metadata=(("x-request-id", "req-abc-123"),)
+        )
+        reply = await call
+        trailing = dict(await call.trailing_metadata())
+    assert trailing["x-request-id"] == "req-abc-123"
+    lines = [json.loads(line) for line in stack.tail("launcher", 500).splitlines() if line.startswith("{")]
+    accepted = next(
+        line
+        for line in lines
+        if line.get("event") == "launch accepted" and line.get("pod") == reply.launch.pod_name
+    )
+    assert accepted["request_id"] == "req-abc-123"
+    assert accepted["rpc"] == "/shepherd.v1.LauncherService/LaunchTask"
+    assert accepted["task_key"].startswith(f"etl_daily/{key.task_id}/")
+
+
+async def test_sigterm_drains_a_service_and_it_exits_cleanly(cluster: ClusterInfo, tmp_path: Path) -> None:
+    stack = ServiceStack(cluster, tmp_path, executor_id=f"drain-{unique_name('x')[-6:]}")
+    stack.start()
+    try:
+        async with grpc.aio.insecure_channel(stack.address("reconciler")) as channel:
+            stub = reconciler_service_pb2_grpc.ReconcilerServiceStub(channel)
+            stream = stub.WatchTaskStates(reconciler_service_pb2.WatchTaskStatesRequest())
+            code = stack.stop("reconciler", sig=signal.SIGTERM)
+            assert code == 0
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in stream:
+                    pass
+        log = stack.tail("reconciler", 50)
+        assert "draining" in log
+        assert '"stopped"' in log
+    finally:
+        stack.stop_all()
