@@ -62,6 +62,10 @@ cluster-down: venv
 cluster-status: venv
 	$(BIN)/python -m controlplane status
 
+## bench: the performance figures (launch rate vs raw ceiling, event latency, memory); see README.
+bench: venv tools
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 ## protos: regenerate the Python code and .pyi stubs from protos/ (tests fail when it is stale).
 protos: venv
 	$(BIN)/python tools/gen_protos.py

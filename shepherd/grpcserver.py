@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -38,6 +39,29 @@ _OPTIONS = [
 ]
 
 
+class _MethodAwarePool:
+    """The default descriptor pool, but `pkg.Service.Method` also resolves to the service's file.
+
+    ghz and `grpcurl describe` look methods up by that name; Python's pool only knows messages,
+    enums and services by symbol, so without this they answer "Symbol not found"."""
+
+    def __init__(self) -> None:
+        self._pool = descriptor_pool.Default()
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - the pool's own API
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            found = self._pool.FindServiceByName(service)
+            if method not in found.methods_by_name:
+                raise
+            return found.file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
 class GrpcServer:
     """One service's server: create, register servicers, start, set_serving, run_until_signal."""
 
@@ -47,7 +71,9 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
         reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            self.server,
+            pool=_MethodAwarePool(),
         )
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self._stop = asyncio.Event()

@@ -39,6 +39,30 @@ def test_grpcurl_discovers_each_service_by_reflection(stack: ServiceStack, name:
     assert "grpc.health.v1.Health" in listed
 
 
+@pytest.mark.parametrize("name", SERVICES)
+def test_methods_resolve_by_reflection_as_ghz_needs(stack: ServiceStack, name: str) -> None:
+    service = f"shepherd.v1.{name.capitalize()}Service"
+    methods = [
+        line.split()[1]
+        for line in subprocess.run(
+            [GRPCURL, "-plaintext", stack.address(name), "describe", service],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+        if line.strip().startswith("rpc ")
+    ]
+    assert methods
+    for method in methods:
+        out = subprocess.run(
+            [GRPCURL, "-plaintext", stack.address(name), "describe", f"{service}.{method}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "is a method" in out
+
+
 def test_grpcurl_can_call_an_rpc_without_proto_files(stack: ServiceStack) -> None:
     body = json.dumps({"page_size": 1})
     out = subprocess.run(

@@ -1,0 +1,105 @@
+"""`python -m bench` (or `make bench`): the suite's figures, each against a baseline or target
+measured in the same run on this machine, saved to bench/results/."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import event_latency, launch_rate, memory
+from bench.common import Report
+from controlplane import Cluster
+from controlplane.stack import ServiceStack
+
+
+async def run(args: argparse.Namespace) -> Report:
+    report = Report()
+    info = Cluster().up()
+    print(
+        f"kube-apiserver {info.version} at {info.server}; services under their own ServiceAccounts",
+        flush=True,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="shepherd-bench-"))
+    stack = ServiceStack(
+        info,
+        workdir,
+        executor_id=f"bench-{int(time.time())}",
+        flags={"launcher": ["--store-synchronous", "FULL"]},
+    )
+    stack.start()
+    try:
+        if "rate" in args.only:
+            print(
+                f"\n== launch rate: {args.pods} pods, raw client vs Shepherd, best of {args.rounds}",
+                flush=True,
+            )
+            rate = await launch_rate.measure(info, stack, args.pods, args.rounds)
+            report.figures["launch_rate"] = rate
+            print(
+                f"  raw ceiling {rate['raw_pods_per_s']} pods/s, "
+                f"through Shepherd {rate['shepherd_pods_per_s']} "
+                f"pods/s, ratio {rate['ratio']}; LaunchTask p50 {rate['launch_rpc_p50_ms']} ms, "
+                f"p99 {rate['launch_rpc_p99_ms']} ms"
+            )
+            report.check("launch rate >= 0.8 x raw ceiling", rate["ratio"] >= 0.8, f"ratio {rate['ratio']}")
+        if "latency" in args.only:
+            print(
+                f"\n== event latency: {args.latency_tasks} tasks, 2 status changes each at {args.rate}/s",
+                flush=True,
+            )
+            lat = await event_latency.measure(info, stack, args.latency_tasks, args.rate)
+            report.figures["event_latency"] = lat
+            print(
+                f"  {lat['events']} events at {lat['achieved_rate']}/s: p50 {lat['p50_ms']} ms, "
+                f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms"
+            )
+            report.check(
+                f"p99 <= 100 ms at {args.rate:g} events/s", lat["p99_ms"] <= 100, f"p99 {lat['p99_ms']} ms"
+            )
+        if "memory" in args.only:
+            print(f"\n== memory: {args.live} live tasks", flush=True)
+            mem = await memory.measure(info, stack, args.live)
+            report.figures["memory"] = mem
+            print(f"  RSS {mem['rss_mb']} MB (all Running after {mem['seconds_until_all_running']} s)")
+            worst = max(mem["rss_mb"].values())
+            report.check(
+                f"each service <= 300 MB at {args.live} live tasks", worst <= 300, f"largest {worst} MB"
+            )
+    finally:
+        stack.stop_all()
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--pods", type=int, default=1000, help="pods per launch-rate round (default 1000)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="launch-rate rounds; best of each side (default 2)"
+    )
+    parser.add_argument(
+        "--latency-tasks", type=int, default=1000, help="tasks in the latency run (default 1000)"
+    )
+    parser.add_argument("--rate", type=float, default=200.0, help="status changes per second (default 200)")
+    parser.add_argument(
+        "--live", type=int, default=5000, help="live tasks for the memory figure (default 5000)"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=["rate", "latency", "memory"],
+        choices=["rate", "latency", "memory"],
+        help="scenarios to run",
+    )
+    args = parser.parse_args()
+    report = asyncio.run(run(args))
+    report.print()
+    print(f"\nsaved {report.save()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

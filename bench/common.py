@@ -1,0 +1,80 @@
+"""What the benchmark scenarios share: pod clean-up, percentiles, process memory, reporting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controlplane import ClusterInfo
+from shepherd.kube import KubeClient, load_connection
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of unsorted values."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), round(pct / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def clear_pods(cluster: ClusterInfo, selector: str, *, timeout_s: float = 300) -> None:
+    """Delete every pod matching `selector` (as admin, in one call) and wait until they are gone."""
+    kube = KubeClient(load_connection(cluster.admin_kubeconfig))
+    path = f"/api/v1/namespaces/{cluster.namespace}/pods"
+    try:
+        await kube._request("DELETE", path, params={"labelSelector": selector, "gracePeriodSeconds": "0"})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            page = await kube.list_pods(cluster.namespace, label_selector=selector, limit=1)
+            if not page.get("items"):
+                return
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"pods matching {selector} were not gone after {timeout_s}s")
+    finally:
+        await kube.close()
+
+
+@dataclass
+class Report:
+    """Figures of one benchmark run, printed as a table and saved as JSON."""
+
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    figures: dict[str, Any] = field(default_factory=dict)
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append((name, ok, detail))
+
+    def save(self) -> Path:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"bench-{self.started.replace(':', '')}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "started": self.started,
+                    "figures": self.figures,
+                    "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in self.checks],
+                },
+                indent=2,
+            )
+        )
+        return path
+
+    def print(self) -> None:
+        print("\n== targets")
+        for name, ok, detail in self.checks:
+            print(f"  [{'met' if ok else 'MISSED'}] {name}: {detail}")

@@ -1,0 +1,148 @@
+"""Latency from a pod status change to the task-state change reaching a WatchTaskStates subscriber.
+
+The benchmark plays the kubelet itself, so it knows when each change happens: tasks are launched
+through Shepherd with pods bound to a node no kubelet (or kwok) manages, then their status is
+patched Pending -> Running -> Succeeded at a fixed rate. Each patch is one pod event and one task
+transition. Latency = subscriber receipt - patch sent, both on this machine's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from typing import Any
+
+import grpc
+import orjson
+
+from bench.common import clear_pods, percentile
+from controlplane import ClusterInfo
+from controlplane.stack import ServiceStack
+from shepherd import podmeta
+from shepherd.kube import KubeClient, load_connection
+from shepherd.v1 import (
+    launcher_service_pb2,
+    launcher_service_pb2_grpc,
+    reconciler_service_pb2,
+    reconciler_service_pb2_grpc,
+    task_pb2,
+)
+
+UNMANAGED_NODE = "bench-unmanaged-node"
+
+
+def _status(phase: str) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    state: dict[str, Any] = (
+        {"running": {"startedAt": now}}
+        if phase == "Running"
+        else {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}}
+    )
+    return {
+        "status": {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": "base",
+                    "image": "bench",
+                    "imageID": "",
+                    "ready": phase == "Running",
+                    "restartCount": 0,
+                    "state": state,
+                }
+            ],
+        }
+    }
+
+
+async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: float) -> dict[str, Any]:
+    run = f"latency-{int(time.time())}"
+    keys = [
+        task_pb2.TaskKey(dag_id="latency", task_id=f"t{i}", run_id=run, try_number=1, map_index=-1)
+        for i in range(tasks)
+    ]
+    sent: dict[tuple[str, int], float] = {}
+    received: dict[tuple[str, int], float] = {}
+    queued = asyncio.Event()
+    finished = asyncio.Event()
+    queued_count = 0
+
+    async with (
+        grpc.aio.insecure_channel(stack.address("launcher")) as lch,
+        grpc.aio.insecure_channel(stack.address("reconciler")) as rch,
+    ):
+        launcher = launcher_service_pb2_grpc.LauncherServiceStub(lch)
+        reconciler = reconciler_service_pb2_grpc.ReconcilerServiceStub(rch)
+
+        async def subscribe() -> None:
+            nonlocal queued_count
+            async for reply in reconciler.WatchTaskStates(reconciler_service_pb2.WatchTaskStatesRequest()):
+                now = time.monotonic()
+                task = reply.change.task
+                if task.key.run_id != run:
+                    continue
+                name = podmeta.key_string(task.key)
+                if task.state == task_pb2.TASK_STATE_QUEUED:
+                    queued_count += 1
+                    if queued_count == tasks:
+                        queued.set()
+                received[(name, task.state)] = now
+                if len(received) == 3 * tasks:
+                    finished.set()
+
+        subscriber = asyncio.create_task(subscribe())
+        override = f"spec: {{nodeName: {UNMANAGED_NODE}}}"
+        gate = asyncio.Semaphore(32)
+
+        async def launch(key: task_pb2.TaskKey) -> None:
+            async with gate:
+                await launcher.LaunchTask(
+                    launcher_service_pb2.LaunchTaskRequest(
+                        key=key, command=["run"], pod_override_yaml=override
+                    )
+                )
+
+        await asyncio.gather(*(launch(k) for k in keys))
+        await asyncio.wait_for(queued.wait(), timeout=300)
+        await asyncio.sleep(2)  # let pod creation settle before the measured phase
+
+        kube = KubeClient(load_connection(cluster.admin_kubeconfig), max_connections=64)
+        interval = 1.0 / rate
+        pending: list[asyncio.Task[None]] = []
+
+        async def patch(key: task_pb2.TaskKey, phase: str, state: int) -> None:
+            name = podmeta.pod_name(key)
+            sent[(podmeta.key_string(key), state)] = time.monotonic()
+            await kube._request(
+                "PATCH",
+                f"/api/v1/namespaces/{cluster.namespace}/pods/{name}/status",
+                body=orjson.dumps(_status(phase)),
+                content_type="application/merge-patch+json",
+            )
+
+        plan = [(k, "Running", task_pb2.TASK_STATE_RUNNING) for k in keys] + [
+            (k, "Succeeded", task_pb2.TASK_STATE_SUCCEEDED) for k in keys
+        ]
+        start = time.monotonic()
+        for i, (key, phase, state) in enumerate(plan):
+            delay = start + i * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pending.append(asyncio.create_task(patch(key, phase, state)))
+        await asyncio.gather(*pending)
+        achieved = len(plan) / (time.monotonic() - start)
+        await asyncio.wait_for(finished.wait(), timeout=120)
+        subscriber.cancel()
+        await asyncio.gather(subscriber, return_exceptions=True)
+        await kube.close()
+    await clear_pods(cluster, f"shepherd.dev/executor-id={stack.executor_id}")
+    latencies = [(received[k] - sent[k]) * 1000 for k in sent]
+    return {
+        "events": len(latencies),
+        "target_rate": rate,
+        "achieved_rate": round(achieved, 1),
+        "p50_ms": round(percentile(latencies, 50), 1),
+        "p99_ms": round(percentile(latencies, 99), 1),
+        "max_ms": round(max(latencies), 1),
+    }

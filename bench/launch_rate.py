@@ -1,0 +1,157 @@
+"""Pods per second through Shepherd, against the raw ceiling of this API server in the same run.
+
+Ceiling: the same pods created directly by a lean concurrent client (the aiohttp adapter the
+launcher itself uses, same ServiceAccount, same concurrency). Shepherd: the same number of
+LaunchTask calls fired by ghz (over reflection, no proto files), timed from the first call until
+the launcher reports the last pod created. Both sets of pods then really run on kwok nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from bench.common import clear_pods
+from controlplane import ClusterInfo, ClusterSettings
+from controlplane.stack import ServiceStack
+from services.launcher.podspec import build_pod
+from shepherd.kube import KubeClient, load_connection
+from shepherd.v1 import launcher_service_pb2, launcher_service_pb2_grpc, task_pb2
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "pod-templates" / "default.yaml"
+OVERRIDE = "metadata: {annotations: {sim.shepherd.dev/outcome: run-forever}}"
+
+
+async def raw_ceiling(cluster: ClusterInfo, count: int, concurrency: int, run: str) -> float:
+    """Pods/s of `count` direct creates with `concurrency` in flight."""
+    template = yaml.safe_load(TEMPLATE.read_text())
+    override = yaml.safe_load(OVERRIDE)
+    pods = [
+        build_pod(
+            template,
+            task_pb2.TaskKey(dag_id="raw", task_id=f"t{i}", run_id=run, try_number=1, map_index=-1),
+            ["run"],
+            override=override,
+            executor_id="bench-raw",
+            namespace=cluster.namespace,
+        )
+        for i in range(count)
+    ]
+    kube = KubeClient(load_connection(cluster.kubeconfigs["launcher"]), max_connections=concurrency + 8)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def create(pod: dict[str, Any]) -> None:
+        async with gate:
+            await kube.create_pod(cluster.namespace, pod)
+
+    try:
+        start = time.monotonic()
+        await asyncio.gather(*(create(pod) for pod in pods))
+        return count / (time.monotonic() - start)
+    finally:
+        await kube.close()
+
+
+async def through_shepherd(stack: ServiceStack, count: int, run: str) -> tuple[float, dict[str, Any]]:
+    """Pods/s from the first LaunchTask to the last pod created, with ghz as the scheduler."""
+    created = 0
+    done = asyncio.Event()
+
+    async def count_created() -> None:
+        nonlocal created
+        async with grpc.aio.insecure_channel(stack.address("launcher")) as channel:
+            stub = launcher_service_pb2_grpc.LauncherServiceStub(channel)
+            async for reply in stub.WatchLaunchEvents(launcher_service_pb2.WatchLaunchEventsRequest()):
+                if (
+                    reply.launch.state == launcher_service_pb2.LAUNCH_STATE_CREATED
+                    and reply.launch.key.run_id == run
+                ):
+                    created += 1
+                    if created == count:
+                        done.set()
+
+    follower = asyncio.create_task(count_created())
+    await asyncio.sleep(0.5)
+    data = json.dumps(
+        {
+            "key": {
+                "dag_id": "bench",
+                "task_id": "t{{.RequestNumber}}",
+                "run_id": run,
+                "try_number": 1,
+                "map_index": -1,
+            },
+            "command": ["run"],
+            "pod_override_yaml": OVERRIDE,
+        }
+    )
+    ghz = str(ClusterSettings().bin_dir / "ghz")
+    start = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        ghz,
+        "--insecure",
+        "--call",
+        "shepherd.v1.LauncherService/LaunchTask",
+        "-d",
+        data,
+        "-n",
+        str(count),
+        "-c",
+        "64",
+        "--connections",
+        "4",
+        "--cpus",
+        "1",
+        "-O",
+        "json",
+        stack.address("launcher"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"ghz failed: {err.decode()[-2000:]}")
+    ghz_report = json.loads(out)
+    await asyncio.wait_for(done.wait(), timeout=600)
+    elapsed = time.monotonic() - start
+    follower.cancel()
+    await asyncio.gather(follower, return_exceptions=True)
+    latencies = {d["percentage"]: d["latency"] / 1e6 for d in ghz_report.get("latencyDistribution") or []}
+    return count / elapsed, {
+        "ghz_rps": round(ghz_report["rps"], 1),
+        "launch_rpc_p50_ms": round(latencies.get(50, float("nan")), 2),
+        "launch_rpc_p99_ms": round(latencies.get(99, float("nan")), 2),
+        "status_codes": ghz_report.get("statusCodeDistribution"),
+    }
+
+
+async def measure(cluster: ClusterInfo, stack: ServiceStack, count: int, rounds: int) -> dict[str, Any]:
+    raw_rates: list[float] = []
+    shepherd_rates: list[float] = []
+    ghz_stats: dict[str, Any] = {}
+    for r in range(rounds):
+        run = f"rate-{int(time.time())}-{r}"
+        raw_rates.append(await raw_ceiling(cluster, count, 64, run))
+        await clear_pods(cluster, "shepherd.dev/executor-id=bench-raw")
+        rate, ghz_stats = await through_shepherd(stack, count, run)
+        shepherd_rates.append(rate)
+        await clear_pods(cluster, f"shepherd.dev/executor-id={stack.executor_id}")
+        print(f"  round {r + 1}: raw {raw_rates[-1]:.0f} pods/s, shepherd {rate:.0f} pods/s", flush=True)
+    raw, shepherd = max(raw_rates), max(shepherd_rates)
+    return {
+        "pods": count,
+        "rounds": rounds,
+        "raw_pods_per_s": round(raw, 1),
+        "shepherd_pods_per_s": round(shepherd, 1),
+        "ratio": round(shepherd / raw, 3),
+        "all_raw": [round(x, 1) for x in raw_rates],
+        "all_shepherd": [round(x, 1) for x in shepherd_rates],
+        **ghz_stats,
+    }
