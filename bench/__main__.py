@@ -37,7 +37,7 @@ async def run(args: argparse.Namespace) -> Report:
                 f"\n== launch rate: {args.pods} pods, raw client vs Shepherd, best of {args.rounds}",
                 flush=True,
             )
-            rate = await launch_rate.measure(info, stack, args.pods, args.rounds)
+            rate = await launch_rate.measure(info, stack, args.pods, args.rounds, args.batch)
             report.figures["launch_rate"] = rate
             print(
                 f"  raw ceiling {rate['raw_pods_per_s']} pods/s, "

@@ -59,8 +59,33 @@ async def raw_ceiling(cluster: ClusterInfo, count: int, concurrency: int, run: s
         await kube.close()
 
 
-async def through_shepherd(stack: ServiceStack, count: int, run: str) -> tuple[float, dict[str, Any]]:
-    """Pods/s from the first LaunchTask to the last pod created, with ghz as the scheduler."""
+def _ghz_request(run: str, batch: int) -> tuple[str, str]:
+    """ghz's method and request template: one LaunchTask, or a BatchLaunchTasks of `batch` tasks."""
+
+    def item(suffix: str) -> dict[str, Any]:
+        return {
+            "key": {
+                "dag_id": "bench",
+                "task_id": "t{{.RequestNumber}}" + suffix,
+                "run_id": run,
+                "try_number": 1,
+                "map_index": -1,
+            },
+            "command": ["run"],
+            "pod_override_yaml": OVERRIDE,
+        }
+
+    if batch <= 1:
+        return "shepherd.v1.LauncherService/LaunchTask", json.dumps(item(""))
+    return "shepherd.v1.LauncherService/BatchLaunchTasks", json.dumps(
+        {"requests": [item(f"-{i}") for i in range(batch)]}
+    )
+
+
+async def through_shepherd(
+    stack: ServiceStack, count: int, run: str, batch: int = 1
+) -> tuple[float, dict[str, Any]]:
+    """Pods/s from the first launch call to the last pod created, with ghz as the scheduler."""
     created = 0
     done = asyncio.Event()
 
@@ -79,32 +104,21 @@ async def through_shepherd(stack: ServiceStack, count: int, run: str) -> tuple[f
 
     follower = asyncio.create_task(count_created())
     await asyncio.sleep(0.5)
-    data = json.dumps(
-        {
-            "key": {
-                "dag_id": "bench",
-                "task_id": "t{{.RequestNumber}}",
-                "run_id": run,
-                "try_number": 1,
-                "map_index": -1,
-            },
-            "command": ["run"],
-            "pod_override_yaml": OVERRIDE,
-        }
-    )
+    method, data = _ghz_request(run, batch)
+    calls = max(1, count // max(batch, 1))
     ghz = str(ClusterSettings().bin_dir / "ghz")
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         ghz,
         "--insecure",
         "--call",
-        "shepherd.v1.LauncherService/LaunchTask",
+        method,
         "-d",
         data,
         "-n",
-        str(count),
+        str(calls),
         "-c",
-        "64",
+        str(min(64, calls)),
         "--connections",
         "4",
         "--cpus",
@@ -132,7 +146,9 @@ async def through_shepherd(stack: ServiceStack, count: int, run: str) -> tuple[f
     }
 
 
-async def measure(cluster: ClusterInfo, stack: ServiceStack, count: int, rounds: int) -> dict[str, Any]:
+async def measure(
+    cluster: ClusterInfo, stack: ServiceStack, count: int, rounds: int, batch: int
+) -> dict[str, Any]:
     raw_rates: list[float] = []
     shepherd_rates: list[float] = []
     ghz_stats: dict[str, Any] = {}
@@ -140,13 +156,14 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, count: int, rounds:
         run = f"rate-{int(time.time())}-{r}"
         raw_rates.append(await raw_ceiling(cluster, count, 64, run))
         await clear_pods(cluster, "shepherd.dev/executor-id=bench-raw")
-        rate, ghz_stats = await through_shepherd(stack, count, run)
+        rate, ghz_stats = await through_shepherd(stack, count, run, batch)
         shepherd_rates.append(rate)
         await clear_pods(cluster, f"shepherd.dev/executor-id={stack.executor_id}")
         print(f"  round {r + 1}: raw {raw_rates[-1]:.0f} pods/s, shepherd {rate:.0f} pods/s", flush=True)
     raw, shepherd = max(raw_rates), max(shepherd_rates)
     return {
         "pods": count,
+        "tasks_per_call": batch,
         "rounds": rounds,
         "raw_pods_per_s": round(raw, 1),
         "shepherd_pods_per_s": round(shepherd, 1),

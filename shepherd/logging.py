@@ -6,14 +6,18 @@ from __future__ import annotations
 import logging
 import sys
 
+import orjson
 import structlog
 
 
 def configure(service: str, level: str = "info", *, json: bool = True) -> structlog.stdlib.BoundLogger:
     """Configure process-wide logging once, at start-up, and return the service's root logger."""
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    # orjson renders bytes several times faster than json.dumps; logs are on every hot path.
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[
@@ -25,7 +29,9 @@ def configure(service: str, level: str = "info", *, json: bool = True) -> struct
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.BytesLoggerFactory(file=sys.stdout.buffer)
+        if json
+        else structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(service=service)

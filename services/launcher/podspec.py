@@ -9,11 +9,11 @@ matched by name; the task runs in the container named `base`. Any other list: th
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import yaml
 
 from shepherd import podmeta
@@ -33,12 +33,30 @@ _RESERVED_PREFIX = podmeta.PREFIX
 _CONTAINER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it
+
+
+def _load(text: str) -> Any:
+    """JSON through orjson, anything else through (C) YAML: both are valid pod documents."""
+    if text.lstrip().startswith("{"):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass  # YAML flow style also starts with "{": let the YAML parser decide
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def _clone(value: Any) -> Any:
+    """A deep copy of JSON-shaped data, several times faster than copy.deepcopy."""
+    return orjson.loads(orjson.dumps(value))
+
+
 def parse_pod_document(text: str, field: str) -> dict[str, Any]:
     """A YAML or JSON v1 Pod (whole or partial) as a dict; INVALID_ARGUMENT naming `field` otherwise."""
     if len(text.encode()) > MAX_DOC_BYTES:
         raise InvalidField(field, f"must be at most {MAX_DOC_BYTES} bytes")
     try:
-        doc = yaml.safe_load(text)
+        doc = _load(text)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
@@ -86,21 +104,25 @@ def _merge_named(base: list[Any], over: list[Any], key: str) -> list[Any]:
 
 
 def _merge_containers(base: list[dict[str, Any]], over: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    result = [copy.deepcopy(c) for c in base]
+    result = list(base)
     by_name = {c.get("name"): i for i, c in enumerate(result)}
     for container in over:
         i = by_name.get(container.get("name"))
         if i is None:
             by_name[container.get("name")] = len(result)
-            result.append(copy.deepcopy(container))
+            result.append(container)
         else:
-            result[i] = merge(result[i], container)
+            result[i] = _merge(result[i], container)
     return result
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Merge `over` onto `base` by the rules in this module's docstring; inputs are not modified."""
-    result = copy.deepcopy(base)
+    return _merge(_clone(base), _clone(over))
+
+
+def _merge(result: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge in place; both sides are private copies, so their parts can be shared freely."""
     for name, value in over.items():
         current = result.get(name)
         if value is None:
@@ -108,11 +130,11 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         if name == "containers" and isinstance(current, list) and isinstance(value, list):
             result[name] = _merge_containers(current, value)
         elif name in _CONCAT_BY and isinstance(current, list) and isinstance(value, list):
-            result[name] = _merge_named(current, copy.deepcopy(value), _CONCAT_BY[name])
+            result[name] = _merge_named(current, value, _CONCAT_BY[name])
         elif isinstance(current, dict) and isinstance(value, dict):
-            result[name] = merge(current, value)
+            result[name] = _merge(current, value)
         else:
-            result[name] = copy.deepcopy(value)
+            result[name] = value
     return result
 
 

@@ -16,7 +16,7 @@ from services.reconciler.streams import consume_launcher, consume_watcher
 from shepherd import podmeta
 from shepherd.errors import abort_invalid
 from shepherd.eventlog import CursorOutOfRange, follow
-from shepherd.grpcserver import Context, GrpcServer
+from shepherd.grpcserver import Context, GrpcServer, run
 from shepherd.kube import KubeClient, load_connection
 from shepherd.logging import configure, get_logger
 from shepherd.v1 import launcher_service_pb2, launcher_service_pb2_grpc
@@ -161,4 +161,4 @@ async def serve(settings: ReconcilerSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = ReconcilerSettings.load(argv)
     configure("reconciler", settings.log_level, json=settings.log_json)
-    asyncio.run(serve(settings))
+    run(serve(settings))

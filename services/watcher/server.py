@@ -11,7 +11,7 @@ from services.watcher.informer import Informer
 from services.watcher.settings import WatcherSettings
 from shepherd import podmeta
 from shepherd.eventlog import CursorOutOfRange, MemoryLog, follow
-from shepherd.grpcserver import GrpcServer
+from shepherd.grpcserver import GrpcServer, run
 from shepherd.kube import KubeClient, load_connection
 from shepherd.logging import configure, get_logger
 from shepherd.v1 import watcher_service_pb2, watcher_service_pb2_grpc
@@ -92,4 +92,4 @@ async def serve(settings: WatcherSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = WatcherSettings.load(argv)
     configure("watcher", settings.log_level, json=settings.log_json)
-    asyncio.run(serve(settings))
+    run(serve(settings))

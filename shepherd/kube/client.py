@@ -66,10 +66,9 @@ class KubeClient:
     async def get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         return orjson.loads(await self._request("GET", path, params=params))
 
-    async def create_pod(self, namespace: str, pod: Mapping[str, Any]) -> dict[str, Any]:
-        data = await self._request("POST", _pods_path(namespace), body=orjson.dumps(pod))
-        created: dict[str, Any] = orjson.loads(data)
-        return created
+    async def create_pod(self, namespace: str, pod: Mapping[str, Any]) -> None:
+        """Create a pod. The created object is not parsed: the watcher reports it anyway."""
+        await self._request("POST", _pods_path(namespace), body=orjson.dumps(pod))
 
     async def list_pods(
         self, namespace: str | None, *, label_selector: str = "", limit: int = 500, continue_token: str = ""
