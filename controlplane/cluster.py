@@ -71,6 +71,7 @@ class Cluster:
         s = self.settings
         if self.healthy():
             _log(f"reusing the running cluster at {s.apiserver_url}")
+            self._apply_manifests(self._admin())  # idempotent: picks up edits to deploy/
             self._issue_service_kubeconfigs(self._admin(), only_if_stale=True)
             return self.info()
         self._ensure_binaries()
@@ -394,14 +395,7 @@ class Cluster:
 
     def _bootstrap(self, admin: AdminClient) -> None:
         """Namespace, per-service RBAC (deploy/), fake nodes, and a kubeconfig per service identity."""
-        manifests = [
-            REPO_ROOT / "deploy" / "namespace.yaml",
-            *sorted((REPO_ROOT / "deploy" / "rbac").glob("*.yaml")),
-        ]
-        for path in manifests:
-            for doc in yaml.safe_load_all(path.read_text()):
-                if doc:
-                    admin.apply(doc)
+        self._apply_manifests(admin)
         s = self.settings
         for i in range(s.nodes):
             resources = {"cpu": s.node_cpu, "memory": s.node_memory, "pods": str(s.node_pods)}
@@ -423,6 +417,17 @@ class Cluster:
                 }
             )
         self._issue_service_kubeconfigs(admin, only_if_stale=False)
+
+    def _apply_manifests(self, admin: AdminClient) -> None:
+        """The service namespace and per-service RBAC, from the same files a real cluster applies."""
+        manifests = [
+            REPO_ROOT / "deploy" / "namespace.yaml",
+            *sorted((REPO_ROOT / "deploy" / "rbac").glob("*.yaml")),
+        ]
+        for path in manifests:
+            for doc in yaml.safe_load_all(path.read_text()):
+                if doc:
+                    admin.apply(doc)
 
     def _issue_service_kubeconfigs(self, admin: AdminClient, *, only_if_stale: bool) -> None:
         """One kubeconfig per service, holding a token from the TokenRequest API for its ServiceAccount."""

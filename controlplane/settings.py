@@ -44,9 +44,11 @@ class ClusterSettings(BaseSettings):
     scheduler_port: int = Field(default=10259, ge=1, le=65535, description="kube-scheduler health port.")
     kwok_port: int = Field(default=10247, ge=1, le=65535, description="kwok health/metrics port.")
     nodes: int = Field(default=4, ge=1, le=100, description="Number of fake kwok nodes.")
-    node_cpu: str = Field(default="64", description="Allocatable CPU of each fake node.")
-    node_memory: str = Field(default="256Gi", description="Allocatable memory of each fake node.")
-    node_pods: int = Field(default=3000, ge=1, description="Pod capacity of each fake node.")
+    # Big enough that 5,000 benchmark pods of the default template (100m CPU, 128Mi) fit, while a
+    # request of 100000 CPUs still cannot be placed anywhere.
+    node_cpu: str = Field(default="1000", description="Allocatable CPU of each fake node.")
+    node_memory: str = Field(default="4Ti", description="Allocatable memory of each fake node.")
+    node_pods: int = Field(default=5000, ge=1, description="Pod capacity of each fake node.")
     pod_start_ms: int = Field(
         default=300, ge=0, description="Default delay before a scheduled pod goes Running."
     )

@@ -36,7 +36,7 @@ MIX: dict[str, tuple[float, str]] = {
         "sim.shepherd.dev/run-time: %RUN%}}",
     ),
     "image-pull-error": (0.08, "metadata: {annotations: {sim.shepherd.dev/outcome: waiting}}"),
-    "unschedulable": (0.06, "spec: {containers: [{name: base, resources: {requests: {cpu: '1000'}}}]}"),
+    "unschedulable": (0.06, "spec: {containers: [{name: base, resources: {requests: {cpu: '100000'}}}]}"),
     "cancelled": (0.06, "metadata: {annotations: {sim.shepherd.dev/outcome: run-forever}}"),
 }
 

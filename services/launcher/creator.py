@@ -71,7 +71,7 @@ class PodCreator:
         while True:
             launch, pod = await self._queue.get()
             name = podmeta.key_string(launch.key)
-            if name in self._cancelled:
+            if name in self._cancelled or self._superseded(launch):
                 continue
             self._inflight.add(name)
             try:
@@ -80,6 +80,13 @@ class PodCreator:
                 get_logger(component="creator").exception("unexpected error creating pod", error=str(err))
             finally:
                 self._inflight.discard(name)
+
+    def _superseded(self, launch: Launch) -> bool:
+        """A queued create that a relaunch or cancel has made obsolete since it was queued."""
+        current = self.store.get(launch.key)
+        return current is not None and (
+            current.attempt != launch.attempt or current.state != launcher_service_pb2.LAUNCH_STATE_ACCEPTED
+        )
 
     async def _create(self, launch: Launch, pod: dict[str, Any], name: str) -> None:
         log = get_logger(

@@ -107,6 +107,30 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         created = launch.state == pb.LAUNCH_STATE_CREATED or in_flight
         return pb.CancelLaunchResponse(launch=launch, pod_created=created)
 
+    async def RelaunchTask(
+        self, request: pb.RelaunchTaskRequest, context: Context
+    ) -> pb.RelaunchTaskResponse:
+        try:
+            check_key(request.key, present=request.HasField("key"))
+            if request.from_attempt < 1:
+                raise InvalidField("from_attempt", f"must be >= 1 (got {request.from_attempt})")
+        except InvalidField as err:
+            await abort_invalid(context, err)
+        try:
+            launch, pod, relaunched = await self._store.relaunch(request.key, request.from_attempt)
+        except LookupError as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        if relaunched:
+            self._creator.submit(launch, pod)
+            get_logger(
+                task_key=podmeta.key_string(request.key).replace("\x1f", "/"),
+                pod=launch.pod_name,
+                attempt=launch.attempt,
+            ).info("relaunch accepted: the previous pod was lost before it ran")
+        return pb.RelaunchTaskResponse(launch=launch, relaunched=relaunched)
+
     async def WatchLaunchEvents(
         self, request: pb.WatchLaunchEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchLaunchEventsResponse]:

@@ -140,6 +140,49 @@ class LaunchStore:
             return launch
         return None
 
+    async def relaunch(
+        self, key: task_pb2.TaskKey, from_attempt: int
+    ) -> tuple[Launch, dict[str, object], bool]:
+        """Move a launch to attempt `from_attempt + 1` with a fresh pod, atomically, once.
+
+        Returns the launch, its pod, and whether this call made the new attempt. Raises LookupError
+        if the task was never launched, and ValueError if the launch failed or was cancelled."""
+        name = podmeta.key_string(key)
+
+        def write(conn: sqlite3.Connection) -> tuple[bytes, bytes, bool]:
+            row = conn.execute("SELECT launch, pod FROM launches WHERE key = ?", (name,)).fetchone()
+            if row is None:
+                raise LookupError("key: this task was never launched here")
+            launch = Launch.FromString(row[0])
+            if launch.state in (
+                launcher_service_pb2.LAUNCH_STATE_FAILED,
+                launcher_service_pb2.LAUNCH_STATE_CANCELLED,
+            ):
+                state = launcher_service_pb2.LaunchState.Name(launch.state)
+                raise ValueError(f"the launch is {state}: there is nothing to relaunch")
+            if launch.attempt != from_attempt:
+                return row[0], row[1], False
+            pod = orjson.loads(row[1])
+            attempt = from_attempt + 1
+            pod["metadata"]["name"] = podmeta.pod_name(key, attempt)
+            pod["metadata"]["annotations"][podmeta.ANNOTATION_LAUNCH_ATTEMPT] = str(attempt)
+            launch.attempt = attempt
+            launch.pod_name = pod["metadata"]["name"]
+            launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED
+            launch.ClearField("create_time")
+            blob, pod_json = launch.SerializeToString(), orjson.dumps(pod)
+            conn.execute(
+                "UPDATE launches SET launch = ?, pod = ?, state = ? WHERE key = ?",
+                (blob, pod_json, launch.state, name),
+            )
+            conn.execute("INSERT INTO launch_events(launch) VALUES (?)", (blob,))
+            return blob, pod_json, True
+
+        blob, pod_json, relaunched = await self.db.write(write)
+        if relaunched:
+            self._signal.notify()
+        return Launch.FromString(blob), orjson.loads(pod_json), relaunched
+
     def pending_count(self) -> int:
         row = self.db.reader.execute(
             "SELECT COUNT(*) FROM launches WHERE state = ?", (launcher_service_pb2.LAUNCH_STATE_ACCEPTED,)

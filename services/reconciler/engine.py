@@ -32,6 +32,7 @@ Launch = launcher_service_pb2.Launch
 SOURCE_LAUNCHER = "launcher"
 SOURCE_WATCHER = "watcher"
 _TERMINAL_CACHE = 20_000  # finished tasks kept in memory to answer late events without a read
+_TASK_DEADLINE = "task:"  # deadline handles for tasks (not pods): created, but never seen
 
 
 class UnknownTask(LookupError):
@@ -100,6 +101,8 @@ class Engine:
     batch_size: int = 1000
     queue_size: int = 20_000
     pending_timeout_s: float = 300.0
+    launch_failure_retries: int = 1
+    on_relaunch: Callable[[list[tuple[task_pb2.TaskKey, int]]], None] = lambda _: None
     stats: EngineStats = field(default_factory=EngineStats)
     _active: dict[str, Tracked] = field(default_factory=dict)
     _finished: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)
@@ -110,6 +113,7 @@ class Engine:
     _deadline_heap: list[tuple[float, str]] = field(default_factory=list)
     _deadline_added: asyncio.Event = field(default_factory=asyncio.Event)
     synced: asyncio.Event = field(default_factory=asyncio.Event)  # a watcher snapshot has been applied
+    _adopting: set[str] = field(default_factory=set)  # uids of pods being relabelled to this executor
 
     def __post_init__(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.queue_size)
@@ -141,6 +145,13 @@ class Engine:
         await self._queue.put(CancelItem(key, reason, done))
         return await done
 
+    def expect_adoption(self, pod_uid: str) -> None:
+        """The pod is about to be relabelled to us: its task is reported ADOPTED when it comes into view."""
+        self._adopting.add(pod_uid)
+
+    def forget_adoption(self, pod_uid: str) -> None:
+        self._adopting.discard(pod_uid)
+
     @property
     def active_tasks(self) -> int:
         return len(self._active)
@@ -166,6 +177,8 @@ class Engine:
                 if isinstance(item, CancelItem):
                     replies.append((item, reply))
             committed = await self.store.commit(batch) if batch else None
+            if batch.relaunches:
+                self.on_relaunch(batch.relaunches)
             self.stats.batches += 1
             self.stats.items += len(items)
             if committed is not None:
@@ -267,9 +280,26 @@ class Engine:
             launcher_service_pb2.LAUNCH_STATE_ACCEPTED: task_pb2.TASK_STATE_QUEUED,
             launcher_service_pb2.LAUNCH_STATE_FAILED: task_pb2.TASK_STATE_FAILED,
         }.get(launch.state)
+        if launch.attempt > tracked.task.launch_attempts:
+            # A relaunch: the task now waits for the new attempt's pod.
+            tracked.task.launch_attempts = launch.attempt
+            tracked.task.pod_name = launch.pod_name
+            tracked.pod_uid = ""
+            self._save(key, tracked, batch)
         if target is not None and moves_forward(tracked.task.state, target):
             failure = launch.failure if target == task_pb2.TASK_STATE_FAILED else None
             self._transition(key, tracked, target, batch, failure)
+        if (
+            launch.state == launcher_service_pb2.LAUNCH_STATE_CREATED
+            and not tracked.pod_uid
+            and launch.attempt == tracked.task.launch_attempts
+            and tracked.task.state not in TERMINAL
+        ):
+            # Created but not yet seen: if the watcher never reports it, the pod was lost unseen.
+            created = (
+                launch.create_time.ToNanoseconds() / 1e9 if launch.HasField("create_time") else time.time()
+            )
+            self._arm(_TASK_DEADLINE + key, created + self.pending_timeout_s, key)
 
     def _apply_pod(self, event: PodEvent, batch: Batch) -> None:
         kind = event.type
@@ -290,6 +320,11 @@ class Engine:
         if tracked is None:
             tracked = self._new_task(event.task_key, event.namespace, event.pod_name, event.launch_attempt)
         deleted = kind == watcher_service_pb2.POD_EVENT_TYPE_DELETED
+        if event.pod_uid in self._adopting and not deleted:
+            self._adopting.discard(event.pod_uid)
+            if tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
+                tracked.pod_uid = event.pod_uid
+                self._transition(key, tracked, task_pb2.TASK_STATE_ADOPTED, batch)
         if event.launch_attempt and event.launch_attempt < tracked.task.launch_attempts:
             # A pod of an earlier launch attempt: it no longer speaks for the task, it only goes away.
             if not deleted:
@@ -302,8 +337,9 @@ class Engine:
                 self._save(key, tracked, batch)
         decision = decide(tracked.task.state, event, self.policy)
         self._track_pending(key, tracked, event, deleted)
+        self._disarm(_TASK_DEADLINE + key)  # its pod is in view: the pod's own deadline applies now
         if decision.lost_before_start and tracked.task.state not in TERMINAL:
-            self._transition(key, tracked, task_pb2.TASK_STATE_UP_FOR_RESCHEDULE, batch, decision.failure)
+            self._lost(key, tracked, batch, decision.failure)
         elif decision.state is not None and moves_forward(tracked.task.state, decision.state):
             self._transition(key, tracked, decision.state, batch, decision.failure)
         if decision.action is not PodAction.NONE and not deleted and event.pod_uid:
@@ -311,7 +347,34 @@ class Engine:
                 PodActionRow(event.pod_uid, event.namespace, event.pod_name, decision.action.value)
             )
 
+    # ---- lost before start --------------------------------------------------------------------
+
+    def _lost(
+        self, key: str, tracked: Tracked, batch: Batch, failure: task_pb2.FailureDetails | None
+    ) -> None:
+        """The task's pod is gone and it never ran: relaunch it, or, out of budget, reschedule it."""
+        relaunched = tracked.task.launch_attempts - 1
+        if relaunched < self.launch_failure_retries:
+            batch.relaunches.append((tracked.task.key, tracked.task.launch_attempts))
+            tracked.pod_uid = ""
+            get_logger(component="engine", task_key=key.replace("\x1f", "/"), pod=tracked.task.pod_name).info(
+                "pod lost before it ran: relaunching",
+                attempt=tracked.task.launch_attempts + 1,
+                reason=failure.reason if failure is not None else "",
+            )
+            return
+        self._transition(key, tracked, task_pb2.TASK_STATE_UP_FOR_RESCHEDULE, batch, failure)
+
     # ---- pending timeout ---------------------------------------------------------------------
+
+    def _arm(self, handle: str, deadline: float, key: str) -> None:
+        if handle not in self._deadlines:
+            self._deadlines[handle] = (deadline, key)
+            heapq.heappush(self._deadline_heap, (deadline, handle))
+            self._deadline_added.set()
+
+    def _disarm(self, handle: str) -> None:
+        self._deadlines.pop(handle, None)  # its heap entry is skipped when it comes up
 
     def _track_pending(self, key: str, tracked: Tracked, event: PodEvent, deleted: bool) -> None:
         """Arm a deadline the first time a pod is seen Pending; disarm it when it moves on."""
@@ -320,13 +383,10 @@ class Engine:
             scheduled = next((c for c in event.conditions if c.type == "PodScheduled"), None)
             if scheduled is not None and scheduled.status == "False":
                 tracked.pending_note = f"{scheduled.reason}: {scheduled.message}"
-            if uid not in self._deadlines and event.HasField("creation_time"):
-                deadline = event.creation_time.ToNanoseconds() / 1e9 + self.pending_timeout_s
-                self._deadlines[uid] = (deadline, key)
-                heapq.heappush(self._deadline_heap, (deadline, uid))
-                self._deadline_added.set()
+            if event.HasField("creation_time"):
+                self._arm(uid, event.creation_time.ToNanoseconds() / 1e9 + self.pending_timeout_s, key)
         else:
-            self._deadlines.pop(uid, None)  # its heap entry is skipped when it comes up
+            self._disarm(uid)
 
     async def run_pending_timer(self) -> None:
         """Wake at the earliest deadline (never scanning all pods) and expire what is due."""
@@ -348,6 +408,14 @@ class Engine:
 
     def _expire_pending(self, item: PendingExpired, batch: Batch) -> None:
         tracked = self._lookup(item.key)
+        if item.pod_uid.startswith(_TASK_DEADLINE):
+            if tracked is not None and not tracked.pod_uid and tracked.task.state not in TERMINAL:
+                failure = task_pb2.FailureDetails(
+                    reason="PodLostBeforeStart",
+                    message=f"the pod was created but never seen within {self.pending_timeout_s:g}s",
+                )
+                self._lost(item.key, tracked, batch, failure)
+            return
         if tracked is None or tracked.pod_uid != item.pod_uid or tracked.task.state in TERMINAL:
             return
         if tracked.task.state == task_pb2.TASK_STATE_RUNNING:
@@ -379,7 +447,7 @@ class Engine:
                 failure = task_pb2.FailureDetails(
                     reason="PodLostBeforeStart", message="the pod disappeared before it started"
                 )
-                self._transition(key, tracked, task_pb2.TASK_STATE_UP_FOR_RESCHEDULE, batch, failure)
+                self._lost(key, tracked, batch, failure)
 
     def _apply_cancel(self, item: CancelItem, batch: Batch) -> tuple[task_pb2.Task, Tracked]:
         key = podmeta.key_string(item.key)

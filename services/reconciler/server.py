@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
 from services.reconciler.actions import PodActions
+from services.reconciler.adoption import Adopted, adopt
 from services.reconciler.engine import Engine, UnknownTask
+from services.reconciler.launcher_calls import LauncherCalls
 from services.reconciler.settings import ReconcilerSettings
 from services.reconciler.statemachine import Policy
 from services.reconciler.store import TaskStore, decode_page_token
@@ -17,24 +19,35 @@ from shepherd import podmeta
 from shepherd.errors import abort_invalid
 from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer, run
-from shepherd.kube import KubeClient, load_connection
+from shepherd.kube import ApiError, KubeClient, load_connection
 from shepherd.logging import configure, get_logger
-from shepherd.v1 import launcher_service_pb2, launcher_service_pb2_grpc
+from shepherd.v1 import launcher_service_pb2_grpc
 from shepherd.v1 import reconciler_service_pb2 as pb
 from shepherd.v1 import reconciler_service_pb2_grpc as pb_grpc
 from shepherd.validation import InvalidField, check_key, check_text
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReconcilerService"].full_name
 MAX_PAGE = 1000
+MAX_DEAD_EXECUTORS = 100
+MAX_TAIL_LINES = 10_000
 
 
 class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
     def __init__(
-        self, store: TaskStore, engine: Engine, launcher: launcher_service_pb2_grpc.LauncherServiceStub
+        self,
+        settings: ReconcilerSettings,
+        store: TaskStore,
+        engine: Engine,
+        launcher: LauncherCalls,
+        kube: KubeClient,
+        adopt: Callable[[list[str]], Awaitable[Adopted]],
     ):
+        self._settings = settings
         self._store = store
         self._engine = engine
         self._launcher = launcher
+        self._kube = kube
+        self._adopt = adopt
 
     async def WatchTaskStates(
         self, request: pb.WatchTaskStatesRequest, context: Context
@@ -86,23 +99,57 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         # Keep the pod from ever being created if it does not exist yet; a pod created anyway is
         # deleted when the watcher reports it, because its task is REVOKED.
-        try:
-            await self._launcher.CancelLaunch(
-                launcher_service_pb2.CancelLaunchRequest(key=request.key), timeout=5
-            )
-        except grpc.aio.AioRpcError as err:
-            get_logger(component="cancel").warning("launcher did not take the cancel", code=err.code().name)
+        await self._launcher.cancel(request.key)
         return pb.CancelTaskResponse(task=task)
 
     async def AdoptTasks(self, request: pb.AdoptTasksRequest, context: Context) -> pb.AdoptTasksResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "AdoptTasks is not implemented yet")
-        raise AssertionError("unreachable")
+        dead = list(request.dead_executor_ids)
+        try:
+            if not 1 <= len(dead) <= MAX_DEAD_EXECUTORS:
+                raise InvalidField("dead_executor_ids", f"must list 1 to {MAX_DEAD_EXECUTORS} executor ids")
+            for i, executor in enumerate(dead):
+                check_text(executor, f"dead_executor_ids[{i}]", max_len=63)
+                if executor == self._settings.executor_id:
+                    raise InvalidField(f"dead_executor_ids[{i}]", "is this executor's own id, which is alive")
+        except InvalidField as err:
+            await abort_invalid(context, err)
+        adopted = await self._adopt(dead)
+        return pb.AdoptTasksResponse(adopted=adopted.keys, cleaned_pods=adopted.cleaned_pods)
 
     async def GetTaskLogs(
         self, request: pb.GetTaskLogsRequest, context: Context
     ) -> AsyncIterator[pb.GetTaskLogsResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetTaskLogs is not implemented yet")
-        yield pb.GetTaskLogsResponse()
+        try:
+            check_key(request.key, present=request.HasField("key"))
+            if not 0 <= request.tail_lines <= MAX_TAIL_LINES:
+                raise InvalidField(
+                    "tail_lines", f"must be between 0 and {MAX_TAIL_LINES} (got {request.tail_lines})"
+                )
+        except InvalidField as err:
+            await abort_invalid(context, err)
+        row = self._store.get(podmeta.key_string(request.key))
+        if row is None or not row[0].pod_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with a pod for this key")
+        assert row is not None
+        task = row[0]
+        try:
+            async for chunk in self._kube.pod_log(
+                task.namespace,
+                task.pod_name,
+                container="base",
+                tail_lines=request.tail_lines or 100,
+                follow=request.follow,
+            ):
+                yield pb.GetTaskLogsResponse(data=chunk)
+        except ApiError as err:
+            if err.status == 404:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"pod {task.pod_name} is gone: {err.message}")
+            # The API server proxies logs from the node's kubelet; without one (kwok nodes) or with
+            # the pod not started, it answers with an error that says so.
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the log of pod {task.pod_name} is not available: {err.message}",
+            )
 
 
 async def serve(settings: ReconcilerSettings) -> None:
@@ -120,19 +167,34 @@ async def serve(settings: ReconcilerSettings) -> None:
         on_actions=actions.submit,
         batch_size=settings.batch_size,
         pending_timeout_s=settings.pending_timeout_s,
+        launch_failure_retries=settings.launch_failure_retries,
     )
     actions.submit(store.pending_actions())
     launcher_channel = grpc.aio.insecure_channel(settings.launcher_address)
-    launcher = launcher_service_pb2_grpc.LauncherServiceStub(launcher_channel)
+    launcher = LauncherCalls(launcher_service_pb2_grpc.LauncherServiceStub(launcher_channel))
+    engine.on_relaunch = launcher.relaunch
+
+    async def adopt_dead(dead: list[str]) -> Adopted:
+        return await adopt(
+            dead,
+            kube=kube,
+            engine=engine,
+            actions=actions,
+            policy=policy,
+            executor_id=settings.executor_id,
+            namespaces=settings.namespaces,
+        )
+
     server = GrpcServer(host=settings.host, port=settings.port, service_names=[SERVICE_NAME])
     pb_grpc.add_ReconcilerServiceServicer_to_server(
-        ReconcilerServicer(store, engine, launcher), server.server
+        ReconcilerServicer(settings, store, engine, launcher, kube, adopt_dead), server.server
     )
     await server.start()
     tasks = [
         asyncio.create_task(engine.run(), name="engine"),
         asyncio.create_task(engine.run_pending_timer(), name="pending-timer"),
         asyncio.create_task(actions.run(), name="pod-actions"),
+        asyncio.create_task(launcher.run(), name="launcher-calls"),
         asyncio.create_task(consume_launcher(settings.launcher_address, engine), name="launcher-stream"),
         asyncio.create_task(consume_watcher(settings.watcher_address, engine), name="watcher-stream"),
     ]
@@ -141,6 +203,8 @@ async def serve(settings: ReconcilerSettings) -> None:
         # Ready means in sync: the watcher's snapshot of current pods has been applied, so no
         # state a pod passes through from now on can be missed.
         await engine.synced.wait()
+        if settings.dead_executors:
+            await adopt_dead(settings.dead_executors)
         await server.set_serving(True)
         log.info("ready", active_tasks=engine.active_tasks, executor_id=settings.executor_id)
 

@@ -48,12 +48,28 @@ class ReconcilerSettings(ServiceSettings):
         le=7 * 24 * 3600,
         description="A worker pod still Pending this long after creation is deleted and its task FAILED.",
     )
+    launch_failure_retries: int = Field(
+        default=1,
+        ge=0,
+        le=100,
+        description="Relaunches of a task whose pod was lost before it ever ran (deleted or evicted while "
+        "Pending), before the task is reported UP_FOR_RESCHEDULE. They do not use a task retry.",
+    )
+    adopt_executor_ids: str = Field(
+        default="",
+        description="Comma-separated ids of executors known to be dead, whose pods are adopted at start "
+        "(the AdoptTasks RPC does the same at any time). Never list a live executor.",
+    )
     batch_size: int = Field(
         default=1000, ge=1, le=100_000, description="Events applied per transaction at most."
     )
     action_concurrency: int = Field(
         default=16, ge=1, le=512, description="Pod deletes/patches in flight at most."
     )
+
+    @property
+    def dead_executors(self) -> list[str]:
+        return [e.strip() for e in self.adopt_executor_ids.split(",") if e.strip()]
 
     @property
     def fatal_reasons(self) -> frozenset[str]:

@@ -64,6 +64,7 @@ class Batch:
     changes: list[task_pb2.TaskStateChange] = field(default_factory=list)
     actions: list[PodActionRow] = field(default_factory=list)
     cursors: dict[str, int] = field(default_factory=dict)
+    relaunches: list[tuple[task_pb2.TaskKey, int]] = field(default_factory=list)  # (key, lost attempt)
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.changes or self.actions or self.cursors)

@@ -399,6 +399,62 @@ class CancelLaunchResponse(_message.Message):
 Global___CancelLaunchResponse: _TypeAlias = CancelLaunchResponse  # noqa: Y015
 
 @_typing.final
+class RelaunchTaskRequest(_message.Message):
+    """RelaunchTaskRequest names the task and the attempt whose pod was lost."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    FROM_ATTEMPT_FIELD_NUMBER: _builtins.int
+    from_attempt: _builtins.int
+    """The launch attempt whose pod was lost (>= 1); the new pod gets attempt from_attempt + 1."""
+    @_builtins.property
+    def key(self) -> _task_pb2.TaskKey:
+        """The task try. Required."""
+
+    def __init__(
+        self,
+        *,
+        key: _task_pb2.TaskKey | None = ...,
+        from_attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_attempt", b"from_attempt", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelaunchTaskRequest: _TypeAlias = RelaunchTaskRequest  # noqa: Y015
+
+@_typing.final
+class RelaunchTaskResponse(_message.Message):
+    """RelaunchTaskResponse is the launch after the request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAUNCH_FIELD_NUMBER: _builtins.int
+    RELAUNCHED_FIELD_NUMBER: _builtins.int
+    relaunched: _builtins.bool
+    """True when this call made the new attempt; false when it had been made already."""
+    @_builtins.property
+    def launch(self) -> Global___Launch:
+        """The launch (with the new attempt when relaunched)."""
+
+    def __init__(
+        self,
+        *,
+        launch: Global___Launch | None = ...,
+        relaunched: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "relaunched", b"relaunched"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelaunchTaskResponse: _TypeAlias = RelaunchTaskResponse  # noqa: Y015
+
+@_typing.final
 class WatchLaunchEventsRequest(_message.Message):
     """WatchLaunchEventsRequest says where to resume."""
 

@@ -56,6 +56,11 @@ class LauncherServiceStub:
                 request_serializer=shepherd_dot_v1_dot_launcher__service__pb2.CancelLaunchRequest.SerializeToString,
                 response_deserializer=shepherd_dot_v1_dot_launcher__service__pb2.CancelLaunchResponse.FromString,
                 _registered_method=True)
+        self.RelaunchTask = channel.unary_unary(
+                '/shepherd.v1.LauncherService/RelaunchTask',
+                request_serializer=shepherd_dot_v1_dot_launcher__service__pb2.RelaunchTaskRequest.SerializeToString,
+                response_deserializer=shepherd_dot_v1_dot_launcher__service__pb2.RelaunchTaskResponse.FromString,
+                _registered_method=True)
         self.WatchLaunchEvents = channel.unary_stream(
                 '/shepherd.v1.LauncherService/WatchLaunchEvents',
                 request_serializer=shepherd_dot_v1_dot_launcher__service__pb2.WatchLaunchEventsRequest.SerializeToString,
@@ -104,6 +109,17 @@ class LauncherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RelaunchTask(self, request, context):
+        """RelaunchTask creates a new pod for a task whose pod was lost before it ever ran (deleted or
+        evicted while Pending), under the next attempt number, without the scheduler spending a try.
+        Idempotent: only a relaunch from the launch's current attempt makes a pod; a repeat returns the
+        launch as it is. Errors: INVALID_ARGUMENT (bad key, from_attempt < 1), NOT_FOUND (never
+        launched), FAILED_PRECONDITION (the launch failed or was cancelled).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchLaunchEvents(self, request, context):
         """WatchLaunchEvents streams every launch outcome (accepted, pod created, failed, cancelled)
         in order, resumable from a cursor. Errors: OUT_OF_RANGE (the cursor is newer than the log).
@@ -134,6 +150,11 @@ def add_LauncherServiceServicer_to_server(servicer, server):
                     servicer.CancelLaunch,
                     request_deserializer=shepherd_dot_v1_dot_launcher__service__pb2.CancelLaunchRequest.FromString,
                     response_serializer=shepherd_dot_v1_dot_launcher__service__pb2.CancelLaunchResponse.SerializeToString,
+            ),
+            'RelaunchTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RelaunchTask,
+                    request_deserializer=shepherd_dot_v1_dot_launcher__service__pb2.RelaunchTaskRequest.FromString,
+                    response_serializer=shepherd_dot_v1_dot_launcher__service__pb2.RelaunchTaskResponse.SerializeToString,
             ),
             'WatchLaunchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchLaunchEvents,
@@ -251,6 +272,33 @@ class LauncherService:
             '/shepherd.v1.LauncherService/CancelLaunch',
             shepherd_dot_v1_dot_launcher__service__pb2.CancelLaunchRequest.SerializeToString,
             shepherd_dot_v1_dot_launcher__service__pb2.CancelLaunchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelaunchTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shepherd.v1.LauncherService/RelaunchTask',
+            shepherd_dot_v1_dot_launcher__service__pb2.RelaunchTaskRequest.SerializeToString,
+            shepherd_dot_v1_dot_launcher__service__pb2.RelaunchTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

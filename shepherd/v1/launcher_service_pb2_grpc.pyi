@@ -55,6 +55,13 @@ class LauncherServiceStub:
     pods (the launcher may only create them); the reconciler's CancelTask does that.
     Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (never launched).
     """
+    RelaunchTask: _grpc.UnaryUnaryMultiCallable[_launcher_service_pb2.RelaunchTaskRequest, _launcher_service_pb2.RelaunchTaskResponse]
+    """RelaunchTask creates a new pod for a task whose pod was lost before it ever ran (deleted or
+    evicted while Pending), under the next attempt number, without the scheduler spending a try.
+    Idempotent: only a relaunch from the launch's current attempt makes a pod; a repeat returns the
+    launch as it is. Errors: INVALID_ARGUMENT (bad key, from_attempt < 1), NOT_FOUND (never
+    launched), FAILED_PRECONDITION (the launch failed or was cancelled).
+    """
     WatchLaunchEvents: _grpc.UnaryStreamMultiCallable[_launcher_service_pb2.WatchLaunchEventsRequest, _launcher_service_pb2.WatchLaunchEventsResponse]
     """WatchLaunchEvents streams every launch outcome (accepted, pod created, failed, cancelled)
     in order, resumable from a cursor. Errors: OUT_OF_RANGE (the cursor is newer than the log).
@@ -86,6 +93,13 @@ class LauncherServiceAsyncStub(LauncherServiceStub):
     """CancelLaunch stops a pod from being created if it does not exist yet. It does not delete
     pods (the launcher may only create them); the reconciler's CancelTask does that.
     Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (never launched).
+    """
+    RelaunchTask: _aio.UnaryUnaryMultiCallable[_launcher_service_pb2.RelaunchTaskRequest, _launcher_service_pb2.RelaunchTaskResponse]  # type: ignore[assignment]
+    """RelaunchTask creates a new pod for a task whose pod was lost before it ever ran (deleted or
+    evicted while Pending), under the next attempt number, without the scheduler spending a try.
+    Idempotent: only a relaunch from the launch's current attempt makes a pod; a repeat returns the
+    launch as it is. Errors: INVALID_ARGUMENT (bad key, from_attempt < 1), NOT_FOUND (never
+    launched), FAILED_PRECONDITION (the launch failed or was cancelled).
     """
     WatchLaunchEvents: _aio.UnaryStreamMultiCallable[_launcher_service_pb2.WatchLaunchEventsRequest, _launcher_service_pb2.WatchLaunchEventsResponse]  # type: ignore[assignment]
     """WatchLaunchEvents streams every launch outcome (accepted, pod created, failed, cancelled)
@@ -139,6 +153,19 @@ class LauncherServiceServicer(metaclass=_abc_1.ABCMeta):
         """CancelLaunch stops a pod from being created if it does not exist yet. It does not delete
         pods (the launcher may only create them); the reconciler's CancelTask does that.
         Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (never launched).
+        """
+
+    @_abc_1.abstractmethod
+    def RelaunchTask(
+        self,
+        request: _launcher_service_pb2.RelaunchTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_launcher_service_pb2.RelaunchTaskResponse, _abc.Awaitable[_launcher_service_pb2.RelaunchTaskResponse]]:
+        """RelaunchTask creates a new pod for a task whose pod was lost before it ever ran (deleted or
+        evicted while Pending), under the next attempt number, without the scheduler spending a try.
+        Idempotent: only a relaunch from the launch's current attempt makes a pod; a repeat returns the
+        launch as it is. Errors: INVALID_ARGUMENT (bad key, from_attempt < 1), NOT_FOUND (never
+        launched), FAILED_PRECONDITION (the launch failed or was cancelled).
         """
 
     @_abc_1.abstractmethod

@@ -53,7 +53,7 @@ async def test_an_image_pull_error_fails_the_task_without_waiting(client: Schedu
 async def test_an_unschedulable_pod_times_out_pending_and_says_why(client: SchedulerClient) -> None:
     key = task_key(task_id=unique_name("unsched"))
     await client.launch(
-        key, override="spec: {containers: [{name: base, resources: {requests: {cpu: '5000'}}}]}"
+        key, override="spec: {containers: [{name: base, resources: {requests: {cpu: '100000'}}}]}"
     )
     task = await client.final(key, timeout=60)
     assert task.state == S.TASK_STATE_FAILED

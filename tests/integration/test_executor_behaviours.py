@@ -1,0 +1,178 @@
+"""The executor behaviours users rely on, each shown with real pods: relaunch of pods lost before
+they ran, cancel (also before the pod exists), failure details of init containers, task logs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controlplane import ClusterInfo
+from controlplane.stack import ServiceStack
+from shepherd import podmeta
+from shepherd.errors import field_violation
+from shepherd.v1 import launcher_service_pb2 as lpb
+from shepherd.v1 import reconciler_service_pb2 as rpb
+from shepherd.v1 import task_pb2
+from tests.helpers import core_api, eventually, task_key, unique_name
+from tests.helpers.cluster import unreachable_kubeconfig
+from tests.helpers.scheduler import SchedulerClient
+
+pytestmark = pytest.mark.integration
+S = task_pb2
+
+
+def delete_pod_of(cluster: ClusterInfo, key: task_pb2.TaskKey, attempt: int) -> None:
+    admin = core_api(cluster.admin_kubeconfig)
+    name = podmeta.pod_name(key, attempt)
+    eventually(
+        lambda: admin.list_namespaced_pod(cluster.namespace, field_selector=f"metadata.name={name}").items,
+        what=f"pod {name} to exist",
+    )
+    admin.delete_namespaced_pod(name, cluster.namespace)
+
+
+async def test_a_pod_deleted_before_it_ran_is_relaunched_without_using_a_try(
+    client: SchedulerClient, cluster: ClusterInfo
+) -> None:
+    key = task_key(task_id=unique_name("relaunch"))
+    await client.launch(
+        key, annotations={"sim.shepherd.dev/start-delay": "3s", "sim.shepherd.dev/run-time": "200ms"}
+    )
+    await client.reached(key, S.TASK_STATE_QUEUED)
+    delete_pod_of(cluster, key, attempt=1)
+    task = await client.final(key)
+    assert task.state == S.TASK_STATE_SUCCEEDED
+    assert task.launch_attempts == 2
+    assert task.key.try_number == 1  # no task retry was spent
+    assert client.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
+
+
+async def test_a_task_losing_its_pod_twice_is_up_for_reschedule(
+    client: SchedulerClient, cluster: ClusterInfo
+) -> None:
+    key = task_key(task_id=unique_name("lost"))
+    await client.launch(key, annotations={"sim.shepherd.dev/start-delay": "60s"})
+    delete_pod_of(cluster, key, attempt=1)
+    delete_pod_of(cluster, key, attempt=2)  # the relaunch budget (1) is spent
+    task = await client.final(key)
+    assert task.state == S.TASK_STATE_UP_FOR_RESCHEDULE
+    assert task.failure.reason == "PodLostBeforeStart"
+
+
+async def test_a_running_pod_that_is_deleted_fails_its_task(
+    client: SchedulerClient, cluster: ClusterInfo
+) -> None:
+    key = task_key(task_id=unique_name("killed"))
+    await client.launch(key, annotations={"sim.shepherd.dev/outcome": "run-forever"})
+    await client.reached(key, S.TASK_STATE_RUNNING)
+    delete_pod_of(cluster, key, attempt=1)
+    task = await client.final(key)
+    assert (task.state, task.failure.reason) == (S.TASK_STATE_FAILED, "DeletedWhileRunning")
+
+
+async def test_cancel_revokes_a_running_task_and_deletes_its_pod(
+    client: SchedulerClient, cluster: ClusterInfo
+) -> None:
+    key = task_key(task_id=unique_name("cancel"))
+    await client.launch(key, annotations={"sim.shepherd.dev/outcome": "run-forever"})
+    await client.reached(key, S.TASK_STATE_RUNNING)
+    reply = await client.reconciler.CancelTask(rpb.CancelTaskRequest(key=key, reason="user asked"))
+    assert reply.task.state == S.TASK_STATE_REVOKED
+    admin = core_api(cluster.admin_kubeconfig)
+    name = podmeta.pod_name(key)
+    eventually(
+        lambda: (
+            not admin.list_namespaced_pod(cluster.namespace, field_selector=f"metadata.name={name}").items
+        ),
+        what="the cancelled task's pod to be deleted",
+    )
+    assert client.states(key)[-1] == S.TASK_STATE_REVOKED
+    again = await client.reconciler.CancelTask(rpb.CancelTaskRequest(key=key))
+    assert again.task.state == S.TASK_STATE_REVOKED  # cancelling twice changes nothing
+
+
+async def test_a_cancel_before_the_pod_exists_prevents_its_creation(
+    cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    stack = ServiceStack(
+        cluster,
+        tmp_path,
+        executor_id=f"precancel-{unique_name('x')[-6:]}",
+        flags={
+            "launcher": ["--kubeconfig", unreachable_kubeconfig(cluster.kubeconfigs["launcher"], tmp_path)]
+        },
+    )
+    stack.start()
+    try:
+        async with SchedulerClient.connect(stack) as client:
+            doomed = task_key(task_id=unique_name("doomed"))
+            await client.launch(doomed)
+            await client.reached(doomed, S.TASK_STATE_QUEUED)
+            reply = await client.reconciler.CancelTask(rpb.CancelTaskRequest(key=doomed))
+            assert reply.task.state == S.TASK_STATE_REVOKED
+            launch = (await client.launcher.GetLaunch(lpb.GetLaunchRequest(key=doomed))).launch
+            assert launch.state == lpb.LAUNCH_STATE_CANCELLED
+        stack.stop("launcher")
+        stack.flags["launcher"] = ["--kubeconfig", cluster.kubeconfigs["launcher"]]
+        stack.start(("launcher",))
+        async with SchedulerClient.connect(stack) as client:
+            later = task_key(task_id=unique_name("later"))
+            await client.launch(later, annotations={"sim.shepherd.dev/run-time": "200ms"})
+            assert (await client.final(later)).state == S.TASK_STATE_SUCCEEDED
+        admin = core_api(cluster.admin_kubeconfig)
+        assert not admin.list_namespaced_pod(
+            cluster.namespace, field_selector=f"metadata.name={podmeta.pod_name(doomed)}"
+        ).items
+    finally:
+        stack.stop_all()
+
+
+async def test_an_init_container_failure_is_reported_as_such(client: SchedulerClient) -> None:
+    key = task_key(task_id=unique_name("init"))
+    override = (
+        "metadata: {annotations: {sim.shepherd.dev/outcome: init-fail, sim.shepherd.dev/exit-code: '9'}}\n"
+        "spec: {initContainers: [{name: fetch-data, image: busybox}]}"
+    )
+    await client.launch(key, override=override)
+    task = await client.final(key)
+    assert task.state == S.TASK_STATE_FAILED
+    container = task.failure.container
+    assert (container.name, container.kind, container.exit_code) == ("fetch-data", S.CONTAINER_KIND_INIT, 9)
+    assert "init container 'fetch-data' exited with code 9" in task.failure.message
+
+
+async def test_task_logs_on_kwok_nodes_fail_with_a_clear_reason(client: SchedulerClient) -> None:
+    key = task_key(task_id=unique_name("logs"))
+    await client.launch(key, annotations={"sim.shepherd.dev/outcome": "run-forever"})
+    await client.reached(key, S.TASK_STATE_RUNNING)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in client.reconciler.GetTaskLogs(rpb.GetTaskLogsRequest(key=key, tail_lines=10)):
+            pass
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not available" in (err.value.details() or "")
+    await client.reconciler.CancelTask(rpb.CancelTaskRequest(key=key))
+
+
+async def test_task_logs_validate_their_request(client: SchedulerClient) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in client.reconciler.GetTaskLogs(rpb.GetTaskLogsRequest(key=task_key(), tail_lines=-5)):
+            pass
+    assert (err.value.code(), field_violation(err.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "tail_lines")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in client.reconciler.GetTaskLogs(
+            rpb.GetTaskLogsRequest(key=task_key(task_id=unique_name("x")))
+        ):
+            pass
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_many_tasks_settle_with_no_pod_deleted_twice(client: SchedulerClient) -> None:
+    keys = [task_key(task_id=unique_name(f"many{i}")) for i in range(40)]
+    await asyncio.gather(
+        *(client.launch(k, annotations={"sim.shepherd.dev/run-time": "300ms"}) for k in keys)
+    )
+    tasks = await asyncio.gather(*(client.final(k) for k in keys))
+    assert {t.state for t in tasks} == {S.TASK_STATE_SUCCEEDED}
