@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from shepherd.logging import get_logger
+
 T = TypeVar("T")
+_SLOW_COMMIT_S = 0.1
 Synchronous = Literal["OFF", "NORMAL", "FULL"]
 
 
@@ -63,7 +67,13 @@ class Database:
             batch, self._pending = self._pending, []
             if not batch:
                 continue
+            started = time.monotonic()
             results = await loop.run_in_executor(self._executor, self._run_batch, [fn for fn, _ in batch])
+            elapsed = time.monotonic() - started
+            if elapsed > _SLOW_COMMIT_S:
+                get_logger(component="sqlite", path=self.path).warning(
+                    "slow commit", seconds=round(elapsed, 3), writes=len(batch)
+                )
             for (_, future), (ok, value) in zip(batch, results, strict=True):
                 if future.done():
                     continue
