@@ -126,6 +126,11 @@ class Cluster:
                     "--event-ttl=30m",
                     f"--cert-dir={self.pki_dir}",
                     *([] if s.pods_watch_cache else ["--watch-cache-sizes=pods#0"]),
+                    # Every pod delete is recorded, so tests can count delete calls per pod.
+                    f"--audit-policy-file={self._audit_policy()}",
+                    f"--audit-log-path={self.audit_log}",
+                    "--audit-log-format=json",
+                    "--audit-log-maxsize=200",
                 ],
                 s.apiserver_port,
             ),
@@ -190,6 +195,12 @@ class Cluster:
             check=True,
         )
         return revision
+
+    def restart(self, name: str) -> None:
+        """Restart one daemon (e.g. "kube-apiserver") in place and wait until it is ready again."""
+        self.supervisor.restart(name)
+        ready = {"kube-apiserver": self._apiserver_ready, "etcd": self._etcd_ready}.get(name, lambda: True)
+        self._wait(name, ready, daemon=name)
 
     def down(self) -> None:
         """Stop every process of this cluster and remove its state (the build cache stays)."""
@@ -279,6 +290,29 @@ class Cluster:
         }
         path = s.state_dir / "etcd.yaml"
         path.write_text(yaml.safe_dump(config))
+        return path
+
+    @property
+    def audit_log(self) -> Path:
+        """JSON lines, one per completed pod delete request (who, which pod, what answer)."""
+        return self.settings.state_dir / "logs" / "audit.log"
+
+    def _audit_policy(self) -> Path:
+        policy = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [
+                {
+                    "level": "Metadata",
+                    "verbs": ["delete", "deletecollection"],
+                    "resources": [{"group": "", "resources": ["pods"]}],
+                },
+                {"level": "None"},
+            ],
+        }
+        path = self.settings.state_dir / "audit-policy.yaml"
+        path.write_text(yaml.safe_dump(policy))
         return path
 
     def _etcd_ready(self) -> bool:

@@ -9,6 +9,7 @@ of a crashed earlier run are found and stopped even when their pid files are gon
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -102,7 +103,21 @@ class Supervisor:
         log.close()
         self._children[daemon.name] = proc
         self._pidfile(daemon.name).write_text(str(proc.pid))
+        (self.run_dir / f"{daemon.name}.json").write_text(
+            json.dumps({"argv": list(daemon.argv), "port": daemon.port})
+        )
         return proc.pid
+
+    def restart(self, name: str, timeout: float = 15.0) -> int:
+        """Stop one daemon and start it again with the command line it was started with."""
+        spec = json.loads((self.run_dir / f"{name}.json").read_text())
+        pid = self.pid(name)
+        if pid is not None:
+            _terminate([pid], timeout)
+        deadline = time.monotonic() + timeout
+        while not port_is_free(spec["port"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.start(Daemon(name, spec["argv"], spec["port"]))
 
     def exited_early(self, name: str) -> str | None:
         """If the daemon already died, the tail of its log, so start-up can explain why."""

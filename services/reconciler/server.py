@@ -15,6 +15,7 @@ from services.reconciler.settings import ReconcilerSettings
 from services.reconciler.statemachine import Policy
 from services.reconciler.store import TaskStore, decode_page_token
 from services.reconciler.streams import consume_launcher, consume_watcher
+from services.reconciler.sweep import sweep_pending
 from shepherd import podmeta
 from shepherd.errors import abort_invalid
 from shepherd.eventlog import CursorOutOfRange, follow
@@ -195,6 +196,18 @@ async def serve(settings: ReconcilerSettings) -> None:
         asyncio.create_task(engine.run_pending_timer(), name="pending-timer"),
         asyncio.create_task(actions.run(), name="pod-actions"),
         asyncio.create_task(launcher.run(), name="launcher-calls"),
+        asyncio.create_task(
+            sweep_pending(
+                kube,
+                engine,
+                executor_id=settings.executor_id,
+                namespaces=settings.namespaces,
+                timeout_s=settings.pending_timeout_s,
+                interval_s=settings.pending_check_interval_s,
+                batch=settings.pending_check_batch_size,
+            ),
+            name="pending-sweep",
+        ),
         asyncio.create_task(consume_launcher(settings.launcher_address, engine), name="launcher-stream"),
         asyncio.create_task(consume_watcher(settings.watcher_address, engine), name="watcher-stream"),
     ]

@@ -48,6 +48,15 @@ class ReconcilerSettings(ServiceSettings):
         le=7 * 24 * 3600,
         description="A worker pod still Pending this long after creation is deleted and its task FAILED.",
     )
+    pending_check_interval_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=24 * 3600,
+        description="How often the safety sweep lists Pending pods to catch a timeout the watch missed.",
+    )
+    pending_check_batch_size: int = Field(
+        default=100, ge=1, le=5000, description="Pending pods the safety sweep lists per tick (one page)."
+    )
     launch_failure_retries: int = Field(
         default=1,
         ge=0,

@@ -18,11 +18,11 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.watcher.events import pod_event
 from shepherd.eventlog import MemoryLog
 from shepherd.kube import KubeClient, WatchExpired, is_transient
 from shepherd.kube.client import sleep_backoff
 from shepherd.logging import get_logger
+from shepherd.podevents import pod_event
 from shepherd.v1 import watcher_service_pb2
 
 PodEvent = watcher_service_pb2.PodEvent

@@ -71,9 +71,17 @@ class KubeClient:
         await self._request("POST", _pods_path(namespace), body=orjson.dumps(pod))
 
     async def list_pods(
-        self, namespace: str | None, *, label_selector: str = "", limit: int = 500, continue_token: str = ""
+        self,
+        namespace: str | None,
+        *,
+        label_selector: str = "",
+        field_selector: str = "",
+        limit: int = 500,
+        continue_token: str = "",
     ) -> dict[str, Any]:
         params = {"labelSelector": label_selector, "limit": str(limit)}
+        if field_selector:
+            params["fieldSelector"] = field_selector
         if continue_token:
             params["continue"] = continue_token
         page: dict[str, Any] = await self.get_json(_pods_path(namespace), params)

@@ -32,6 +32,7 @@ class SchedulerClient:
     launcher: launcher_service_pb2_grpc.LauncherServiceStub
     reconciler: reconciler_service_pb2_grpc.ReconcilerServiceStub
     changes: dict[str, list[task_pb2.TaskStateChange]] = field(default_factory=dict)
+    reconnects: int = 0
     _updated: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -53,11 +54,19 @@ class SchedulerClient:
                 await asyncio.gather(follower, return_exceptions=True)
 
     async def _follow(self) -> None:
-        request = reconciler_service_pb2.WatchTaskStatesRequest(after_cursor=0)
-        async for response in self.reconciler.WatchTaskStates(request):
-            key = podmeta.key_string(response.change.task.key)
-            self.changes.setdefault(key, []).append(response.change)
-            self._updated.set()
+        """Follow every transition; like a real scheduler, reconnect after the last cursor seen."""
+        cursor = 0
+        while True:
+            try:
+                request = reconciler_service_pb2.WatchTaskStatesRequest(after_cursor=cursor)
+                async for response in self.reconciler.WatchTaskStates(request):
+                    cursor = response.change.cursor
+                    key = podmeta.key_string(response.change.task.key)
+                    self.changes.setdefault(key, []).append(response.change)
+                    self._updated.set()
+            except grpc.aio.AioRpcError:
+                self.reconnects += 1
+                await asyncio.sleep(0.2)
 
     async def launch(
         self,

@@ -176,3 +176,46 @@ async def test_many_tasks_settle_with_no_pod_deleted_twice(client: SchedulerClie
     )
     tasks = await asyncio.gather(*(client.final(k) for k in keys))
     assert {t.state for t in tasks} == {S.TASK_STATE_SUCCEEDED}
+
+
+async def test_the_safety_sweep_times_out_pending_pods_the_watch_never_reported(
+    cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    from controlplane.stack import free_port
+
+    stack = ServiceStack(
+        cluster,
+        tmp_path,
+        executor_id=f"sweep-{unique_name('x')[-6:]}",
+        flags={
+            "reconciler": [
+                "--watcher-address",
+                f"127.0.0.1:{free_port()}",  # no watcher: no pod event ever arrives
+                "--pending-timeout-s",
+                "3",
+                "--pending-check-interval-s",
+                "1",
+            ]
+        },
+    )
+    stack.start(("launcher",))
+    stack.start(("reconciler",), wait=False)  # never ready without its watcher, but it works
+    try:
+        async with SchedulerClient.connect(stack) as client:
+            key = task_key(task_id=unique_name("swept"))
+            await client.launch(
+                key, override="spec: {containers: [{name: base, resources: {requests: {cpu: '100000'}}}]}"
+            )
+            task = await client.final(key)
+        assert (task.state, task.failure.reason) == (S.TASK_STATE_FAILED, "PendingTimeout")
+        admin = core_api(cluster.admin_kubeconfig)
+        eventually(
+            lambda: (
+                not admin.list_namespaced_pod(
+                    cluster.namespace, field_selector=f"metadata.name={podmeta.pod_name(key)}"
+                ).items
+            ),
+            what="the swept pod to be deleted",
+        )
+    finally:
+        stack.stop_all()

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from services.watcher.events import pod_event
 from shepherd import podmeta
 from shepherd.eventlog import CursorOutOfRange, MemoryLog
+from shepherd.podevents import pod_event
 from shepherd.v1 import task_pb2, watcher_service_pb2
 from tests.helpers import task_key
 

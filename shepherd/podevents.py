@@ -1,4 +1,5 @@
-"""Pure conversion of a raw pod (the API server's JSON, parsed with orjson) into a PodEvent.
+"""Pure conversion of a raw pod (the API server's JSON, parsed with orjson) into a PodEvent: the
+watcher streams them, and the reconciler's safety sweep turns listed pods into them too.
 
 No Kubernetes client models: a watch event is a dict and only the fields the reconciler needs
 are read. Everything here is a function of its input, so it is unit-tested with canned pods.
