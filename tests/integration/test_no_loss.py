@@ -24,8 +24,11 @@ S = task_pb2
 TASKS = 1000
 
 
-def deletes_by_pod(audit_log: Path, pods: set[str]) -> Counter[str]:
-    """Completed delete calls per pod, from the API server's audit log."""
+RECONCILER = "system:serviceaccount:shepherd:reconciler"
+
+
+def deletes_by_pod(audit_log: Path, pods: set[str], user: str = RECONCILER) -> Counter[str]:
+    """Delete calls per pod made by `user`, from the API server's audit log."""
     counts: Counter[str] = Counter()
     for line in audit_log.read_text().splitlines():
         entry = json.loads(line)
@@ -33,6 +36,7 @@ def deletes_by_pod(audit_log: Path, pods: set[str]) -> Counter[str]:
         if (
             entry.get("verb") == "delete"
             and entry.get("stage") == "ResponseComplete"
+            and entry.get("user", {}).get("username") == user
             and ref.get("name") in pods
         ):
             counts[ref["name"]] += 1
@@ -84,25 +88,34 @@ async def test_restarting_every_part_mid_run_loses_and_duplicates_nothing(
     assert states[S.TASK_STATE_SUCCEEDED] == TASKS - len(fail)
 
 
-async def test_every_finished_pod_gets_exactly_one_delete_call(
-    client: SchedulerClient, stack: ServiceStack
-) -> None:
+async def test_every_finished_pod_gets_exactly_one_delete_call(cluster: ClusterInfo, tmp_path: Path) -> None:
+    stack = ServiceStack(
+        cluster, tmp_path, executor_id=f"deletes-{unique_name('x')[-6:]}"
+    )  # default timeouts
+    stack.start()
     run = unique_name("deletes")
     keys = [task_key(dag_id="deletes", task_id=f"t{i}", run_id=run) for i in range(TASKS)]
     failing = set(range(0, TASKS, 4))  # failed pods are kept (marked done): they need no delete
+    try:
+        async with SchedulerClient.connect(stack) as client:
 
-    async def launch(i: int) -> None:
-        annotations = {"sim.shepherd.dev/run-time": "500ms"}
-        if i in failing:
-            annotations["sim.shepherd.dev/outcome"] = "fail"
-        await client.launch(keys[i], annotations=annotations)
+            async def launch(i: int) -> None:
+                annotations = {"sim.shepherd.dev/run-time": "500ms"}
+                if i in failing:
+                    annotations["sim.shepherd.dev/outcome"] = "fail"
+                await client.launch(keys[i], annotations=annotations)
 
-    for start in range(0, TASKS, 100):
-        await asyncio.gather(*(launch(i) for i in range(start, min(TASKS, start + 100))))
-    await asyncio.gather(*(client.final(k, timeout=240) for k in keys))
-    await asyncio.sleep(3)  # deletes are issued after the transition is committed
-    pods = {podmeta.pod_name(k) for k in keys}
-    deletes = deletes_by_pod(Cluster().audit_log, pods)
+            for start in range(0, TASKS, 100):
+                await asyncio.gather(*(launch(i) for i in range(start, min(TASKS, start + 100))))
+            tasks = await asyncio.gather(*(client.final(k, timeout=240) for k in keys))
+            await asyncio.sleep(3)  # deletes are issued after the transition is committed
+    finally:
+        stack.stop_all()
+    assert Counter(t.state for t in tasks) == {
+        S.TASK_STATE_SUCCEEDED: TASKS - len(failing),
+        S.TASK_STATE_FAILED: len(failing),
+    }
+    deletes = deletes_by_pod(Cluster().audit_log, {podmeta.pod_name(k) for k in keys})
     succeeded = {podmeta.pod_name(keys[i]) for i in range(TASKS) if i not in failing}
     assert set(deletes) == succeeded
     assert set(deletes.values()) == {1}
