@@ -181,19 +181,14 @@ class Cluster:
         returns that revision. Watches older than it then end with 410 Gone."""
         endpoint = f"--endpoints=http://127.0.0.1:{self.settings.etcd_client_port}"
         etcdctl = str(self.settings.bin_dir / "etcdctl")
+        timeouts = {"capture_output": True, "text": True, "check": True, "timeout": 30}
         status = subprocess.run(
-            [etcdctl, endpoint, "endpoint", "status", "-w", "json"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+            [etcdctl, endpoint, "--command-timeout=10s", "endpoint", "status", "-w", "json"], **timeouts
+        )  # type: ignore[call-overload]
         revision = int(json.loads(status.stdout)[0]["Status"]["header"]["revision"])
         subprocess.run(
-            [etcdctl, endpoint, "compact", str(revision), "--physical"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+            [etcdctl, endpoint, "--command-timeout=10s", "compact", str(revision), "--physical"], **timeouts
+        )  # type: ignore[call-overload]
         return revision
 
     def restart(self, name: str) -> None:

@@ -75,7 +75,15 @@ class PendingExpired:
     pod_uid: str
 
 
-Item = LaunchItem | PodItem | SnapshotStart | CancelItem | PendingExpired
+@dataclass(frozen=True)
+class RelaunchRefused:
+    """The launcher cannot relaunch a task whose pod was lost: it is rescheduled instead."""
+
+    key: task_pb2.TaskKey
+    why: str
+
+
+Item = LaunchItem | PodItem | SnapshotStart | CancelItem | PendingExpired | RelaunchRefused
 
 
 @dataclass
@@ -140,6 +148,9 @@ class Engine:
         """The watcher cannot resume our cursor (it restarted): the next connection asks for a snapshot."""
         self._last[SOURCE_WATCHER] = 0
 
+    async def relaunch_refused(self, key: task_pb2.TaskKey, why: str) -> None:
+        await self._queue.put(RelaunchRefused(key, why))
+
     async def cancel(self, key: task_pb2.TaskKey, reason: str) -> tuple[task_pb2.Task, Tracked]:
         done: asyncio.Future[tuple[task_pb2.Task, Tracked]] = asyncio.get_running_loop().create_future()
         await self._queue.put(CancelItem(key, reason, done))
@@ -201,6 +212,15 @@ class Engine:
             self._snapshot_seen = set()
         elif isinstance(item, PendingExpired):
             self._expire_pending(item, batch)
+        elif isinstance(item, RelaunchRefused):
+            key = podmeta.key_string(item.key)
+            tracked = self._lookup(key)
+            if tracked is not None and tracked.task.state not in TERMINAL and not tracked.pod_uid:
+                failure = task_pb2.FailureDetails(
+                    reason="PodLostBeforeStart",
+                    message=f"the pod was lost and cannot be relaunched: {item.why}",
+                )
+                self._transition(key, tracked, task_pb2.TASK_STATE_UP_FOR_RESCHEDULE, batch, failure)
         else:
             return self._apply_cancel(item, batch)
         return None
@@ -325,6 +345,12 @@ class Engine:
             if tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
                 tracked.pod_uid = event.pod_uid
                 self._transition(key, tracked, task_pb2.TASK_STATE_ADOPTED, batch)
+        if (
+            event.launch_attempt > tracked.task.launch_attempts
+            and tracked.task.state != task_pb2.TASK_STATE_UNSPECIFIED
+        ):
+            # The watcher can be ahead of the launcher's stream: this pod proves the new attempt exists.
+            tracked.task.launch_attempts = event.launch_attempt
         if event.launch_attempt and event.launch_attempt < tracked.task.launch_attempts:
             # A pod of an earlier launch attempt: it no longer speaks for the task, it only goes away.
             if not deleted:

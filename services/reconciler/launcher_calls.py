@@ -8,6 +8,7 @@ before its call lands, the task's lost pod is noticed again after the restart an
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,6 +28,8 @@ _PERMANENT = {
 @dataclass
 class LauncherCalls:
     stub: launcher_service_pb2_grpc.LauncherServiceStub
+    # Called when the launcher cannot relaunch (e.g. an adopted task it never launched).
+    on_refused: Callable[[task_pb2.TaskKey, str], Awaitable[None]] | None = None
     _relaunches: asyncio.Queue[tuple[task_pb2.TaskKey, int]] = field(default_factory=asyncio.Queue)
 
     def relaunch(self, requests: list[tuple[task_pb2.TaskKey, int]]) -> None:
@@ -59,6 +62,8 @@ class LauncherCalls:
                 except grpc.aio.AioRpcError as err:
                     if err.code() in _PERMANENT:
                         log.warning("relaunch refused", code=err.code().name, details=err.details())
+                        if self.on_refused is not None:
+                            await self.on_refused(key, err.details() or err.code().name)
                         break
                     failures += 1
                     await sleep_backoff(failures, cap_s=10.0)

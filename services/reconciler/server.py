@@ -174,6 +174,7 @@ async def serve(settings: ReconcilerSettings) -> None:
     launcher_channel = grpc.aio.insecure_channel(settings.launcher_address)
     launcher = LauncherCalls(launcher_service_pb2_grpc.LauncherServiceStub(launcher_channel))
     engine.on_relaunch = launcher.relaunch
+    launcher.on_refused = engine.relaunch_refused
 
     async def adopt_dead(dead: list[str]) -> Adopted:
         return await adopt(

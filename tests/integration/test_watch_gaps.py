@@ -78,9 +78,11 @@ async def test_a_410_gap_is_rebuilt_from_a_relist_including_vanished_pods(
             os.kill(watcher.pid, signal.SIGSTOP)  # the watcher stops reading; its watch times out server-side
             try:
                 await asyncio.sleep(WATCH_TIMEOUT_S + 3)
-                admin.delete_namespaced_pod("pod-a", ns, grace_period_seconds=0)
-                admin.patch_namespaced_pod("pod-b", ns, {"metadata": {"labels": {"changed": "during-gap"}}})
-                admin.create_namespaced_pod(ns, executor_pod(executor, "pod-c"))
+                admin.delete_namespaced_pod("pod-a", ns, grace_period_seconds=0, _request_timeout=30)
+                admin.patch_namespaced_pod(
+                    "pod-b", ns, {"metadata": {"labels": {"changed": "during-gap"}}}, _request_timeout=30
+                )
+                admin.create_namespaced_pod(ns, executor_pod(executor, "pod-c"), _request_timeout=30)
                 spare.compact_etcd()  # the watcher's last resourceVersion is now history: 410 Gone
             finally:
                 os.kill(watcher.pid, signal.SIGCONT)

@@ -23,12 +23,14 @@ S = task_pb2
 class Harness:
     def __init__(self, store: TaskStore, *, pending_timeout_s: float) -> None:
         self.actions: list[PodActionRow] = []
+        self.relaunches: list[tuple[task_pb2.TaskKey, int]] = []
         self.engine = Engine(
             store=store,
             policy=Policy(),
             executor_id="e",
             on_actions=self.actions.extend,
             pending_timeout_s=pending_timeout_s,
+            on_relaunch=self.relaunches.extend,
         )
         self.store = store
 
@@ -111,3 +113,37 @@ async def test_a_pod_that_starts_in_time_is_not_timed_out(harness: Harness) -> N
     await asyncio.sleep(1.0)
     await harness.settle()
     assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING]
+
+
+async def test_a_pod_lost_before_it_ran_is_relaunched_once_then_rescheduled(harness: Harness) -> None:
+    key = task_key(task_id="lost")
+    deleted = watcher_service_pb2.POD_EVENT_TYPE_DELETED
+    await harness.feed(
+        pod_event(key, "Pending", uid="a1"), pod_event(key, "Pending", uid="a1", kind=deleted, deleting=True)
+    )
+    assert harness.relaunches == [(key, 1)]
+    assert harness.states(key) == [S.TASK_STATE_QUEUED]
+    await harness.feed(pod_event(key, "Pending", uid="a2", attempt=2))  # the launcher's new attempt
+    await harness.feed(pod_event(key, "Pending", uid="a2", attempt=2, kind=deleted, deleting=True))
+    assert harness.relaunches == [(key, 1)]  # the budget (1) is spent
+    assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_UP_FOR_RESCHEDULE]
+
+
+async def test_events_of_an_earlier_attempts_pod_only_clean_it_up(harness: Harness) -> None:
+    key = task_key(task_id="stale")
+    await harness.feed(
+        pod_event(key, "Pending", uid="new", attempt=2), pod_event(key, "Failed", uid="old", attempt=1)
+    )
+    assert harness.states(key) == [S.TASK_STATE_QUEUED]
+    assert [(a.pod_uid, a.action) for a in harness.actions] == [("old", "delete")]
+
+
+async def test_a_refused_relaunch_reschedules_the_task(harness: Harness) -> None:
+    key = task_key(task_id="refused")
+    deleted = watcher_service_pb2.POD_EVENT_TYPE_DELETED
+    await harness.feed(
+        pod_event(key, "Pending", uid="r1"), pod_event(key, "Pending", uid="r1", kind=deleted, deleting=True)
+    )
+    await harness.engine.relaunch_refused(key, "NOT_FOUND")
+    await harness.settle()
+    assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_UP_FOR_RESCHEDULE]
