@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import event_latency, launch_rate, memory
+from bench import event_latency, launch_rate, memory, pending_timeout
 from bench.common import Report
 from controlplane import Cluster
 from controlplane.stack import ServiceStack
@@ -55,7 +55,10 @@ async def run(args: argparse.Namespace) -> Report:
             report.figures["event_latency"] = lat
             print(
                 f"  {lat['events']} events at {lat['achieved_rate']}/s: p50 {lat['p50_ms']} ms, "
-                f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms"
+                f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms; status patch -> applied p50 "
+                f"{lat['patch_to_applied_p50_ms']} / p99 {lat['patch_to_applied_p99_ms']} ms, applied -> "
+                f"subscriber p50 {lat['applied_to_subscriber_p50_ms']} "
+                f"/ p99 {lat['applied_to_subscriber_p99_ms']} ms"
             )
             report.check(
                 f"p99 <= 100 ms at {args.rate:g} events/s", lat["p99_ms"] <= 100, f"p99 {lat['p99_ms']} ms"
@@ -71,6 +74,23 @@ async def run(args: argparse.Namespace) -> Report:
             )
     finally:
         stack.stop_all()
+    if "pending" in args.only:
+        print(
+            f"\n== pending timeout: {args.pending} pods stuck Pending, timeout {args.pending_timeout:g} s",
+            flush=True,
+        )
+        pend = await pending_timeout.measure(info, workdir / "pending", args.pending, args.pending_timeout)
+        report.figures["pending_timeout"] = pend
+        print(
+            f"  {pend['deleted']} deleted; lateness after the deadline p50 {pend['lateness_p50_s']} s, "
+            f"p99 {pend['lateness_p99_s']} s, max {pend['lateness_max_s']} s",
+            flush=True,
+        )
+        report.check(
+            f"stuck pods deleted within 1 s of the deadline at {args.pending} pending",
+            pend["lateness_max_s"] <= 1.0 and pend["deleted"] == args.pending,
+            f"max {pend['lateness_max_s']} s, {pend['deleted']}/{args.pending} deleted",
+        )
     return report
 
 
@@ -90,14 +110,18 @@ def main() -> int:
         "--latency-tasks", type=int, default=1000, help="tasks in the latency run (default 1000)"
     )
     parser.add_argument("--rate", type=float, default=200.0, help="status changes per second (default 200)")
+    parser.add_argument("--pending", type=int, default=5000, help="stuck Pending pods (default 5000)")
+    parser.add_argument(
+        "--pending-timeout", type=float, default=60.0, help="pending timeout there (default 60)"
+    )
     parser.add_argument(
         "--live", type=int, default=5000, help="live tasks for the memory figure (default 5000)"
     )
     parser.add_argument(
         "--only",
         nargs="+",
-        default=["rate", "latency", "memory"],
-        choices=["rate", "latency", "memory"],
+        default=["rate", "latency", "memory", "pending"],
+        choices=["rate", "latency", "memory", "pending"],
         help="scenarios to run",
     )
     args = parser.parse_args()

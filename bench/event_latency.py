@@ -64,6 +64,10 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
     ]
     sent: dict[tuple[str, int], float] = {}
     received: dict[tuple[str, int], float] = {}
+    sent_wall: dict[tuple[str, int], float] = {}
+    applied_wall: dict[
+        tuple[str, int], float
+    ] = {}  # the transition's change_time: when the reconciler applied it
     queued = asyncio.Event()
     finished = asyncio.Event()
     queued_count = 0
@@ -88,6 +92,7 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
                     if queued_count == tasks:
                         queued.set()
                 received[(name, task.state)] = now
+                applied_wall[(name, task.state)] = reply.change.change_time.ToNanoseconds() / 1e9
                 if len(received) == 3 * tasks:
                     finished.set()
 
@@ -114,6 +119,7 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
         async def patch(key: task_pb2.TaskKey, phase: str, state: int) -> None:
             name = podmeta.pod_name(key)
             sent[(podmeta.key_string(key), state)] = time.monotonic()
+            sent_wall[(podmeta.key_string(key), state)] = time.time()
             await kube._request(
                 "PATCH",
                 f"/api/v1/namespaces/{cluster.namespace}/pods/{name}/status",
@@ -138,6 +144,8 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
         await kube.close()
     await clear_pods(cluster, f"shepherd.dev/executor-id={stack.executor_id}")
     latencies = [(received[k] - sent[k]) * 1000 for k in sent]
+    to_applied = [(applied_wall[k] - sent_wall[k]) * 1000 for k in sent]
+    to_subscriber = [lat - first for lat, first in zip(latencies, to_applied, strict=True)]
     return {
         "events": len(latencies),
         "target_rate": rate,
@@ -145,4 +153,8 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
         "p50_ms": round(percentile(latencies, 50), 1),
         "p99_ms": round(percentile(latencies, 99), 1),
         "max_ms": round(max(latencies), 1),
+        "patch_to_applied_p50_ms": round(percentile(to_applied, 50), 1),
+        "patch_to_applied_p99_ms": round(percentile(to_applied, 99), 1),
+        "applied_to_subscriber_p50_ms": round(percentile(to_subscriber, 50), 1),
+        "applied_to_subscriber_p99_ms": round(percentile(to_subscriber, 99), 1),
     }

@@ -126,7 +126,7 @@ class Cluster:
                     "--event-ttl=30m",
                     f"--cert-dir={self.pki_dir}",
                     *([] if s.pods_watch_cache else ["--watch-cache-sizes=pods#0"]),
-                    # Every pod delete is recorded, so tests can count delete calls per pod.
+                    # Every pod create and delete is recorded: tests count delete calls per pod.
                     f"--audit-policy-file={self._audit_policy()}",
                     f"--audit-log-path={self.audit_log}",
                     "--audit-log-format=json",
@@ -289,7 +289,7 @@ class Cluster:
 
     @property
     def audit_log(self) -> Path:
-        """JSON lines, one per completed pod delete request (who, which pod, what answer)."""
+        """JSON lines, one per completed pod create or delete request (who, which pod, what answer)."""
         return self.settings.state_dir / "logs" / "audit.log"
 
     def _audit_policy(self) -> Path:
@@ -300,7 +300,7 @@ class Cluster:
             "rules": [
                 {
                     "level": "Metadata",
-                    "verbs": ["delete", "deletecollection"],
+                    "verbs": ["create", "delete", "deletecollection"],
                     "resources": [{"group": "", "resources": ["pods"]}],
                 },
                 {"level": "None"},

@@ -122,6 +122,7 @@ class Engine:
     _deadline_added: asyncio.Event = field(default_factory=asyncio.Event)
     synced: asyncio.Event = field(default_factory=asyncio.Event)  # a watcher snapshot has been applied
     _adopting: set[str] = field(default_factory=set)  # uids of pods being relabelled to this executor
+    watcher_live: bool = False  # the watcher stream is connected: a pod that exists would be seen
 
     def __post_init__(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.queue_size)
@@ -435,6 +436,10 @@ class Engine:
     def _expire_pending(self, item: PendingExpired, batch: Batch) -> None:
         tracked = self._lookup(item.key)
         if item.pod_uid.startswith(_TASK_DEADLINE):
+            if not self.watcher_live:
+                # Unseen proves nothing while we cannot see: look again one timeout later.
+                self._arm(item.pod_uid, time.time() + self.pending_timeout_s, item.key)
+                return
             if tracked is not None and not tracked.pod_uid and tracked.task.state not in TERMINAL:
                 failure = task_pb2.FailureDetails(
                     reason="PodLostBeforeStart",

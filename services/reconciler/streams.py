@@ -77,6 +77,7 @@ async def consume_watcher(address: str, engine: Engine) -> None:
                     await engine.submit(SnapshotStart())
                 async for response in stream:
                     failures = 0
+                    engine.watcher_live = True
                     event = response.event
                     # Snapshot events share the snapshot's cursor: only its end marks the position.
                     position = (
@@ -85,6 +86,7 @@ async def consume_watcher(address: str, engine: Engine) -> None:
                     await engine.submit(PodItem(event), source=SOURCE_WATCHER, cursor=position)
             except grpc.aio.AioRpcError as err:
                 failures += 1
+                engine.watcher_live = False
                 if err.code() == grpc.StatusCode.OUT_OF_RANGE:
                     log.warning(
                         "the watcher cannot resume our cursor; re-syncing from a snapshot",
