@@ -123,6 +123,7 @@ class Engine:
     synced: asyncio.Event = field(default_factory=asyncio.Event)  # a watcher snapshot has been applied
     _adopting: set[str] = field(default_factory=set)  # uids of pods being relabelled to this executor
     watcher_live: bool = False  # the watcher stream is connected: a pod that exists would be seen
+    _last_commit: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.queue_size)
@@ -171,7 +172,11 @@ class Engine:
     # ---- the applier ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Apply batches back to back. A batch's commit runs while the next batch is applied (the
+        database joins waiting commits into one transaction); what depends on a commit (pod actions,
+        relaunches, cancel replies) still happens strictly after it and in batch order."""
         log = get_logger(component="engine")
+        previous: asyncio.Task[None] | None = None
         while True:
             items = [await self._queue.get()]
             while len(items) < self.batch_size and not self._queue.empty():
@@ -188,20 +193,37 @@ class Engine:
                     reply = err
                 if isinstance(item, CancelItem):
                     replies.append((item, reply))
-            committed = await self.store.commit(batch) if batch else None
-            if batch.relaunches:
-                self.on_relaunch(batch.relaunches)
             self.stats.batches += 1
             self.stats.items += len(items)
-            if committed is not None:
-                self.stats.transitions += len(committed.changes)
-                if committed.new_actions:
-                    self.on_actions(committed.new_actions)
-            for item, reply in replies:
-                if isinstance(reply, BaseException):
-                    item.done.set_exception(reply)
-                else:
-                    item.done.set_result(reply)
+            previous = self._last_commit = asyncio.create_task(
+                self._commit_then_dispatch(batch, replies, previous)
+            )
+
+    async def idle(self) -> None:
+        """Return once every queued item is applied, committed and followed up (for tests and drains)."""
+        while not self._queue.empty() or (self._last_commit is not None and not self._last_commit.done()):
+            if self._last_commit is not None and not self._last_commit.done():
+                await self._last_commit
+            else:
+                await asyncio.sleep(0.01)
+
+    async def _commit_then_dispatch(
+        self, batch: Batch, replies: list[tuple[CancelItem, Any]], previous: asyncio.Task[None] | None
+    ) -> None:
+        committed = await self.store.commit(batch) if batch else None
+        if previous is not None:
+            await previous  # follow-ups keep batch order even when commits are joined
+        if batch.relaunches:
+            self.on_relaunch(batch.relaunches)
+        if committed is not None:
+            self.stats.transitions += len(committed.changes)
+            if committed.new_actions:
+                self.on_actions(committed.new_actions)
+        for item, reply in replies:
+            if isinstance(reply, BaseException):
+                item.done.set_exception(reply)
+            else:
+                item.done.set_result(reply)
 
     def _apply(self, item: Item, batch: Batch) -> Any:
         if isinstance(item, LaunchItem):

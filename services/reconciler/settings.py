@@ -73,7 +73,7 @@ class ReconcilerSettings(ServiceSettings):
         default=1000, ge=1, le=100_000, description="Events applied per transaction at most."
     )
     action_concurrency: int = Field(
-        default=16, ge=1, le=512, description="Pod deletes/patches in flight at most."
+        default=64, ge=1, le=512, description="Pod deletes/patches in flight at most."
     )
 
     @property

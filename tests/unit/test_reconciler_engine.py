@@ -40,9 +40,8 @@ class Harness:
         await self.settle()
 
     async def settle(self) -> None:
-        while not self.engine._queue.empty():
-            await asyncio.sleep(0.01)
-        await self.store.db.write(lambda _: None)
+        await asyncio.sleep(0)  # let the engine take what was just queued
+        await self.engine.idle()
 
     def states(self, key: task_pb2.TaskKey) -> list[int]:
         return [change.task.state for _, change in self.store.read_after(0, 1000) if change.task.key == key]
