@@ -6,14 +6,25 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from controlplane import ClusterInfo
 from shepherd.kube import KubeClient, load_connection
+from shepherd.v1 import reconciler_service_pb2, reconciler_service_pb2_grpc, task_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+async def run_changes(
+    reconciler: reconciler_service_pb2_grpc.ReconcilerServiceStub, run: str
+) -> AsyncIterator[tuple[task_pb2.TaskStateChange, float]]:
+    """Every task-state change of one benchmark run (by run_id), with its monotonic arrival time."""
+    async for reply in reconciler.WatchTaskStates(reconciler_service_pb2.WatchTaskStatesRequest()):
+        if reply.change.task.key.run_id == run:
+            yield reply.change, time.monotonic()
 
 
 def percentile(values: list[float], pct: float) -> float:

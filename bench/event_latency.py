@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import orjson
 
-from bench.common import clear_pods, percentile
+from bench.common import clear_pods, percentile, run_changes
 from controlplane import ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
@@ -24,7 +24,6 @@ from shepherd.kube import KubeClient, load_connection
 from shepherd.v1 import (
     launcher_service_pb2,
     launcher_service_pb2_grpc,
-    reconciler_service_pb2,
     reconciler_service_pb2_grpc,
     task_pb2,
 )
@@ -81,18 +80,15 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
 
         async def subscribe() -> None:
             nonlocal queued_count
-            async for reply in reconciler.WatchTaskStates(reconciler_service_pb2.WatchTaskStatesRequest()):
-                now = time.monotonic()
-                task = reply.change.task
-                if task.key.run_id != run:
-                    continue
+            async for change, now in run_changes(reconciler, run):
+                task = change.task
                 name = podmeta.key_string(task.key)
                 if task.state == task_pb2.TASK_STATE_QUEUED:
                     queued_count += 1
                     if queued_count == tasks:
                         queued.set()
                 received[(name, task.state)] = now
-                applied_wall[(name, task.state)] = reply.change.change_time.ToNanoseconds() / 1e9
+                applied_wall[(name, task.state)] = change.change_time.ToNanoseconds() / 1e9
                 if len(received) == 3 * tasks:
                     finished.set()
 

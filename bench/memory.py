@@ -8,13 +8,12 @@ from typing import Any
 
 import grpc
 
-from bench.common import clear_pods, rss_mb
+from bench.common import clear_pods, rss_mb, run_changes
 from controlplane import ClusterInfo
 from controlplane.stack import SERVICES, ServiceStack
 from shepherd.v1 import (
     launcher_service_pb2,
     launcher_service_pb2_grpc,
-    reconciler_service_pb2,
     reconciler_service_pb2_grpc,
     task_pb2,
 )
@@ -33,9 +32,8 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int) -> dict
 
         async def subscribe() -> None:
             nonlocal running
-            async for reply in reconciler.WatchTaskStates(reconciler_service_pb2.WatchTaskStatesRequest()):
-                task = reply.change.task
-                if task.key.run_id == run and task.state == task_pb2.TASK_STATE_RUNNING:
+            async for change, _ in run_changes(reconciler, run):
+                if change.task.state == task_pb2.TASK_STATE_RUNNING:
                     running += 1
                     if running == tasks:
                         all_running.set()

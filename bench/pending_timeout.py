@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import clear_pods, percentile
+from bench.common import clear_pods, percentile, run_changes
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
@@ -25,7 +25,6 @@ from shepherd.kube import KubeClient, load_connection
 from shepherd.v1 import (
     launcher_service_pb2,
     launcher_service_pb2_grpc,
-    reconciler_service_pb2,
     reconciler_service_pb2_grpc,
     task_pb2,
 )
@@ -81,11 +80,8 @@ async def measure(cluster: ClusterInfo, workdir: Path, tasks: int, timeout_s: fl
 
             async def subscribe() -> None:
                 nonlocal timed_out
-                async for reply in reconciler.WatchTaskStates(
-                    reconciler_service_pb2.WatchTaskStatesRequest()
-                ):
-                    task = reply.change.task
-                    if task.key.run_id == run and task.failure.reason == "PendingTimeout":
+                async for change, _ in run_changes(reconciler, run):
+                    if change.task.failure.reason == "PendingTimeout":
                         timed_out += 1
                         if timed_out == tasks:
                             done.set()

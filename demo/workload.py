@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from shepherd import podmeta
+from shepherd.taskstates import TERMINAL, state_name
 from shepherd.v1 import (
     launcher_service_pb2,
     launcher_service_pb2_grpc,
@@ -19,13 +20,6 @@ from shepherd.v1 import (
     reconciler_service_pb2_grpc,
     task_pb2,
 )
-
-TERMINAL = {
-    task_pb2.TASK_STATE_SUCCEEDED,
-    task_pb2.TASK_STATE_FAILED,
-    task_pb2.TASK_STATE_UP_FOR_RESCHEDULE,
-    task_pb2.TASK_STATE_REVOKED,
-}
 
 # kind -> (share of tasks, pod override). The annotations steer the pod's life on kwok nodes.
 MIX: dict[str, tuple[float, str]] = {
@@ -39,10 +33,6 @@ MIX: dict[str, tuple[float, str]] = {
     "unschedulable": (0.06, "spec: {containers: [{name: base, resources: {requests: {cpu: '100000'}}}]}"),
     "cancelled": (0.06, "metadata: {annotations: {sim.shepherd.dev/outcome: run-forever}}"),
 }
-
-
-def state_name(state: int) -> str:
-    return task_pb2.TaskState.Name(state).removeprefix("TASK_STATE_").lower()  # type: ignore[arg-type]
 
 
 @dataclass

@@ -7,14 +7,23 @@ defaults; a bad value stops the process at start-up with the field's name.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 S = TypeVar("S", bound="ServiceSettings")
+
+
+def state_dir() -> Path:
+    """Where a service keeps its SQLite file by default (XDG state directory); use a volume in a cluster."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "shepherd"
+
+
 _EXECUTOR_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -92,3 +101,12 @@ class ServiceSettings(BaseSettings):
     def load(cls: type[S], argv: Sequence[str] | None = None) -> S:
         """Read flags (argv), then environment, then defaults."""
         return cls(_cli_parse_args=list(argv) if argv is not None else [])  # type: ignore[call-arg]
+
+
+class StoreSettings(ServiceSettings):
+    """Settings of a service that keeps durable state in SQLite (the launcher and the reconciler)."""
+
+    store_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
+        default="FULL",
+        description="SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes.",
+    )

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
-from shepherd.settings import ServiceSettings
+from shepherd.settings import StoreSettings, state_dir
 
 _REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "deploy" / "pod-templates"
 
 
-def _state_dir() -> Path:
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "shepherd"
-
-
-class LauncherSettings(ServiceSettings):
+class LauncherSettings(StoreSettings):
     """Settings of the Launcher."""
 
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
 
     store_path: Path = Field(
-        default_factory=lambda: _state_dir() / "launcher.db",
+        default_factory=lambda: state_dir() / "launcher.db",
         description="SQLite file holding accepted launches; put it on a persistent volume.",
-    )
-    store_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
-        default="FULL",
-        description="SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes.",
     )
     templates_dir: Path = Field(
         default=_REPO_TEMPLATES, description="Directory of named pod templates (<name>.yaml)."

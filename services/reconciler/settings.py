@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
 from services.reconciler.statemachine import DEFAULT_FATAL_REASONS
-from shepherd.settings import ServiceSettings
+from shepherd.settings import StoreSettings, state_dir
 
 
-def _state_dir() -> Path:
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "shepherd"
-
-
-class ReconcilerSettings(ServiceSettings):
+class ReconcilerSettings(StoreSettings):
     """Settings of the Reconciler."""
 
     port: int = Field(default=50053, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
@@ -24,12 +18,8 @@ class ReconcilerSettings(ServiceSettings):
     launcher_address: str = Field(default="127.0.0.1:50051", description="host:port of the Launcher.")
     watcher_address: str = Field(default="127.0.0.1:50052", description="host:port of the Watcher.")
     store_path: Path = Field(
-        default_factory=lambda: _state_dir() / "reconciler.db",
+        default_factory=lambda: state_dir() / "reconciler.db",
         description="SQLite file holding tasks and transitions; put it on a persistent volume.",
-    )
-    store_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
-        default="FULL",
-        description="SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes.",
     )
     delete_worker_pods: bool = Field(
         default=True, description="Delete a worker pod once its task finished (else only mark it done)."

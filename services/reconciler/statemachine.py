@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from shepherd import podmeta
+from shepherd import podmeta, taskstates
 from shepherd.v1 import task_pb2, watcher_service_pb2
 
 PodEvent = watcher_service_pb2.PodEvent
@@ -30,9 +30,7 @@ DEFAULT_FATAL_REASONS = frozenset(
         "CreateContainerError",
     }
 )
-TERMINAL = frozenset(
-    {S.TASK_STATE_SUCCEEDED, S.TASK_STATE_FAILED, S.TASK_STATE_UP_FOR_RESCHEDULE, S.TASK_STATE_REVOKED}
-)
+TERMINAL = taskstates.TERMINAL
 _RANK = {
     S.TASK_STATE_UNSPECIFIED: 0,
     S.TASK_STATE_QUEUED: 1,

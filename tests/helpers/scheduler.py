@@ -11,6 +11,7 @@ import grpc
 
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
+from shepherd.taskstates import TERMINAL
 from shepherd.v1 import (
     launcher_service_pb2,
     launcher_service_pb2_grpc,
@@ -18,13 +19,6 @@ from shepherd.v1 import (
     reconciler_service_pb2_grpc,
     task_pb2,
 )
-
-TERMINAL = {
-    task_pb2.TASK_STATE_SUCCEEDED,
-    task_pb2.TASK_STATE_FAILED,
-    task_pb2.TASK_STATE_UP_FOR_RESCHEDULE,
-    task_pb2.TASK_STATE_REVOKED,
-}
 
 
 @dataclass

@@ -15,9 +15,10 @@ import pytest
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
+from shepherd.taskstates import TERMINAL
 from shepherd.v1 import task_pb2
 from tests.helpers import task_key, unique_name
-from tests.helpers.scheduler import TERMINAL, SchedulerClient
+from tests.helpers.scheduler import SchedulerClient
 
 pytestmark = pytest.mark.integration
 S = task_pb2
