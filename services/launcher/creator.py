@@ -21,6 +21,7 @@ from services.launcher.store import LaunchStore, stamp_created, stamp_failed
 from shepherd import podmeta
 from shepherd.kube import ApiError, KubeClient, is_transient
 from shepherd.kube.client import sleep_backoff
+from shepherd.kube.errors import should_retry
 from shepherd.logging import get_logger
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
@@ -95,7 +96,7 @@ class PodCreator:
             namespace=launch.namespace,
             task_key=name.replace("\x1f", "/"),
         )
-        attempt = 0
+        attempt = forbidden = 0
         while True:
             if name in self._cancelled:
                 return
@@ -111,7 +112,8 @@ class PodCreator:
                     )
                     log.info("pod already existed: launch is settled")
                     return
-                if is_transient(err) and (self.max_retries < 0 or attempt < self.max_retries):
+                if should_retry(err, attempt, self.max_retries, forbidden_before=forbidden):
+                    forbidden += isinstance(err, ApiError) and err.status == 403
                     attempt += 1
                     self.stats.retries += 1
                     retry_after = err.retry_after_s if isinstance(err, ApiError) else None

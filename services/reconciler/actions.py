@@ -15,8 +15,9 @@ import aiohttp
 
 from services.reconciler.store import PodActionRow, TaskStore
 from shepherd import podmeta
-from shepherd.kube import ApiError, KubeClient, is_transient
+from shepherd.kube import ApiError, KubeClient
 from shepherd.kube.client import sleep_backoff
+from shepherd.kube.errors import should_retry
 from shepherd.logging import get_logger
 
 
@@ -74,7 +75,7 @@ class PodActions:
 
     async def _carry_out(self, row: PodActionRow) -> None:
         log = get_logger(component="pod-actions", pod=row.name, namespace=row.namespace, action=row.action)
-        attempt = 0
+        attempt = forbidden = 0
         while True:
             try:
                 if row.action == "delete":
@@ -91,7 +92,8 @@ class PodActions:
                 if isinstance(err, ApiError) and err.status == 404:
                     self.stats.already_gone += 1
                     break
-                if is_transient(err) and attempt < self.max_retries:
+                if should_retry(err, attempt, self.max_retries, forbidden_before=forbidden):
+                    forbidden += isinstance(err, ApiError) and err.status == 403
                     attempt += 1
                     await sleep_backoff(attempt, floor_s=getattr(err, "retry_after_s", None) or 0.0)
                     continue

@@ -49,6 +49,22 @@ class ApiError(Exception):
         return self.status == 409 and self.reason == "AlreadyExists"
 
 
+# A 403 is usually final (missing RBAC), but an API server that has just restarted can answer 403
+# until its authorizer has caught up; a few retries (seconds, with backoff) ride that out, and a
+# truly missing permission still fails the call soon after, with the API's own message.
+FORBIDDEN_RETRIES = 4
+
+
+def should_retry(error: BaseException, attempt: int, max_retries: int, *, forbidden_before: int = 0) -> bool:
+    """Whether the `attempt`-th failure (counting from 0) deserves another try; `forbidden_before` is
+    how many 403s the same call has already had (they have a small budget of their own)."""
+    if max_retries >= 0 and attempt >= max_retries:
+        return False
+    if is_transient(error):
+        return True
+    return isinstance(error, ApiError) and error.status == 403 and forbidden_before < FORBIDDEN_RETRIES
+
+
 def is_transient(error: BaseException) -> bool:
     if isinstance(error, ApiError):
         if error.status == 429 or error.status >= 500:

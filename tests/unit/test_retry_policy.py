@@ -1,0 +1,52 @@
+"""Which Kubernetes API failures are retried: transient ones within the budget, a 403 a few times
+(an API server that just restarted may answer it), permanent ones never."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from shepherd.kube.errors import FORBIDDEN_RETRIES, ApiError, is_transient, should_retry
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ApiError(429, "TooManyRequests", "slow down", retry_after_s=1),
+        ApiError(500, "InternalError", "boom"),
+        ApiError(503, "ServiceUnavailable", "restarting"),
+        ApiError(409, "Conflict", "the object has been modified"),
+        ApiError(403, "Forbidden", 'pods "x" is forbidden: exceeded quota: compute'),
+        aiohttp.ClientConnectionError("refused"),
+        TimeoutError(),
+    ],
+)
+def test_transient_failures_are_retried(error: BaseException) -> None:
+    assert is_transient(error)
+    assert should_retry(error, attempt=0, max_retries=8)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ApiError(400, "BadRequest", "x"),
+        ApiError(422, "Invalid", "x"),
+        ApiError(404, "NotFound", "x"),
+        ApiError(409, "AlreadyExists", "x"),
+    ],
+)
+def test_permanent_failures_are_not_retried(error: ApiError) -> None:
+    assert not should_retry(error, attempt=0, max_retries=8)
+
+
+def test_a_forbidden_answer_gets_a_few_retries_of_its_own() -> None:
+    forbidden = ApiError(403, "Forbidden", "cannot create resource pods")
+    assert not is_transient(forbidden)
+    assert should_retry(forbidden, attempt=6, max_retries=8, forbidden_before=0)
+    assert not should_retry(forbidden, attempt=1, max_retries=8, forbidden_before=FORBIDDEN_RETRIES)
+
+
+def test_the_retry_budget_bounds_everything_unless_unlimited() -> None:
+    error = ApiError(503, "ServiceUnavailable", "x")
+    assert not should_retry(error, attempt=8, max_retries=8)
+    assert should_retry(error, attempt=1000, max_retries=-1)
