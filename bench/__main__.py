@@ -64,6 +64,8 @@ async def run(args: argparse.Namespace) -> Report:
                 f"pods/s, ratio {rate['ratio']}; launch call p50 {rate['launch_rpc_p50_ms']} ms, "
                 f"p99 {rate['launch_rpc_p99_ms']} ms"
             )
+            for phase, used in rate["cpu_core_seconds_last_round"].items():
+                print(f"  CPU core-seconds, {phase} phase: {round(sum(used.values()), 2)} {used}")
             report.check("launch rate >= 0.8 x raw ceiling", rate["ratio"] >= 0.8, f"ratio {rate['ratio']}")
         if "memory" in args.only:
             print(f"\n== memory: {args.live} live tasks", flush=True)

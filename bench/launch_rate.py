@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import yaml
 
-from bench.common import clear_pods
-from controlplane import ClusterInfo, ClusterSettings
+from bench.common import CpuMeter, clear_pods
+from controlplane import Cluster, ClusterInfo, ClusterSettings
 from controlplane.stack import ServiceStack
 from services.launcher.podspec import build_pod
 from shepherd.kube import KubeClient, load_connection
@@ -152,11 +152,27 @@ async def measure(
     raw_rates: list[float] = []
     shepherd_rates: list[float] = []
     ghz_stats: dict[str, Any] = {}
+    control_plane = Cluster().supervisor
+    meter = CpuMeter(
+        {
+            **{
+                name: pid
+                for name in ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
+                if (pid := control_plane.pid(name)) is not None
+            },
+            **{name: proc.pid for name, proc in stack.procs.items()},
+        }
+    )
+    cpu: dict[str, dict[str, float]] = {}
     for r in range(rounds):
         run = f"rate-{int(time.time())}-{r}"
+        meter.start()
         raw_rates.append(await raw_ceiling(cluster, count, 64, run))
+        cpu["raw"] = meter.stop()
         await clear_pods(cluster, "shepherd.dev/executor-id=bench-raw")
+        meter.start()
         rate, ghz_stats = await through_shepherd(stack, count, run, batch)
+        cpu["shepherd"] = meter.stop()
         shepherd_rates.append(rate)
         await clear_pods(cluster, f"shepherd.dev/executor-id={stack.executor_id}")
         print(f"  round {r + 1}: raw {raw_rates[-1]:.0f} pods/s, shepherd {rate:.0f} pods/s", flush=True)
@@ -171,4 +187,7 @@ async def measure(
         "all_raw": [round(x, 1) for x in raw_rates],
         "all_shepherd": [round(x, 1) for x in shepherd_rates],
         **ghz_stats,
+        # Where the CPU went in the last round (core-seconds per process; the benchmark's own client
+        # and ghz are not included): the budget both phases share on this machine.
+        "cpu_core_seconds_last_round": cpu,
     }

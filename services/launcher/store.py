@@ -183,12 +183,6 @@ class LaunchStore:
             self._signal.notify()
         return Launch.FromString(blob), orjson.loads(pod_json), relaunched
 
-    def pending_count(self) -> int:
-        row = self.db.reader.execute(
-            "SELECT COUNT(*) FROM launches WHERE state = ?", (launcher_service_pb2.LAUNCH_STATE_ACCEPTED,)
-        ).fetchone()
-        return int(row[0])
-
 
 def stamp_created(launch: Launch) -> Launch:
     updated = Launch()
