@@ -33,7 +33,7 @@ class ActionStats:
 class PodActions:
     kube: KubeClient
     store: TaskStore
-    concurrency: int = 64
+    concurrency: int = 256
     max_retries: int = 8
     stats: ActionStats = field(default_factory=ActionStats)
     _queue: asyncio.Queue[PodActionRow] = field(default_factory=asyncio.Queue)

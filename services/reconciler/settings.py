@@ -63,7 +63,11 @@ class ReconcilerSettings(StoreSettings):
         default=1000, ge=1, le=100_000, description="Events applied per transaction at most."
     )
     action_concurrency: int = Field(
-        default=64, ge=1, le=512, description="Pod deletes/patches in flight at most."
+        default=256,
+        ge=1,
+        le=1024,
+        description="Pod deletes/patches in flight at most. Timed-out pods expire in bursts (creation "
+        "times have whole seconds); the API server queues the excess fairly per client.",
     )
 
     @property
