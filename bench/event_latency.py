@@ -13,7 +13,6 @@ import datetime as dt
 import time
 from typing import Any
 
-import grpc
 import orjson
 
 from bench.common import clear_pods, percentile, run_changes
@@ -23,8 +22,6 @@ from shepherd import podmeta
 from shepherd.kube import KubeClient, load_connection
 from shepherd.v1 import (
     launcher_service_pb2,
-    launcher_service_pb2_grpc,
-    reconciler_service_pb2_grpc,
     task_pb2,
 )
 
@@ -71,12 +68,7 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
     finished = asyncio.Event()
     queued_count = 0
 
-    async with (
-        grpc.aio.insecure_channel(stack.address("launcher")) as lch,
-        grpc.aio.insecure_channel(stack.address("reconciler")) as rch,
-    ):
-        launcher = launcher_service_pb2_grpc.LauncherServiceStub(lch)
-        reconciler = reconciler_service_pb2_grpc.ReconcilerServiceStub(rch)
+    async with stack.scheduler_stubs() as (launcher, reconciler):
 
         async def subscribe() -> None:
             nonlocal queued_count
@@ -108,7 +100,9 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
         await asyncio.wait_for(queued.wait(), timeout=300)
         await asyncio.sleep(2)  # let pod creation settle before the measured phase
 
-        kube = KubeClient(load_connection(cluster.admin_kubeconfig), max_connections=64)
+        # Room for every patch in flight: a patch waiting for a pooled connection after its "sent" time
+        # was taken would count client-side queueing as Shepherd latency.
+        kube = KubeClient(load_connection(cluster.admin_kubeconfig), max_connections=1024)
         interval = 1.0 / rate
         pending: list[asyncio.Task[None]] = []
 

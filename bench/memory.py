@@ -6,15 +6,11 @@ import asyncio
 import time
 from typing import Any
 
-import grpc
-
 from bench.common import clear_pods, rss_mb, run_changes
 from controlplane import ClusterInfo
 from controlplane.stack import SERVICES, ServiceStack
 from shepherd.v1 import (
     launcher_service_pb2,
-    launcher_service_pb2_grpc,
-    reconciler_service_pb2_grpc,
     task_pb2,
 )
 
@@ -23,12 +19,7 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int) -> dict
     run = f"memory-{int(time.time())}"
     running = 0
     all_running = asyncio.Event()
-    async with (
-        grpc.aio.insecure_channel(stack.address("launcher")) as lch,
-        grpc.aio.insecure_channel(stack.address("reconciler")) as rch,
-    ):
-        launcher = launcher_service_pb2_grpc.LauncherServiceStub(lch)
-        reconciler = reconciler_service_pb2_grpc.ReconcilerServiceStub(rch)
+    async with stack.scheduler_stubs() as (launcher, reconciler):
 
         async def subscribe() -> None:
             nonlocal running

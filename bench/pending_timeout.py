@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench.common import clear_pods, percentile, run_changes
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
@@ -24,8 +22,6 @@ from shepherd import podmeta
 from shepherd.kube import KubeClient, load_connection
 from shepherd.v1 import (
     launcher_service_pb2,
-    launcher_service_pb2_grpc,
-    reconciler_service_pb2_grpc,
     task_pb2,
 )
 
@@ -71,12 +67,7 @@ async def measure(cluster: ClusterInfo, workdir: Path, tasks: int, timeout_s: fl
     timed_out = 0
     done = asyncio.Event()
     try:
-        async with (
-            grpc.aio.insecure_channel(stack.address("launcher")) as lch,
-            grpc.aio.insecure_channel(stack.address("reconciler")) as rch,
-        ):
-            launcher = launcher_service_pb2_grpc.LauncherServiceStub(lch)
-            reconciler = reconciler_service_pb2_grpc.ReconcilerServiceStub(rch)
+        async with stack.scheduler_stubs() as (launcher, reconciler):
 
             async def subscribe() -> None:
                 nonlocal timed_out

@@ -7,12 +7,14 @@ ServiceAccount kubeconfig, talking to each other over gRPC on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.cluster import ClusterInfo
+from shepherd.v1 import launcher_service_pb2_grpc, reconciler_service_pb2_grpc
 
 SERVICES = ("launcher", "watcher", "reconciler")
 
@@ -46,6 +49,24 @@ class ServiceStack:
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
+
+    @contextlib.asynccontextmanager
+    async def scheduler_stubs(
+        self,
+    ) -> AsyncIterator[
+        tuple[
+            launcher_service_pb2_grpc.LauncherServiceStub, reconciler_service_pb2_grpc.ReconcilerServiceStub
+        ]
+    ]:
+        """What a scheduler talks to: the launcher and the reconciler, over one channel each."""
+        async with (
+            grpc.aio.insecure_channel(self.address("launcher")) as lch,
+            grpc.aio.insecure_channel(self.address("reconciler")) as rch,
+        ):
+            yield (
+                launcher_service_pb2_grpc.LauncherServiceStub(lch),
+                reconciler_service_pb2_grpc.ReconcilerServiceStub(rch),
+            )
 
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"

@@ -32,14 +32,8 @@ class SchedulerClient:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, stack: ServiceStack) -> AsyncIterator[SchedulerClient]:
-        async with (
-            grpc.aio.insecure_channel(stack.address("launcher")) as lch,
-            grpc.aio.insecure_channel(stack.address("reconciler")) as rch,
-        ):
-            client = cls(
-                launcher_service_pb2_grpc.LauncherServiceStub(lch),
-                reconciler_service_pb2_grpc.ReconcilerServiceStub(rch),
-            )
+        async with stack.scheduler_stubs() as (launcher, reconciler):
+            client = cls(launcher, reconciler)
             follower = asyncio.create_task(client._follow())
             try:
                 yield client
