@@ -99,7 +99,7 @@ async def through_shepherd(
                     and reply.launch.key.run_id == run
                 ):
                     created += 1
-                    if created == count:
+                    if created >= count:
                         done.set()
 
     follower = asyncio.create_task(count_created())
@@ -133,7 +133,13 @@ async def through_shepherd(
     if proc.returncode != 0:
         raise RuntimeError(f"ghz failed: {err.decode()[-2000:]}")
     ghz_report = json.loads(out)
-    await asyncio.wait_for(done.wait(), timeout=600)
+    waiting = asyncio.create_task(done.wait())
+    finished, _ = await asyncio.wait({waiting, follower}, timeout=600, return_when=asyncio.FIRST_COMPLETED)
+    if waiting not in finished:
+        waiting.cancel()
+        if follower.done() and follower.exception() is not None:
+            raise RuntimeError("lost the launcher's event stream") from follower.exception()
+        raise TimeoutError(f"only {created} of {count} pods were created within 600 s")
     elapsed = time.monotonic() - start
     follower.cancel()
     await asyncio.gather(follower, return_exceptions=True)
