@@ -69,13 +69,23 @@ async def clear_pods(cluster: ClusterInfo, selector: str, *, timeout_s: float = 
     path = f"/api/v1/namespaces/{cluster.namespace}/pods"
     try:
         await kube._request("DELETE", path, params={"labelSelector": selector, "gracePeriodSeconds": "0"})
+    finally:
+        await kube.close()
+    if not await wait_until_gone(cluster, selector, timeout_s=timeout_s):
+        raise TimeoutError(f"pods matching {selector} were not gone after {timeout_s}s")
+
+
+async def wait_until_gone(cluster: ClusterInfo, selector: str, *, timeout_s: float) -> bool:
+    """Poll until no pod matches `selector`; False if some are still there after `timeout_s`."""
+    kube = KubeClient(load_connection(cluster.admin_kubeconfig))
+    try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             page = await kube.list_pods(cluster.namespace, label_selector=selector, limit=1)
             if not page.get("items"):
-                return
+                return True
             await asyncio.sleep(0.5)
-        raise TimeoutError(f"pods matching {selector} were not gone after {timeout_s}s")
+        return False
     finally:
         await kube.close()
 

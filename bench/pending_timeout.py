@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import clear_pods, percentile, run_changes
+from bench.common import clear_pods, percentile, run_changes, wait_until_gone
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
-from shepherd.kube import KubeClient, load_connection
 from shepherd.v1 import (
     launcher_service_pb2,
     task_pb2,
@@ -27,24 +26,6 @@ from shepherd.v1 import (
 
 RECONCILER = "system:serviceaccount:shepherd:reconciler"
 UNSCHEDULABLE = "spec: {containers: [{name: base, resources: {requests: {cpu: '100000'}}}]}"
-
-
-async def _all_gone(stack: ServiceStack, *, timeout_s: float) -> None:
-    """Wait until none of the run's pods is left (the reconciler deletes them itself)."""
-    kube = KubeClient(load_connection(stack.cluster.admin_kubeconfig))
-    try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            page = await kube.list_pods(
-                stack.cluster.namespace,
-                limit=1,
-                label_selector=f"shepherd.dev/executor-id={stack.executor_id}",
-            )
-            if not page.get("items"):
-                return
-            await asyncio.sleep(0.5)
-    finally:
-        await kube.close()
 
 
 def _ts(value: str) -> float:
@@ -87,7 +68,9 @@ async def measure(cluster: ClusterInfo, workdir: Path, tasks: int, timeout_s: fl
                 ]
                 await launcher.BatchLaunchTasks(launcher_service_pb2.BatchLaunchTasksRequest(requests=batch))
             await asyncio.wait_for(done.wait(), timeout=timeout_s + 900)
-            await _all_gone(stack, timeout_s=120)  # the last deletes land in the audit log
+            await wait_until_gone(
+                stack.cluster, f"shepherd.dev/executor-id={stack.executor_id}", timeout_s=120
+            )  # the last deletes land in the audit log
             subscriber.cancel()
             await asyncio.gather(subscriber, return_exceptions=True)
     finally:

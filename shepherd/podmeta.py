@@ -51,6 +51,11 @@ def key_string(key: task_pb2.TaskKey) -> str:
     return "\x1f".join((key.dag_id, key.task_id, key.run_id, str(key.try_number), str(key.map_index)))
 
 
+def log_key(key: task_pb2.TaskKey | str) -> str:
+    """The key as log lines show it, "dag/task/run/try/map", from a TaskKey or a key_string."""
+    return (key if isinstance(key, str) else key_string(key)).replace("\x1f", "/")
+
+
 def pod_name(key: task_pb2.TaskKey, attempt: int = 1) -> str:
     """DNS-1123 label, at most 63 characters, readable prefix plus a hash of the whole key and attempt."""
     readable = _INVALID_NAME_CHARS.sub("-", f"{key.dag_id}-{key.task_id}".lower()).strip("-")

@@ -94,7 +94,7 @@ class PodCreator:
             component="creator",
             pod=launch.pod_name,
             namespace=launch.namespace,
-            task_key=name.replace("\x1f", "/"),
+            task_key=podmeta.log_key(name),
         )
         attempt = forbidden = 0
         while True:

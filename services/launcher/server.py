@@ -125,7 +125,7 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         if relaunched:
             self._creator.submit(launch, pod)
             get_logger(
-                task_key=podmeta.key_string(request.key).replace("\x1f", "/"),
+                task_key=podmeta.log_key(request.key),
                 pod=launch.pod_name,
                 attempt=launch.attempt,
             ).info("relaunch accepted: the previous pod was lost before it ran")
@@ -178,7 +178,7 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         if not accepted.already_existed:
             self._creator.submit(accepted.launch, accepted.pod)
             get_logger(
-                task_key=podmeta.key_string(request.key).replace("\x1f", "/"),
+                task_key=podmeta.log_key(request.key),
                 pod=launch.pod_name,
                 namespace=launch.namespace,
             ).info("launch accepted")

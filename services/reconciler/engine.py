@@ -295,7 +295,7 @@ class Engine:
         change.task.CopyFrom(task)
         batch.changes.append(change)
         self._save(key, tracked, batch)
-        get_logger(component="engine", task_key=key.replace("\x1f", "/"), pod=task.pod_name).info(
+        get_logger(component="engine", task_key=podmeta.log_key(key), pod=task.pod_name).info(
             "transition",
             previous=task_pb2.TaskState.Name(previous),
             state=task_pb2.TaskState.Name(state),
@@ -348,13 +348,9 @@ class Engine:
         kind = event.type
         if kind == watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT_COMPLETE:
             self._finish_snapshot(batch)
-            batch.cursors[SOURCE_WATCHER] = event.cursor
             return
-        if kind == watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT:
-            if self._snapshot_seen is not None:
-                self._snapshot_seen.add(event.pod_uid)
-        elif event.cursor:
-            batch.cursors[SOURCE_WATCHER] = event.cursor
+        if kind == watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT and self._snapshot_seen is not None:
+            self._snapshot_seen.add(event.pod_uid)
         if not event.HasField("task_key"):
             self.stats.ignored_events += 1
             return
@@ -406,7 +402,7 @@ class Engine:
         if relaunched < self.launch_failure_retries:
             batch.relaunches.append((tracked.task.key, tracked.task.launch_attempts))
             tracked.pod_uid = ""
-            get_logger(component="engine", task_key=key.replace("\x1f", "/"), pod=tracked.task.pod_name).info(
+            get_logger(component="engine", task_key=podmeta.log_key(key), pod=tracked.task.pod_name).info(
                 "pod lost before it ran: relaunching",
                 attempt=tracked.task.launch_attempts + 1,
                 reason=failure.reason if failure is not None else "",

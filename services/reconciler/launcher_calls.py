@@ -48,9 +48,7 @@ class LauncherCalls:
     async def run(self) -> None:
         while True:
             key, attempt = await self._relaunches.get()
-            log = get_logger(
-                component="launcher-calls", task_key=podmeta.key_string(key).replace("\x1f", "/")
-            )
+            log = get_logger(component="launcher-calls", task_key=podmeta.log_key(key))
             failures = 0
             while True:
                 try:

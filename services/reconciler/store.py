@@ -1,8 +1,9 @@
 """The reconciler's durable state: tasks, the transition log, stream cursors and pod actions.
 
 Everything one batch of events changes is committed in one transaction: the new task rows, the
-transitions appended to the log, the pod actions to carry out, and the cursors of the streams the
-events came from. So after a crash the reconciler resumes exactly where its last commit ended:
+transitions appended to the log, the pod actions to carry out, and the launcher stream's cursor
+(the watcher stream re-syncs from a snapshot instead). So after a crash the reconciler resumes
+exactly where its last commit ended:
 no transition is applied twice, none is lost, and a transition is on disk before any subscriber
 can read it.
 """

@@ -1,9 +1,10 @@
 """Subscribing to the launcher's and the watcher's event streams, and never losing our place.
 
-Each consumer resumes from the last cursor it handed to the engine (after a restart: the last one
-committed). When the watcher cannot serve that cursor (it restarted, or we fell too far behind)
-it answers OUT_OF_RANGE, and the consumer re-syncs with a snapshot of current pods; the engine
-then also notices pods that vanished while nobody was watching.
+Each consumer resumes from the last cursor it handed to the engine. After a restart the launcher
+stream continues from its last committed cursor, while the watcher stream always starts with a
+snapshot of current pods (see Engine). When the watcher cannot serve a cursor (it restarted, or
+we fell too far behind) it answers OUT_OF_RANGE, and the consumer re-syncs with a snapshot too;
+the engine then also notices pods that vanished while nobody was watching.
 """
 
 from __future__ import annotations

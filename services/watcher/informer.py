@@ -80,11 +80,15 @@ class Informer:
         now = Timestamp()
         now.GetCurrentTime()
         event.observe_time.CopyFrom(now)
+        self._record(event)
+
+    def _record(self, event: PodEvent) -> None:
+        """Append to the log under the next cursor, count it, and keep the cache in step."""
         event.cursor = self.log.head + 1
         self.log.append(event)
         self.stats.events += 1
-        self.stats.synthetic_events += synthetic
-        if event_type == "DELETED":
+        self.stats.synthetic_events += event.synthetic
+        if event.type == watcher_service_pb2.POD_EVENT_TYPE_DELETED:
             self._cache.pop(event.pod_uid, None)
         else:
             self._cache[event.pod_uid] = _Known(event.resource_version, event)
@@ -112,11 +116,7 @@ class Informer:
                 vanished.CopyFrom(known.event)
                 vanished.type = watcher_service_pb2.POD_EVENT_TYPE_DELETED
                 vanished.synthetic = True
-                vanished.cursor = self.log.head + 1
-                self.log.append(vanished)
-                self._cache.pop(uid, None)
-                self.stats.events += 1
-                self.stats.synthetic_events += 1
+                self._record(vanished)
         return resource_version
 
     async def _run_scope(self, namespace: str | None) -> None:
