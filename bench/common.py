@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from controlplane import ClusterInfo
+from controlplane.stack import ServiceStack
 from shepherd.kube import KubeClient, load_connection
+from shepherd.taskstates import TERMINAL
 from shepherd.v1 import reconciler_service_pb2, reconciler_service_pb2_grpc, task_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,6 +74,41 @@ async def clear_pods(cluster: ClusterInfo, selector: str, *, timeout_s: float = 
     finally:
         await kube.close()
     if not await wait_until_gone(cluster, selector, timeout_s=timeout_s):
+        raise TimeoutError(f"pods matching {selector} were not gone after {timeout_s}s")
+
+
+async def cancel_run(
+    stack: ServiceStack, dag_id: str, run: str, *, expected: int, timeout_s: float = 300
+) -> None:
+    """Tear a run down as a scheduler would: cancel its tasks (the reconciler deletes their pods once),
+    then wait until no pod of this executor is left. Deleting the pods behind the reconciler's back
+    instead would make it relaunch those still Pending, as it must for pods lost before they ran."""
+    deadline = time.monotonic() + timeout_s
+    async with stack.scheduler_stubs() as (_, reconciler):
+        while True:  # the reconciler may still be catching up on the launcher's events
+            tasks, token = [], ""
+            while True:
+                page = await reconciler.ListTasks(
+                    reconciler_service_pb2.ListTasksRequest(page_size=1000, page_token=token, dag_id=dag_id)
+                )
+                tasks += [t for t in page.tasks if t.key.run_id == run]
+                token = page.next_page_token
+                if not token:
+                    break
+            if len(tasks) >= expected or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        gate = asyncio.Semaphore(64)
+
+        async def cancel(key: task_pb2.TaskKey) -> None:
+            async with gate:
+                await reconciler.CancelTask(
+                    reconciler_service_pb2.CancelTaskRequest(key=key, reason="benchmark teardown")
+                )
+
+        await asyncio.gather(*(cancel(t.key) for t in tasks if t.state not in TERMINAL))
+    selector = f"shepherd.dev/executor-id={stack.executor_id}"
+    if not await wait_until_gone(stack.cluster, selector, timeout_s=max(1.0, deadline - time.monotonic())):
         raise TimeoutError(f"pods matching {selector} were not gone after {timeout_s}s")
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import yaml
 
-from bench.common import CpuMeter, clear_pods
+from bench.common import CpuMeter, cancel_run, clear_pods
 from controlplane import Cluster, ClusterInfo, ClusterSettings
 from controlplane.stack import ServiceStack
 from services.launcher.podspec import build_pod
@@ -180,7 +180,7 @@ async def measure(
         rate, ghz_stats = await through_shepherd(stack, count, run, batch)
         cpu["shepherd"] = meter.stop()
         shepherd_rates.append(rate)
-        await clear_pods(cluster, f"shepherd.dev/executor-id={stack.executor_id}")
+        await cancel_run(stack, "bench", run, expected=count)
         print(f"  round {r + 1}: raw {raw_rates[-1]:.0f} pods/s, shepherd {rate:.0f} pods/s", flush=True)
     raw, shepherd = max(raw_rates), max(shepherd_rates)
     return {
