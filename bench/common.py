@@ -25,8 +25,10 @@ async def run_changes(
 ) -> AsyncIterator[tuple[task_pb2.TaskStateChange, float]]:
     """Every task-state change of one benchmark run (by run_id), with its monotonic arrival time."""
     async for reply in reconciler.WatchTaskStates(reconciler_service_pb2.WatchTaskStatesRequest()):
-        if reply.change.task.key.run_id == run:
-            yield reply.change, time.monotonic()
+        now = time.monotonic()
+        for change in reply.changes:
+            if change.task.key.run_id == run:
+                yield change, now
 
 
 def percentile(values: list[float], pct: float) -> float:

@@ -94,13 +94,14 @@ async def through_shepherd(
         async with grpc.aio.insecure_channel(stack.address("launcher")) as channel:
             stub = launcher_service_pb2_grpc.LauncherServiceStub(channel)
             async for reply in stub.WatchLaunchEvents(launcher_service_pb2.WatchLaunchEventsRequest()):
-                if (
-                    reply.launch.state == launcher_service_pb2.LAUNCH_STATE_CREATED
-                    and reply.launch.key.run_id == run
-                ):
-                    created += 1
-                    if created >= count:
-                        done.set()
+                for event in reply.events:
+                    if (
+                        event.launch.state == launcher_service_pb2.LAUNCH_STATE_CREATED
+                        and event.launch.key.run_id == run
+                    ):
+                        created += 1
+                if created >= count:
+                    done.set()
 
     follower = asyncio.create_task(count_created())
     await asyncio.sleep(0.5)

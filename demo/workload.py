@@ -116,20 +116,23 @@ class Demo:
     ) -> None:
         stream = reconciler.WatchTaskStates(reconciler_service_pb2.WatchTaskStatesRequest(after_cursor=after))
         async for response in stream:
-            task = response.change.task
-            entry = self.tracked.get(podmeta.key_string(task.key))
-            if entry is None:
-                continue
             now = time.monotonic()
-            entry.state = task.state
-            if task.state == task_pb2.TASK_STATE_RUNNING and entry.running_at is None:
-                entry.running_at = now
-            if task.state in TERMINAL and entry.final_at is None:
-                entry.final_at = now
-                entry.reason = task.failure.reason
-                self._final_count += 1
-                if self._final_count == self.tasks:
-                    self._finished.set()
+            for change in response.changes:
+                self._record(change.task, now)
+
+    def _record(self, task: task_pb2.Task, now: float) -> None:
+        entry = self.tracked.get(podmeta.key_string(task.key))
+        if entry is None:
+            return
+        entry.state = task.state
+        if task.state == task_pb2.TASK_STATE_RUNNING and entry.running_at is None:
+            entry.running_at = now
+        if task.state in TERMINAL and entry.final_at is None:
+            entry.final_at = now
+            entry.reason = task.failure.reason
+            self._final_count += 1
+            if self._final_count == self.tasks:
+                self._finished.set()
 
     async def _cancel_when_running(
         self, reconciler: reconciler_service_pb2_grpc.ReconcilerServiceStub

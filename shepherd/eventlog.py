@@ -4,7 +4,8 @@ All three services expose an ordered log that clients read "after cursor N": the
 pod events (in memory, rebuilt from the API server after a restart), the launcher's launch
 outcomes and the reconciler's task transitions (both durable in SQLite). `follow` is the
 shared reader: it replays what is retained after the cursor, then waits for appends, so a
-reconnecting client gets every later event exactly once.
+reconnecting client gets every later event exactly once. It hands out batches: with grpc.aio a
+stream message costs tens of microseconds of CPU on each side, far more than a small event.
 """
 
 from __future__ import annotations
@@ -98,13 +99,16 @@ class MemoryLog(Generic[T]):
         await self._signal.wait()
 
 
-async def follow(log: CursorLog[T], after: int, *, batch: int = 512) -> AsyncIterator[tuple[int, T]]:
-    """Every entry after `after`, then each new one as it is appended, forever."""
+async def follow(
+    log: CursorLog[T], after: int, *, batch: int = 256
+) -> AsyncIterator[Sequence[tuple[int, T]]]:
+    """Every entry after `after`, then new ones as they are appended, forever: in batches of
+    whatever is already there (at most `batch`), so that a subscriber that keeps up gets single
+    entries at once and one that is behind gets them a stream message per batch, not per entry."""
     while True:
         entries = log.read_after(after, batch)
         if entries:
-            for cursor, item in entries:
-                yield cursor, item
+            yield entries
             after = entries[-1][0]
         else:
             await log.wait_for_append(after)

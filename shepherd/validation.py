@@ -3,8 +3,11 @@ precise INVALID_ARGUMENT before it can touch any state."""
 
 from __future__ import annotations
 
+import re
+
 from shepherd.v1 import task_pb2
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 MAX_ID_LEN = 250
 MAX_TRY_NUMBER = 100_000
 
@@ -23,7 +26,7 @@ def check_text(value: str, field: str, *, max_len: int, required: bool = True) -
         raise InvalidField(field, "must not be empty")
     if len(value) > max_len:
         raise InvalidField(field, f"must be at most {max_len} characters (got {len(value)})")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if _CONTROL_CHARS.search(value):
         raise InvalidField(field, "must not contain control characters")
 
 

@@ -9,6 +9,7 @@ matched by name; the task runs in the container named `base`. Any other list: th
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -51,8 +52,12 @@ def _clone(value: Any) -> Any:
     return orjson.loads(orjson.dumps(value))
 
 
+@functools.lru_cache(maxsize=64)
 def parse_pod_document(text: str, field: str) -> dict[str, Any]:
-    """A YAML or JSON v1 Pod (whole or partial) as a dict; INVALID_ARGUMENT naming `field` otherwise."""
+    """A YAML or JSON v1 Pod (whole or partial) as a dict; INVALID_ARGUMENT naming `field` otherwise.
+
+    Schedulers send the same few overrides over and over, so parsed documents are cached by their
+    text: the result is shared and must not be modified (build_pod copies what it merges)."""
     if len(text.encode()) > MAX_DOC_BYTES:
         raise InvalidField(field, f"must be at most {MAX_DOC_BYTES} bytes")
     try:
@@ -176,18 +181,17 @@ def build_pod(
     namespace_allowed: Callable[[str], bool] = lambda _: True,
 ) -> dict[str, Any]:
     """The complete pod for one launch attempt; INVALID_ARGUMENT when the result is not runnable."""
-    pod = merge(
-        template, generated_pod(key, command, executor_id=executor_id, namespace=namespace, attempt=attempt)
-    )
+    generated = generated_pod(key, command, executor_id=executor_id, namespace=namespace, attempt=attempt)
+    identity = generated["metadata"]
+    name, labels, annotations = identity["name"], dict(identity["labels"]), dict(identity["annotations"])
+    # The generated layer is fresh, so only the shared template and override need copying.
+    pod = _merge(_clone(template), generated)
     if override:
-        pod = merge(pod, override)
+        pod = _merge(pod, _clone(override))
     # Identity is re-asserted last: neither template nor override can change what maps pod to task.
-    identity = generated_pod(key, command, executor_id=executor_id, namespace=namespace, attempt=attempt)[
-        "metadata"
-    ]
-    pod["metadata"]["name"] = identity["name"]
-    pod["metadata"]["labels"].update(identity["labels"])
-    pod["metadata"]["annotations"].update(identity["annotations"])
+    pod["metadata"]["name"] = name
+    pod["metadata"]["labels"].update(labels)
+    pod["metadata"]["annotations"].update(annotations)
     _check_runnable(pod, namespace_allowed)
     return pod
 

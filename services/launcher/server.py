@@ -135,8 +135,10 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         self, request: pb.WatchLaunchEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchLaunchEventsResponse]:
         try:
-            async for cursor, launch in follow(self._store, request.after_cursor):
-                yield pb.WatchLaunchEventsResponse(cursor=cursor, launch=launch)
+            async for entries in follow(self._store, request.after_cursor):
+                yield pb.WatchLaunchEventsResponse(
+                    events=[pb.LaunchEvent(cursor=cursor, launch=launch) for cursor, launch in entries]
+                )
         except CursorOutOfRange as err:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
 

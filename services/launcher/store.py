@@ -112,7 +112,8 @@ class LaunchStore:
         stored, stored_pod, existed = await self.db.write(insert)
         if not existed:
             self._signal.notify()
-        return Accepted(Launch.FromString(stored), orjson.loads(stored_pod), existed)
+            return Accepted(launch, pod, False)
+        return Accepted(Launch.FromString(stored), orjson.loads(stored_pod), True)
 
     async def update(self, launch: Launch, *, only_if_state: int | None = None) -> Launch | None:
         """Persist a new state of a launch and log it; with `only_if_state`, only from that state."""

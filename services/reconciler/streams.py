@@ -49,11 +49,12 @@ async def consume_launcher(address: str, engine: Engine) -> None:
                 log.info("subscribed", after_cursor=after)
                 async for response in stream:
                     failures = 0
-                    await engine.submit(
-                        LaunchItem(response.cursor, response.launch),
-                        source=SOURCE_LAUNCHER,
-                        cursor=response.cursor,
-                    )
+                    for event in response.events:
+                        await engine.submit(
+                            LaunchItem(event.cursor, event.launch),
+                            source=SOURCE_LAUNCHER,
+                            cursor=event.cursor,
+                        )
             except grpc.aio.AioRpcError as err:
                 failures += 1
                 log.warning(
@@ -79,12 +80,12 @@ async def consume_watcher(address: str, engine: Engine) -> None:
                 async for response in stream:
                     failures = 0
                     engine.watcher_live = True
-                    event = response.event
-                    # Snapshot events share the snapshot's cursor: only its end marks the position.
-                    position = (
-                        0 if event.type == watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT else event.cursor
-                    )
-                    await engine.submit(PodItem(event), source=SOURCE_WATCHER, cursor=position)
+                    for event in response.events:
+                        # Snapshot events share the snapshot's cursor: only its end marks the position.
+                        position = (
+                            0 if event.type == watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT else event.cursor
+                        )
+                        await engine.submit(PodItem(event), source=SOURCE_WATCHER, cursor=position)
             except grpc.aio.AioRpcError as err:
                 failures += 1
                 engine.watcher_live = False

@@ -18,6 +18,7 @@ from shepherd.v1 import watcher_service_pb2, watcher_service_pb2_grpc
 
 PodEvent = watcher_service_pb2.PodEvent
 SERVICE_NAME = watcher_service_pb2.DESCRIPTOR.services_by_name["WatcherService"].full_name
+SNAPSHOT_CHUNK = 256  # events per message: well under gRPC's 4 MiB default message limit
 
 
 class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
@@ -39,17 +40,20 @@ class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
         after = request.after_cursor
         if request.snapshot:
             after, pods = self._informer.snapshot()
+            events = []
             for pod in pods:
                 event = PodEvent()
                 event.CopyFrom(pod)
                 event.type, event.cursor = watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT, after
-                yield watcher_service_pb2.WatchPodEventsResponse(event=event)
-            yield watcher_service_pb2.WatchPodEventsResponse(
-                event=PodEvent(type=watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT_COMPLETE, cursor=after)
-            )
+                events.append(event)
+            events.append(PodEvent(type=watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT_COMPLETE, cursor=after))
+            for start in range(0, len(events), SNAPSHOT_CHUNK):
+                yield watcher_service_pb2.WatchPodEventsResponse(
+                    events=events[start : start + SNAPSHOT_CHUNK]
+                )
         try:
-            async for _, event in follow(self._log, after):
-                yield watcher_service_pb2.WatchPodEventsResponse(event=event)
+            async for entries in follow(self._log, after):
+                yield watcher_service_pb2.WatchPodEventsResponse(events=[event for _, event in entries])
         except CursorOutOfRange as err:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
 

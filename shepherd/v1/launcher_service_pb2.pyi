@@ -477,8 +477,8 @@ class WatchLaunchEventsRequest(_message.Message):
 Global___WatchLaunchEventsRequest: _TypeAlias = WatchLaunchEventsRequest  # noqa: Y015
 
 @_typing.final
-class WatchLaunchEventsResponse(_message.Message):
-    """WatchLaunchEventsResponse carries one launch event."""
+class LaunchEvent(_message.Message):
+    """LaunchEvent is one entry of the launcher's log: a launch as it was at one moment."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -499,6 +499,32 @@ class WatchLaunchEventsResponse(_message.Message):
     _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "launch", b"launch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaunchEvent: _TypeAlias = LaunchEvent  # noqa: Y015
+
+@_typing.final
+class WatchLaunchEventsResponse(_message.Message):
+    """WatchLaunchEventsResponse carries the launch events that were ready together, so a busy stream
+    costs one message per batch rather than one per event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaunchEvent]:
+        """One or more events, in cursor order. Resume after the cursor of the last event processed."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___LaunchEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

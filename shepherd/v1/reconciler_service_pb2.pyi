@@ -45,23 +45,25 @@ Global___WatchTaskStatesRequest: _TypeAlias = WatchTaskStatesRequest  # noqa: Y0
 
 @_typing.final
 class WatchTaskStatesResponse(_message.Message):
-    """WatchTaskStatesResponse carries one committed transition."""
+    """WatchTaskStatesResponse carries the committed transitions that were ready together, so a busy
+    stream costs one message per batch rather than one per transition.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    CHANGE_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def change(self) -> _task_pb2.TaskStateChange:
-        """The transition."""
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskStateChange]:
+        """One or more transitions, in cursor order. Resume after the cursor of the last one processed."""
 
     def __init__(
         self,
         *,
-        change: _task_pb2.TaskStateChange | None = ...,
+        changes: _abc.Iterable[_task_pb2.TaskStateChange] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -263,23 +263,27 @@ Global___WatchPodEventsRequest: _TypeAlias = WatchPodEventsRequest  # noqa: Y015
 
 @_typing.final
 class WatchPodEventsResponse(_message.Message):
-    """WatchPodEventsResponse carries one event."""
+    """WatchPodEventsResponse carries the events that were ready together, so a busy stream costs one
+    message per batch rather than one per event.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event(self) -> Global___PodEvent:
-        """The event."""
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___PodEvent]:
+        """One or more events, in cursor order (a snapshot's events all carry the snapshot's cursor).
+        Resume after the cursor of the last event processed.
+        """
 
     def __init__(
         self,
         *,
-        event: Global___PodEvent | None = ...,
+        events: _abc.Iterable[Global___PodEvent] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

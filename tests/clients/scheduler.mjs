@@ -24,8 +24,7 @@ const states = [];
 const timer = setTimeout(() => { console.error("timed out; states so far:", states); process.exit(2); }, 60000);
 
 const stream = reconciler.WatchTaskStates({ after_cursor: "0" });
-stream.on("data", ({ change }) => {
-  const task = change.task;
+stream.on("data", ({ changes }) => changes.forEach(({ task }) => {
   if (task.key.task_id !== taskId || task.key.dag_id !== key.dag_id) return;
   states.push(task.state);
   if (terminal.has(task.state)) {
@@ -34,7 +33,7 @@ stream.on("data", ({ change }) => {
     stream.cancel();
     process.exit(0);
   }
-});
+}));
 stream.on("error", (err) => { if (err.code !== grpc.status.CANCELLED) { console.error(err); process.exit(3); } });
 
 launcher.LaunchTask({ key, command: ["run"], pod_override_yaml: override }, (err, reply) => {

@@ -48,9 +48,9 @@ class SchedulerClient:
             try:
                 request = reconciler_service_pb2.WatchTaskStatesRequest(after_cursor=cursor)
                 async for response in self.reconciler.WatchTaskStates(request):
-                    cursor = response.change.cursor
-                    key = podmeta.key_string(response.change.task.key)
-                    self.changes.setdefault(key, []).append(response.change)
+                    for change in response.changes:
+                        cursor = change.cursor
+                        self.changes.setdefault(podmeta.key_string(change.task.key), []).append(change)
                     self._updated.set()
             except grpc.aio.AioRpcError:
                 self.reconnects += 1

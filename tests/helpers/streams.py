@@ -10,6 +10,13 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
+async def unbatched(stream: AsyncIterator[Any], field_name: str) -> AsyncIterator[Any]:
+    """The items of a Watch* stream one by one: each response carries a batch of them."""
+    async for response in stream:
+        for item in getattr(response, field_name):
+            yield item
+
+
 @dataclass
 class Collector(Generic[T]):
     """Appends every item of an async stream to `items` until stopped."""

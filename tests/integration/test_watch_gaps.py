@@ -19,7 +19,7 @@ from shepherd.v1 import reconciler_service_pb2, watcher_service_pb2, watcher_ser
 from tests.helpers import core_api, make_pod, task_key, unique_name
 from tests.helpers.cluster import spare_settings
 from tests.helpers.scheduler import SchedulerClient
-from tests.helpers.streams import Collector
+from tests.helpers.streams import Collector, unbatched
 
 pytestmark = pytest.mark.integration
 W = watcher_service_pb2
@@ -65,11 +65,11 @@ async def test_a_410_gap_is_rebuilt_from_a_relist_including_vanished_pods(
             )
         async with grpc.aio.insecure_channel(stack.address("watcher")) as channel:
             stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
-            events = Collector(stub.WatchPodEvents(W.WatchPodEventsRequest(after_cursor=0))).start()
+            events = Collector(
+                unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(after_cursor=0)), "events")
+            ).start()
             await events.until(
-                lambda items: (
-                    {i.event.pod_name for i in items if i.event.phase == "Running"} >= {"pod-a", "pod-b"}
-                ),
+                lambda items: {i.pod_name for i in items if i.phase == "Running"} >= {"pod-a", "pod-b"},
                 what="both pods Running",
             )
             seen = len(events.items)
@@ -87,8 +87,8 @@ async def test_a_410_gap_is_rebuilt_from_a_relist_including_vanished_pods(
             finally:
                 os.kill(watcher.pid, signal.SIGCONT)
 
-            def gap_rebuilt(items: list[W.WatchPodEventsResponse]) -> bool:
-                after = [i.event for i in items[seen:]]
+            def gap_rebuilt(items: list[W.PodEvent]) -> bool:
+                after = [i for i in items[seen:]]
                 return {(e.pod_name, e.type) for e in after if e.synthetic} >= {
                     ("pod-a", W.POD_EVENT_TYPE_DELETED),
                     ("pod-b", W.POD_EVENT_TYPE_MODIFIED),
@@ -96,9 +96,9 @@ async def test_a_410_gap_is_rebuilt_from_a_relist_including_vanished_pods(
                 }
 
             await events.until(gap_rebuilt, what="synthetic events for the gap")
-            rebuilt = [i.event for i in events.items[seen:] if i.event.synthetic]
+            rebuilt = [i for i in events.items[seen:] if i.synthetic]
             assert next(e for e in rebuilt if e.pod_name == "pod-b").labels["changed"] == "during-gap"
-            cursors = [i.event.cursor for i in events.items]
+            cursors = [i.cursor for i in events.items]
             assert cursors == sorted(set(cursors))
             await events.stop()
         assert "re-listing" in stack.tail("watcher", 200)
@@ -112,28 +112,32 @@ async def test_a_client_resuming_from_its_cursor_gets_every_later_event_once(sta
     first, second = unique_name("resume-a"), unique_name("resume-b")
     async with grpc.aio.insecure_channel(stack.address("watcher")) as channel:
         stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
-        before = Collector(stub.WatchPodEvents(W.WatchPodEventsRequest(snapshot=True))).start()
+        before = Collector(
+            unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(snapshot=True)), "events")
+        ).start()
         admin.create_namespaced_pod(
             ns, executor_pod(stack.executor_id, first, **{"sim.shepherd.dev/run-time": "200ms"})
         )
         await before.until(
-            lambda items: any(i.event.pod_name == first and i.event.phase == "Succeeded" for i in items),
+            lambda items: any(i.pod_name == first and i.phase == "Succeeded" for i in items),
             what="the first pod to succeed",
         )
         await before.stop()
-        last = before.items[-1].event.cursor
+        last = before.items[-1].cursor
 
         admin.create_namespaced_pod(
             ns, executor_pod(stack.executor_id, second, **{"sim.shepherd.dev/run-time": "200ms"})
         )
         await asyncio.sleep(1.5)  # events for the second pod happen while nobody is connected
-        after = Collector(stub.WatchPodEvents(W.WatchPodEventsRequest(after_cursor=last))).start()
+        after = Collector(
+            unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(after_cursor=last)), "events")
+        ).start()
         await after.until(
-            lambda items: any(i.event.pod_name == second and i.event.phase == "Succeeded" for i in items),
+            lambda items: any(i.pod_name == second and i.phase == "Succeeded" for i in items),
             what="the second pod's events after resuming",
         )
         await after.stop()
-    cursors = [i.event.cursor for i in after.items]
+    cursors = [i.cursor for i in after.items]
     assert cursors[0] == last + 1
     assert cursors == list(range(last + 1, last + 1 + len(cursors)))
 
@@ -147,14 +151,14 @@ async def test_task_state_subscribers_resume_from_their_cursor(client: Scheduler
     stream = client.reconciler.WatchTaskStates(
         reconciler_service_pb2.WatchTaskStatesRequest(after_cursor=middle)
     )
-    resumed = Collector(stream).start()
+    resumed = Collector(unbatched(stream, "changes")).start()
     await resumed.until(
-        lambda items: any(i.change.cursor == changes[-1].cursor for i in items),
+        lambda items: any(i.cursor == changes[-1].cursor for i in items),
         what="the task's last transition",
     )
     await resumed.stop()
-    assert resumed.items[0].change.cursor == middle + 1
-    mine = [i.change.task.state for i in resumed.items if i.change.task.key == key]
+    assert resumed.items[0].cursor == middle + 1
+    mine = [i.task.state for i in resumed.items if i.task.key == key]
     assert mine == [c.task.state for c in changes[1:]]
 
 
