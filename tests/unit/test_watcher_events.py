@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from shepherd import podmeta
-from shepherd.eventlog import CursorOutOfRange, MemoryLog
+from shepherd.eventlog import CursorOutOfRange, MemoryLog, follow
 from shepherd.podevents import pod_event
 from shepherd.v1 import task_pb2, watcher_service_pb2
 from tests.helpers import task_key
@@ -87,6 +88,20 @@ def test_a_resume_gets_every_later_event_exactly_once() -> None:
     assert [item for _, item in log.read_after(cursors[3], 100)] == [f"e{i}" for i in range(4, 10)]
     assert log.read_after(cursors[-1], 100) == []
     assert [item for _, item in log.read_after(0, 3)] == ["e0", "e1", "e2"]
+
+
+async def test_a_follower_gets_waiting_events_as_one_batch_and_new_ones_as_they_come() -> None:
+    log: MemoryLog[str] = MemoryLog(retention=100, epoch=1000)
+    for i in range(5):
+        log.append(f"e{i}")
+    batches = follow(log, 0, batch=3)
+    assert [item for _, item in await anext(batches)] == ["e0", "e1", "e2"]
+    assert [item for _, item in await anext(batches)] == ["e3", "e4"]
+    later = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(0)
+    assert not later.done()  # nothing new yet: the follower waits instead of sending empty batches
+    log.append("e5")
+    assert [item for _, item in await asyncio.wait_for(later, 5)] == ["e5"]
 
 
 def test_cursors_from_an_earlier_run_are_refused() -> None:
