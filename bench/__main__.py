@@ -81,14 +81,22 @@ async def run(args: argparse.Namespace) -> Report:
         stack.stop_all()
     if "pending" in args.only:
         print(
-            f"\n== pending timeout: {args.pending} pods stuck Pending, timeout {args.pending_timeout:g} s",
+            f"\n== pending timeout: {args.pending} pods stuck Pending, timeout {args.pending_timeout:g} s, "
+            f"launched at {args.pending_launch_rate:g} pods/s (0: as fast as possible)",
             flush=True,
         )
-        pend = await pending_timeout.measure(info, workdir / "pending", args.pending, args.pending_timeout)
+        pend = await pending_timeout.measure(
+            info, workdir / "pending", args.pending, args.pending_timeout, args.pending_launch_rate
+        )
         report.figures["pending_timeout"] = pend
         print(
             f"  {pend['deleted']} deleted; lateness after the deadline p50 {pend['lateness_p50_s']} s, "
-            f"p99 {pend['lateness_p99_s']} s, max {pend['lateness_max_s']} s",
+            f"p99 {pend['lateness_p99_s']} s, max {pend['lateness_max_s']} s\n"
+            f"  deadline -> timeout applied p99 {pend['deadline_to_timeout_applied_p99_s']} s, "
+            f"max {pend['deadline_to_timeout_applied_max_s']} s; applied -> delete received p99 "
+            f"{pend['timeout_applied_to_delete_p99_s']} s, max {pend['timeout_applied_to_delete_max_s']} s\n"
+            f"  deadlines falling in the same second: up to {pend['deadlines_per_second_max']}\n"
+            f"  cores busy per process: {pend['cpu_cores_busy']}",
             flush=True,
         )
         report.check(
@@ -118,6 +126,12 @@ def main() -> int:
     parser.add_argument("--pending", type=int, default=5000, help="stuck Pending pods (default 5000)")
     parser.add_argument(
         "--pending-timeout", type=float, default=60.0, help="pending timeout there (default 60)"
+    )
+    parser.add_argument(
+        "--pending-launch-rate",
+        type=float,
+        default=200.0,
+        help="pods/s at which the stuck pods are launched, so deadlines/s later (default 200; 0: at once)",
     )
     parser.add_argument(
         "--live", type=int, default=5000, help="live tasks for the memory figure (default 5000)"
