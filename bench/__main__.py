@@ -44,8 +44,10 @@ async def run(args: argparse.Namespace) -> Report:
             print(
                 f"  {lat['events']} events at {lat['achieved_rate']}/s: p50 {lat['p50_ms']} ms, "
                 f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms (from the patch being sent: p50 "
-                f"{lat['from_send_p50_ms']} / p99 {lat['from_send_p99_ms']} ms); status patch -> applied p50 "
-                f"{lat['patch_to_applied_p50_ms']} / p99 {lat['patch_to_applied_p99_ms']} ms, applied -> "
+                f"{lat['from_send_p50_ms']} / p99 {lat['from_send_p99_ms']} ms)\n  legs: acknowledged -> "
+                f"watcher has it p50 {lat['ack_to_watcher_p50_ms']} / p99 {lat['ack_to_watcher_p99_ms']} ms, "
+                f"watcher -> reconciler applied p50 {lat['watcher_to_applied_p50_ms']} / p99 "
+                f"{lat['watcher_to_applied_p99_ms']} ms, applied -> "
                 f"subscriber p50 {lat['applied_to_subscriber_p50_ms']} "
                 f"/ p99 {lat['applied_to_subscriber_p99_ms']} ms"
             )

@@ -13,6 +13,7 @@ import datetime as dt
 import time
 from typing import Any
 
+import grpc
 import orjson
 
 from bench.common import clear_pods, percentile, run_changes
@@ -23,6 +24,8 @@ from shepherd.kube import KubeClient, load_connection
 from shepherd.v1 import (
     launcher_service_pb2,
     task_pb2,
+    watcher_service_pb2,
+    watcher_service_pb2_grpc,
 )
 
 UNMANAGED_NODE = "bench-unmanaged-node"
@@ -65,6 +68,8 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
     applied_wall: dict[
         tuple[str, int], float
     ] = {}  # the transition's change_time: when the reconciler applied it
+    committed_wall: dict[tuple[str, int], float] = {}
+    observed_wall: dict[tuple[str, int], float] = {}  # the watcher received the change from its watch
     queued = asyncio.Event()
     finished = asyncio.Event()
     queued_count = 0
@@ -85,7 +90,22 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
                 if len(received) == 3 * tasks:
                     finished.set()
 
+        async def observe() -> None:
+            """The watcher's own receive time of each change: splits the API server's share off."""
+            phases = {"Running": task_pb2.TASK_STATE_RUNNING, "Succeeded": task_pb2.TASK_STATE_SUCCEEDED}
+            async with grpc.aio.insecure_channel(stack.address("watcher")) as channel:
+                stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
+                async for reply in stub.WatchPodEvents(watcher_service_pb2.WatchPodEventsRequest()):
+                    for event in reply.events:
+                        state = phases.get(event.phase)
+                        if state is not None and event.task_key.run_id == run:
+                            observed_wall.setdefault(
+                                (podmeta.key_string(event.task_key), state),
+                                event.observe_time.ToNanoseconds() / 1e9,
+                            )
+
         subscriber = asyncio.create_task(subscribe())
+        observer = asyncio.create_task(observe())
         override = f"spec: {{nodeName: {UNMANAGED_NODE}}}"
         gate = asyncio.Semaphore(32)
 
@@ -118,6 +138,7 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
                 content_type="application/merge-patch+json",
             )
             committed[(podmeta.key_string(key), state)] = time.monotonic()
+            committed_wall[(podmeta.key_string(key), state)] = time.time()
 
         plan = [(k, "Running", task_pb2.TASK_STATE_RUNNING) for k in keys] + [
             (k, "Succeeded", task_pb2.TASK_STATE_SUCCEEDED) for k in keys
@@ -130,9 +151,16 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
             pending.append(asyncio.create_task(patch(key, phase, state)))
         await asyncio.gather(*pending)
         achieved = len(plan) / (time.monotonic() - start)
-        await asyncio.wait_for(finished.wait(), timeout=120)
+        try:
+            await asyncio.wait_for(finished.wait(), timeout=120)
+        except TimeoutError:
+            raise TimeoutError(
+                f"only {len(received)} of {3 * tasks} transitions reached the subscriber; "
+                f"observer failed: {observer.done() and observer.exception()}"
+            ) from None
         subscriber.cancel()
-        await asyncio.gather(subscriber, return_exceptions=True)
+        observer.cancel()
+        await asyncio.gather(subscriber, observer, return_exceptions=True)
         await kube.close()
     await clear_pods(cluster, f"shepherd.dev/executor-id={stack.executor_id}")
     latencies = [(received[k] - sent[k]) * 1000 for k in sent]
@@ -141,6 +169,12 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
     from_change = [(received[k] - committed[k]) * 1000 for k in committed]
     to_applied = [(applied_wall[k] - sent_wall[k]) * 1000 for k in sent]
     to_subscriber = [lat - first for lat, first in zip(latencies, to_applied, strict=True)]
+    # The legs after the acknowledgement: the API server delivering the change to the watcher's
+    # watch, then the watcher -> reconciler pipeline until the transition is applied.
+    to_watcher = [(observed_wall[k] - committed_wall[k]) * 1000 for k in committed_wall if k in observed_wall]
+    watcher_to_applied = [
+        (applied_wall[k] - observed_wall[k]) * 1000 for k in observed_wall if k in applied_wall
+    ]
     return {
         "events": len(latencies),
         "target_rate": rate,
@@ -152,6 +186,10 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
         "from_send_p99_ms": round(percentile(latencies, 99), 1),
         "patch_to_applied_p50_ms": round(percentile(to_applied, 50), 1),
         "patch_to_applied_p99_ms": round(percentile(to_applied, 99), 1),
+        "ack_to_watcher_p50_ms": round(percentile(to_watcher, 50), 1),
+        "ack_to_watcher_p99_ms": round(percentile(to_watcher, 99), 1),
+        "watcher_to_applied_p50_ms": round(percentile(watcher_to_applied, 50), 1),
+        "watcher_to_applied_p99_ms": round(percentile(watcher_to_applied, 99), 1),
         "applied_to_subscriber_p50_ms": round(percentile(to_subscriber, 50), 1),
         "applied_to_subscriber_p99_ms": round(percentile(to_subscriber, 99), 1),
     }

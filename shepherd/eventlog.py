@@ -73,9 +73,12 @@ class MemoryLog(Generic[T]):
         self._signal.notify()
         return cursor
 
+    def _oldest_position(self, cursor: int) -> int:
+        """Cursor 0 means "from the oldest retained entry": the position just before it."""
+        return self._base + self._next_seq - 1 - len(self._entries) if cursor == 0 else cursor
+
     def read_after(self, cursor: int, limit: int) -> list[tuple[int, T]]:
-        if cursor == 0:
-            cursor = self._base + self._next_seq - 1 - len(self._entries)
+        cursor = self._oldest_position(cursor)
         if cursor >> _SEQ_BITS != self.epoch:
             raise CursorOutOfRange(
                 f"cursor {cursor} is from another run of this log (this run is {self.epoch}); "
@@ -94,7 +97,9 @@ class MemoryLog(Generic[T]):
         return [(self._base + first_seq + i, self._entries[i]) for i in range(start, stop)]
 
     async def wait_for_append(self, cursor: int) -> None:
-        if cursor < self.head:
+        # Without the translation, cursor 0 on an empty log is always "behind the head" and a
+        # follower would spin without ever yielding the event loop.
+        if self._oldest_position(cursor) < self.head:
             return
         await self._signal.wait()
 

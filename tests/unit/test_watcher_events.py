@@ -104,6 +104,16 @@ async def test_a_follower_gets_waiting_events_as_one_batch_and_new_ones_as_they_
     assert [item for _, item in await asyncio.wait_for(later, 5)] == ["e5"]
 
 
+async def test_following_an_empty_log_from_cursor_zero_waits_for_the_first_event() -> None:
+    log: MemoryLog[str] = MemoryLog(retention=100, epoch=1000)
+    # Returning at once here would make a follower spin and starve the event loop.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(log.wait_for_append(0), 0.05)
+    first = asyncio.ensure_future(anext(follow(log, 0)))
+    log.append("e0")
+    assert [item for _, item in await asyncio.wait_for(first, 5)] == ["e0"]
+
+
 def test_cursors_from_an_earlier_run_are_refused() -> None:
     old: MemoryLog[str] = MemoryLog(retention=100, epoch=1000)
     cursor = old.append("x")
