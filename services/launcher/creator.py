@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from shepherd.logging import get_logger
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
 Launch = launcher_service_pb2.Launch
+_CANCELS_REMEMBERED = 65_536
 
 
 @dataclass
@@ -46,7 +48,9 @@ class PodCreator:
     stats: CreatorStats = field(default_factory=CreatorStats)
     _queue: asyncio.Queue[tuple[Launch, dict[str, Any]]] = field(default_factory=asyncio.Queue)
     _inflight: set[str] = field(default_factory=set)
-    _cancelled: set[str] = field(default_factory=set)
+    # Recent cancels, so a create queued or in flight stops before the store says CANCELLED. Bounded:
+    # once the store's CANCELLED is committed (within a commit), `_superseded` covers the key.
+    _cancelled: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _resume_at: float = 0.0
 
     @property
@@ -60,7 +64,10 @@ class PodCreator:
     def cancel(self, key: task_pb2.TaskKey) -> bool:
         """Stop a queued create; True if a create for the key is in flight right now."""
         name = podmeta.key_string(key)
-        self._cancelled.add(name)
+        self._cancelled[name] = None
+        self._cancelled.move_to_end(name)
+        while len(self._cancelled) > _CANCELS_REMEMBERED:
+            self._cancelled.popitem(last=False)
         return name in self._inflight
 
     async def run(self) -> None:
