@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
+from shepherd.eventlog import AppendSignal, CursorOutOfRange
 from shepherd.logging import get_logger
 
 T = TypeVar("T")
@@ -110,3 +111,34 @@ class Database:
         self._executor.submit(self._writer.close).result()
         self._executor.shutdown()
         self.reader.close()
+
+
+class TableLog(Generic[T]):
+    """A cursor log kept in one table (`cursor INTEGER PRIMARY KEY AUTOINCREMENT` plus one blob
+    column): the launcher's launch events and the reconciler's transitions. Appends happen inside
+    the owner's write transactions; the owner calls notify() once they are committed."""
+
+    def __init__(self, db: Database, table: str, column: str, decode: Callable[[int, bytes], T], noun: str):
+        self._db = db
+        self._head_sql = f"SELECT COALESCE(MAX(cursor), 0) FROM {table}"
+        self._read_sql = f"SELECT cursor, {column} FROM {table} WHERE cursor > ? ORDER BY cursor LIMIT ?"
+        self._decode = decode
+        self._noun = noun
+        self._signal = AppendSignal()
+
+    def head(self) -> int:
+        return int(self._db.reader.execute(self._head_sql).fetchone()[0])
+
+    def read_after(self, cursor: int, limit: int) -> list[tuple[int, T]]:
+        rows = self._db.reader.execute(self._read_sql, (cursor, limit)).fetchall()
+        if not rows and cursor > (head := self.head()):
+            raise CursorOutOfRange(f"cursor {cursor} is ahead of the newest {self._noun} {head}")
+        return [(c, self._decode(c, blob)) for c, blob in rows]
+
+    async def wait_for_append(self, cursor: int) -> None:
+        if self.head() > cursor:
+            return
+        await self._signal.wait()
+
+    def notify(self) -> None:
+        self._signal.notify()

@@ -15,8 +15,7 @@ import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shepherd import podmeta
-from shepherd.eventlog import AppendSignal, CursorOutOfRange
-from shepherd.sqlite import Database, Synchronous
+from shepherd.sqlite import Database, Synchronous, TableLog
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
 Launch = launcher_service_pb2.Launch
@@ -52,7 +51,9 @@ class Accepted:
 class LaunchStore:
     def __init__(self, path: Path | str, *, synchronous: Synchronous = "FULL") -> None:
         self.db = Database(path, SCHEMA, synchronous=synchronous)
-        self._signal = AppendSignal()
+        self.events: TableLog[Launch] = TableLog(
+            self.db, "launch_events", "launch", lambda _, blob: Launch.FromString(blob), "launch event"
+        )
 
     async def close(self) -> None:
         await self.db.close()
@@ -72,22 +73,6 @@ class LaunchStore:
             (launcher_service_pb2.LAUNCH_STATE_ACCEPTED,),
         ).fetchall()
         return [(Launch.FromString(launch), orjson.loads(pod)) for launch, pod in rows]
-
-    def read_after(self, cursor: int, limit: int) -> list[tuple[int, Launch]]:
-        head = self.db.reader.execute("SELECT COALESCE(MAX(cursor), 0) FROM launch_events").fetchone()[0]
-        if cursor > head:
-            raise CursorOutOfRange(f"cursor {cursor} is ahead of the newest launch event {head}")
-        rows = self.db.reader.execute(
-            "SELECT cursor, launch FROM launch_events WHERE cursor > ? ORDER BY cursor LIMIT ?",
-            (cursor, limit),
-        ).fetchall()
-        return [(c, Launch.FromString(blob)) for c, blob in rows]
-
-    async def wait_for_append(self, cursor: int) -> None:
-        head = self.db.reader.execute("SELECT COALESCE(MAX(cursor), 0) FROM launch_events").fetchone()[0]
-        if head > cursor:
-            return
-        await self._signal.wait()
 
     # ---- writes (group-committed) -------------------------------------------------------------
 
@@ -111,7 +96,7 @@ class LaunchStore:
 
         stored, stored_pod, existed = await self.db.write(insert)
         if not existed:
-            self._signal.notify()
+            self.events.notify()
             return Accepted(launch, pod, False)
         return Accepted(Launch.FromString(stored), orjson.loads(stored_pod), True)
 
@@ -137,7 +122,7 @@ class LaunchStore:
 
         changed = await self.db.write(write)
         if changed:
-            self._signal.notify()
+            self.events.notify()
             return launch
         return None
 
@@ -181,7 +166,7 @@ class LaunchStore:
 
         blob, pod_json, relaunched = await self.db.write(write)
         if relaunched:
-            self._signal.notify()
+            self.events.notify()
         return Launch.FromString(blob), orjson.loads(pod_json), relaunched
 
 

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shepherd.eventlog import AppendSignal, CursorOutOfRange
-from shepherd.sqlite import Database, Synchronous
+from shepherd.sqlite import Database, Synchronous, TableLog
 from shepherd.v1 import task_pb2
 
 SCHEMA = """
@@ -80,7 +79,9 @@ class Committed:
 class TaskStore:
     def __init__(self, path: Path | str, *, synchronous: Synchronous = "FULL") -> None:
         self.db = Database(path, SCHEMA, synchronous=synchronous)
-        self._signal = AppendSignal()
+        self.transitions: TableLog[task_pb2.TaskStateChange] = TableLog(
+            self.db, "transitions", "change", _decode_change, "transition"
+        )
 
     async def close(self) -> None:
         await self.db.close()
@@ -126,26 +127,6 @@ class TaskStore:
         next_key = rows[page_size - 1][0] if len(rows) > page_size else ""
         return tasks, encode_page_token(next_key) if next_key else ""
 
-    def read_after(self, cursor: int, limit: int) -> list[tuple[int, task_pb2.TaskStateChange]]:
-        head = self.db.reader.execute("SELECT COALESCE(MAX(cursor), 0) FROM transitions").fetchone()[0]
-        if cursor > head:
-            raise CursorOutOfRange(f"cursor {cursor} is ahead of the newest transition {head}")
-        rows = self.db.reader.execute(
-            "SELECT cursor, change FROM transitions WHERE cursor > ? ORDER BY cursor LIMIT ?", (cursor, limit)
-        ).fetchall()
-        result = []
-        for c, blob in rows:
-            change = task_pb2.TaskStateChange.FromString(blob)
-            change.cursor = c
-            result.append((c, change))
-        return result
-
-    async def wait_for_append(self, cursor: int) -> None:
-        head = self.db.reader.execute("SELECT COALESCE(MAX(cursor), 0) FROM transitions").fetchone()[0]
-        if head > cursor:
-            return
-        await self._signal.wait()
-
     # ---- writes --------------------------------------------------------------------------------
 
     async def commit(self, batch: Batch) -> Committed:
@@ -185,7 +166,7 @@ class TaskStore:
         for change, cursor in zip(batch.changes, cursors, strict=True):
             change.cursor = cursor
         if batch.changes:
-            self._signal.notify()
+            self.transitions.notify()
         return Committed(batch.changes, fresh)
 
     async def finish_actions(self, uids: Sequence[str]) -> None:
@@ -194,6 +175,12 @@ class TaskStore:
                 "UPDATE pod_actions SET done = 1 WHERE pod_uid = ?", [(u,) for u in uids]
             )
         )
+
+
+def _decode_change(cursor: int, blob: bytes) -> task_pb2.TaskStateChange:
+    change = task_pb2.TaskStateChange.FromString(blob)
+    change.cursor = cursor  # stored without it: the row's key is the cursor
+    return change
 
 
 def encode_page_token(key: str) -> str:

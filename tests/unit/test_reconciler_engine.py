@@ -44,7 +44,11 @@ class Harness:
         await self.engine.idle()
 
     def states(self, key: task_pb2.TaskKey) -> list[int]:
-        return [change.task.state for _, change in self.store.read_after(0, 1000) if change.task.key == key]
+        return [
+            change.task.state
+            for _, change in self.store.transitions.read_after(0, 1000)
+            if change.task.key == key
+        ]
 
 
 @pytest.fixture
