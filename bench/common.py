@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane import ClusterInfo
+from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd.kube import KubeClient, load_connection
 from shepherd.taskstates import TERMINAL
@@ -60,6 +61,21 @@ class CpuMeter:
         return {name: round(cpu_seconds(pid) - self._start[name], 2) for name, pid in self.pids.items()}
 
 
+def stack_meter(stack: ServiceStack) -> CpuMeter:
+    """A CpuMeter over the control plane's processes and the three services."""
+    control_plane = Cluster().supervisor
+    return CpuMeter(
+        {
+            **{
+                name: pid
+                for name in ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
+                if (pid := control_plane.pid(name)) is not None
+            },
+            **{name: proc.pid for name, proc in stack.procs.items()},
+        }
+    )
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -67,14 +83,21 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def clear_pods(cluster: ClusterInfo, selector: str, *, timeout_s: float = 300) -> None:
-    """Delete every pod matching `selector` (as admin, in one call) and wait until they are gone."""
-    kube = KubeClient(load_connection(cluster.admin_kubeconfig))
-    path = f"/api/v1/namespaces/{cluster.namespace}/pods"
+@contextlib.asynccontextmanager
+async def admin_kube(cluster: ClusterInfo, *, max_connections: int = 128) -> AsyncIterator[KubeClient]:
+    """A client with the cluster's admin identity, closed on exit."""
+    kube = KubeClient(load_connection(cluster.admin_kubeconfig), max_connections=max_connections)
     try:
-        await kube._request("DELETE", path, params={"labelSelector": selector, "gracePeriodSeconds": "0"})
+        yield kube
     finally:
         await kube.close()
+
+
+async def clear_pods(cluster: ClusterInfo, selector: str, *, timeout_s: float = 300) -> None:
+    """Delete every pod matching `selector` (as admin, in one call) and wait until they are gone."""
+    path = f"/api/v1/namespaces/{cluster.namespace}/pods"
+    async with admin_kube(cluster) as kube:
+        await kube._request("DELETE", path, params={"labelSelector": selector, "gracePeriodSeconds": "0"})
     if not await wait_until_gone(cluster, selector, timeout_s=timeout_s):
         raise TimeoutError(f"pods matching {selector} were not gone after {timeout_s}s")
 
@@ -116,8 +139,7 @@ async def cancel_run(
 
 async def wait_until_gone(cluster: ClusterInfo, selector: str, *, timeout_s: float) -> bool:
     """Poll until no pod matches `selector`; False if some are still there after `timeout_s`."""
-    kube = KubeClient(load_connection(cluster.admin_kubeconfig))
-    try:
+    async with admin_kube(cluster) as kube:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             page = await kube.list_pods(cluster.namespace, label_selector=selector, limit=1)
@@ -125,8 +147,6 @@ async def wait_until_gone(cluster: ClusterInfo, selector: str, *, timeout_s: flo
                 return True
             await asyncio.sleep(0.5)
         return False
-    finally:
-        await kube.close()
 
 
 @dataclass

@@ -16,11 +16,10 @@ from typing import Any
 import grpc
 import orjson
 
-from bench.common import clear_pods, percentile, run_changes
+from bench.common import admin_kube, clear_pods, percentile, run_changes
 from controlplane import ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
-from shepherd.kube import KubeClient, load_connection
 from shepherd.v1 import (
     launcher_service_pb2,
     task_pb2,
@@ -123,45 +122,44 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
 
         # Room for every patch in flight: a patch waiting for a pooled connection after its "sent" time
         # was taken would count client-side queueing as Shepherd latency.
-        kube = KubeClient(load_connection(cluster.admin_kubeconfig), max_connections=1024)
-        interval = 1.0 / rate
-        pending: list[asyncio.Task[None]] = []
+        async with admin_kube(cluster, max_connections=1024) as kube:
+            interval = 1.0 / rate
+            pending: list[asyncio.Task[None]] = []
 
-        async def patch(key: task_pb2.TaskKey, phase: str, state: int) -> None:
-            name = podmeta.pod_name(key)
-            sent[(podmeta.key_string(key), state)] = time.monotonic()
-            sent_wall[(podmeta.key_string(key), state)] = time.time()
-            await kube._request(
-                "PATCH",
-                f"/api/v1/namespaces/{cluster.namespace}/pods/{name}/status",
-                body=orjson.dumps(_status(phase)),
-                content_type="application/merge-patch+json",
-            )
-            committed[(podmeta.key_string(key), state)] = time.monotonic()
-            committed_wall[(podmeta.key_string(key), state)] = time.time()
+            async def patch(key: task_pb2.TaskKey, phase: str, state: int) -> None:
+                name, change_key = podmeta.pod_name(key), (podmeta.key_string(key), state)
+                sent[change_key] = time.monotonic()
+                sent_wall[change_key] = time.time()
+                await kube._request(
+                    "PATCH",
+                    f"/api/v1/namespaces/{cluster.namespace}/pods/{name}/status",
+                    body=orjson.dumps(_status(phase)),
+                    content_type="application/merge-patch+json",
+                )
+                committed[change_key] = time.monotonic()
+                committed_wall[change_key] = time.time()
 
-        plan = [(k, "Running", task_pb2.TASK_STATE_RUNNING) for k in keys] + [
-            (k, "Succeeded", task_pb2.TASK_STATE_SUCCEEDED) for k in keys
-        ]
-        start = time.monotonic()
-        for i, (key, phase, state) in enumerate(plan):
-            delay = start + i * interval - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            pending.append(asyncio.create_task(patch(key, phase, state)))
-        await asyncio.gather(*pending)
-        achieved = len(plan) / (time.monotonic() - start)
-        try:
-            await asyncio.wait_for(finished.wait(), timeout=120)
-        except TimeoutError:
-            raise TimeoutError(
-                f"only {len(received)} of {3 * tasks} transitions reached the subscriber; "
-                f"observer failed: {observer.done() and observer.exception()}"
-            ) from None
-        subscriber.cancel()
-        observer.cancel()
-        await asyncio.gather(subscriber, observer, return_exceptions=True)
-        await kube.close()
+            plan = [(k, "Running", task_pb2.TASK_STATE_RUNNING) for k in keys] + [
+                (k, "Succeeded", task_pb2.TASK_STATE_SUCCEEDED) for k in keys
+            ]
+            start = time.monotonic()
+            for i, (key, phase, state) in enumerate(plan):
+                delay = start + i * interval - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                pending.append(asyncio.create_task(patch(key, phase, state)))
+            await asyncio.gather(*pending)
+            achieved = len(plan) / (time.monotonic() - start)
+            try:
+                await asyncio.wait_for(finished.wait(), timeout=120)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"only {len(received)} of {3 * tasks} transitions reached the subscriber; "
+                    f"observer failed: {observer.done() and observer.exception()}"
+                ) from None
+            subscriber.cancel()
+            observer.cancel()
+            await asyncio.gather(subscriber, observer, return_exceptions=True)
     await clear_pods(cluster, f"shepherd.dev/executor-id={stack.executor_id}")
     latencies = [(received[k] - sent[k]) * 1000 for k in sent]
     # The pod's status changes when the API server commits the patch, so the headline starts at its

@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import yaml
 
-from bench.common import CpuMeter, cancel_run, clear_pods
-from controlplane import Cluster, ClusterInfo, ClusterSettings
+from bench.common import cancel_run, clear_pods, stack_meter
+from controlplane import ClusterInfo, ClusterSettings
 from controlplane.stack import ServiceStack
 from services.launcher.podspec import build_pod
 from shepherd.kube import KubeClient, load_connection
@@ -159,17 +159,7 @@ async def measure(
     raw_rates: list[float] = []
     shepherd_rates: list[float] = []
     ghz_stats: dict[str, Any] = {}
-    control_plane = Cluster().supervisor
-    meter = CpuMeter(
-        {
-            **{
-                name: pid
-                for name in ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
-                if (pid := control_plane.pid(name)) is not None
-            },
-            **{name: proc.pid for name, proc in stack.procs.items()},
-        }
-    )
+    meter = stack_meter(stack)
     cpu: dict[str, dict[str, float]] = {}
     for r in range(rounds):
         run = f"rate-{int(time.time())}-{r}"

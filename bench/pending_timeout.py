@@ -15,17 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import CpuMeter, clear_pods, percentile, run_changes, wait_until_gone
+from bench.common import admin_kube, clear_pods, percentile, run_changes, stack_meter, wait_until_gone
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
-from shepherd.kube import KubeClient, load_connection
 from shepherd.v1 import (
     launcher_service_pb2,
     task_pb2,
 )
 
-CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
 RECONCILER = "system:serviceaccount:shepherd:reconciler"
 UNSCHEDULABLE = "spec: {containers: [{name: base, resources: {requests: {cpu: '100000'}}}]}"
 
@@ -35,11 +33,8 @@ def _per_second(used: dict[str, float], seconds: float) -> dict[str, float]:
 
 
 async def _creation_times(cluster: ClusterInfo, selector: str) -> dict[str, float]:
-    kube = KubeClient(load_connection(cluster.admin_kubeconfig))
-    try:
+    async with admin_kube(cluster) as kube:
         pods, _ = await kube.list_all_pods(cluster.namespace, label_selector=selector)
-    finally:
-        await kube.close()
     return {p["metadata"]["name"]: _ts(p["metadata"]["creationTimestamp"]) for p in pods}
 
 
@@ -96,12 +91,7 @@ async def measure(
                         max(0.0, first_launch + (start + chunk) / launch_rate - time.monotonic())
                     )
             # Where the CPU goes while the pods just wait, and while they expire.
-            meter = CpuMeter(
-                {
-                    **{n: pid for n in CONTROL_PLANE if (pid := Cluster().supervisor.pid(n)) is not None},
-                    **{name: proc.pid for name, proc in stack.procs.items()},
-                }
-            )
+            meter = stack_meter(stack)
             await asyncio.sleep(5)
             # The deadline starts from each pod's creationTimestamp (whole seconds), read from the
             # pods themselves: the audit log's receive time can fall in the second before it.
