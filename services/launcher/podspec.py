@@ -121,13 +121,9 @@ def _merge_containers(base: list[dict[str, Any]], over: list[dict[str, Any]]) ->
     return result
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Merge `over` onto `base` by the rules in this module's docstring; inputs are not modified."""
-    return _merge(_clone(base), _clone(over))
-
-
 def _merge(result: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Merge in place; both sides are private copies, so their parts can be shared freely."""
+    """Merge `over` onto `result`, in place, by the rules in this module's docstring. Both must be
+    private copies (build_pod makes them), so their parts can be shared freely."""
     for name, value in over.items():
         current = result.get(name)
         if value is None:

@@ -16,8 +16,6 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from shepherd.eventlog import MemoryLog
 from shepherd.kube import KubeClient, WatchExpired, is_transient
 from shepherd.kube.client import sleep_backoff
@@ -77,15 +75,12 @@ class Informer:
 
     def _emit(self, event_type: str, pod: dict[str, Any], *, synthetic: bool) -> None:
         event = pod_event(event_type, pod, synthetic=synthetic)
-        now = Timestamp()
-        now.GetCurrentTime()
-        event.observe_time.CopyFrom(now)
+        event.observe_time.GetCurrentTime()
         self._record(event)
 
     def _record(self, event: PodEvent) -> None:
         """Append to the log under the next cursor, count it, and keep the cache in step."""
-        event.cursor = self.log.head + 1
-        self.log.append(event)
+        event.cursor = self.log.append(event)  # subscribers read it only after this call returns
         self.stats.events += 1
         self.stats.synthetic_events += event.synthetic
         if event.type == watcher_service_pb2.POD_EVENT_TYPE_DELETED:
