@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeAlias
@@ -39,10 +40,17 @@ _OPTIONS = [
 ]
 
 
+# Young-generation collections every 20,000 allocations instead of 700: each request allocates
+# many short-lived containers (parsed JSON, protobufs), and every 10th young collection also walks
+# the middle generation. Fewer, larger collections cost less CPU; the memory they hold back is small.
+_GC_THRESHOLDS = (20_000, 10, 10)
+
+
 def run(main: Coroutine[Any, Any, None]) -> None:
     """Run a service's main coroutine on uvloop (grpc.aio supports it; it costs less CPU per RPC)."""
     import uvloop
 
+    gc.set_threshold(*_GC_THRESHOLDS)
     uvloop.run(main)
 
 
@@ -77,6 +85,7 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
+        self._frozen = False
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
             self.server,
@@ -92,6 +101,12 @@ class GrpcServer:
         self._log.info("listening", port=self.port, services=self.service_names)
 
     async def set_serving(self, serving: bool) -> None:
+        if serving and not self._frozen:
+            # What start-up built (modules, descriptors, settings, the first list) lives as long as
+            # the process: moved out of the collector's sight, full collections stop re-walking it.
+            gc.collect()
+            gc.freeze()
+            self._frozen = True
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )

@@ -11,7 +11,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shepherd import podmeta
+from shepherd import podmeta, timestamps
 from shepherd.v1 import task_pb2, watcher_service_pb2
 
 _EVENT_TYPES = {
@@ -22,11 +22,7 @@ _EVENT_TYPES = {
 
 
 def _timestamp(value: str | None) -> Timestamp | None:
-    if not value:
-        return None
-    ts = Timestamp()
-    ts.FromJsonString(value)
-    return ts
+    return timestamps.parse_rfc3339(value) if value else None
 
 
 def container_status(raw: dict[str, Any], kind: task_pb2.ContainerKind.ValueType) -> task_pb2.ContainerStatus:

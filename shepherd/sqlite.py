@@ -54,11 +54,16 @@ class Database:
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in a transaction; returns once that transaction is committed."""
+        return await self.write_soon(fn)
+
+    def write_soon(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue `fn` for the next transaction without waiting: the future resolves once it is
+        committed. Writes keep their queueing order, and close() commits every queued one."""
         self.start()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((fn, future))
         self._wake.set()
-        return await future
+        return future
 
     async def _commit_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -114,9 +114,7 @@ class PodCreator:
             except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as err:
                 if isinstance(err, ApiError) and err.already_exists:
                     self.stats.already_existed += 1
-                    await self.store.update(
-                        stamp_created(launch), only_if_state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED
-                    )
+                    self._settle(stamp_created(launch))
                     log.info("pod already existed: launch is settled")
                     return
                 if should_retry(err, attempt, self.max_retries, forbidden_before=forbidden):
@@ -130,19 +128,26 @@ class PodCreator:
                     await sleep_backoff(attempt, cap_s=self.backoff_cap_s, floor_s=retry_after or 0.0)
                     continue
                 self.stats.failed += 1
-                await self.store.update(
-                    stamp_failed(launch, _failure(err, attempt)),
-                    only_if_state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED,
-                )
+                self._settle(stamp_failed(launch, _failure(err, attempt)))
                 log.warning(
                     "pod creation failed", error=str(err), transient=is_transient(err), attempts=attempt + 1
                 )
                 return
             self.stats.created += 1
-            await self.store.update(
-                stamp_created(launch), only_if_state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED
-            )
+            self._settle(stamp_created(launch))
             return
+
+    def _settle(self, launch: Launch) -> None:
+        """Record a launch's outcome without holding the worker until it is committed: the worker
+        moves on to the next create at once, and commits are not on the create path. If the
+        process dies first, the replay on start finds the launch ACCEPTED, and its create answers
+        409 AlreadyExists, which settles it the same way."""
+        future = self.store.update_soon(launch, only_if_state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED)
+        future.add_done_callback(self._log_unsettled)
+
+    def _log_unsettled(self, future: asyncio.Future[bool]) -> None:
+        if not future.cancelled() and (err := future.exception()) is not None:
+            get_logger(component="creator").error("could not record a launch's outcome", error=str(err))
 
 
 def _failure(err: BaseException, retries: int) -> task_pb2.FailureDetails:

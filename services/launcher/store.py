@@ -7,14 +7,14 @@ so a retried or concurrent launch of the same key finds the first one instead of
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from shepherd import podmeta
+from shepherd import podmeta, timestamps
 from shepherd.sqlite import Database, Synchronous, TableLog
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
@@ -33,12 +33,6 @@ CREATE TABLE IF NOT EXISTS launch_events (
     launch BLOB NOT NULL
 );
 """
-
-
-def _now() -> Timestamp:
-    ts = Timestamp()
-    ts.GetCurrentTime()
-    return ts
 
 
 @dataclass(frozen=True)
@@ -79,7 +73,7 @@ class LaunchStore:
     async def accept(self, launch: Launch, pod: dict[str, object]) -> Accepted:
         """Store a new launch, or return the one already stored for its key."""
         key = podmeta.key_string(launch.key)
-        launch.accept_time.CopyFrom(_now())
+        launch.accept_time.CopyFrom(timestamps.now())
         launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED
         blob, pod_json = launch.SerializeToString(), orjson.dumps(pod)
 
@@ -102,6 +96,10 @@ class LaunchStore:
 
     async def update(self, launch: Launch, *, only_if_state: int | None = None) -> Launch | None:
         """Persist a new state of a launch and log it; with `only_if_state`, only from that state."""
+        return launch if await self.update_soon(launch, only_if_state=only_if_state) else None
+
+    def update_soon(self, launch: Launch, *, only_if_state: int | None = None) -> asyncio.Future[bool]:
+        """update() without waiting for the commit; the future says whether the launch changed."""
         key = podmeta.key_string(launch.key)
         blob = launch.SerializeToString()
 
@@ -120,11 +118,13 @@ class LaunchStore:
             conn.execute("INSERT INTO launch_events(launch) VALUES (?)", (blob,))
             return True
 
-        changed = await self.db.write(write)
-        if changed:
+        future = self.db.write_soon(write)
+        future.add_done_callback(self._notify_if_changed)
+        return future
+
+    def _notify_if_changed(self, future: asyncio.Future[bool]) -> None:
+        if not future.cancelled() and future.exception() is None and future.result():
             self.events.notify()
-            return launch
-        return None
 
     async def relaunch(
         self, key: task_pb2.TaskKey, from_attempt: int
@@ -174,7 +174,7 @@ def stamp_created(launch: Launch) -> Launch:
     updated = Launch()
     updated.CopyFrom(launch)
     updated.state = launcher_service_pb2.LAUNCH_STATE_CREATED
-    updated.create_time.CopyFrom(_now())
+    updated.create_time.CopyFrom(timestamps.now())
     return updated
 
 

@@ -19,11 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from services.reconciler.statemachine import TERMINAL, PodAction, Policy, decide, moves_forward
 from services.reconciler.store import Batch, PodActionRow, TaskStore
-from shepherd import podmeta
+from shepherd import podmeta, timestamps
 from shepherd.logging import get_logger
 from shepherd.v1 import launcher_service_pb2, task_pb2, watcher_service_pb2
 
@@ -92,12 +90,6 @@ class EngineStats:
     items: int = 0
     transitions: int = 0
     ignored_events: int = 0
-
-
-def _now() -> Timestamp:
-    ts = Timestamp()
-    ts.GetCurrentTime()
-    return ts
 
 
 @dataclass
@@ -283,7 +275,7 @@ class Engine:
     ) -> None:
         task = tracked.task
         previous = task.state
-        now = _now()
+        now = timestamps.now()
         task.state = state
         if failure is not None:
             task.failure.CopyFrom(failure)

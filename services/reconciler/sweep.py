@@ -13,10 +13,8 @@ import asyncio
 import time
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from services.reconciler.engine import Engine, PodItem
-from shepherd import podmeta
+from shepherd import podmeta, timestamps
 from shepherd.kube import KubeClient
 from shepherd.logging import get_logger
 from shepherd.podevents import pod_event
@@ -26,9 +24,7 @@ def _age_s(pod: dict[str, Any]) -> float:
     created = (pod.get("metadata") or {}).get("creationTimestamp")
     if not created:
         return 0.0
-    ts = Timestamp()
-    ts.FromJsonString(created)
-    return time.time() - ts.ToNanoseconds() / 1e9
+    return time.time() - timestamps.parse_rfc3339(created).ToNanoseconds() / 1e9
 
 
 async def sweep_pending(

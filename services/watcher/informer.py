@@ -16,6 +16,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from shepherd import timestamps
 from shepherd.eventlog import MemoryLog
 from shepherd.kube import KubeClient, WatchExpired, is_transient
 from shepherd.kube.client import sleep_backoff
@@ -75,7 +76,7 @@ class Informer:
 
     def _emit(self, event_type: str, pod: dict[str, Any], *, synthetic: bool) -> None:
         event = pod_event(event_type, pod, synthetic=synthetic)
-        event.observe_time.GetCurrentTime()
+        timestamps.stamp_now(event.observe_time)
         self._record(event)
 
     def _record(self, event: PodEvent) -> None:

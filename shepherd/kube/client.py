@@ -127,11 +127,11 @@ class KubeClient:
                 raise WatchExpired(resource_version)
             if resp.status >= 400:
                 raise ApiError.from_response(resp.status, await resp.read(), resp.headers)
-            buffer = b""
+            partial = b""  # an event split across chunks
             async for chunk in resp.content.iter_any():
-                buffer += chunk
-                while (newline := buffer.find(b"\n")) >= 0:
-                    line, buffer = buffer[:newline], buffer[newline + 1 :]
+                lines = (partial + chunk).split(b"\n")
+                partial = lines.pop()
+                for line in lines:
                     if not line.strip():
                         continue
                     event: dict[str, Any] = orjson.loads(line)

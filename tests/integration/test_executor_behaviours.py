@@ -44,7 +44,11 @@ async def test_a_pod_deleted_before_it_ran_is_relaunched_without_using_a_try(
     await client.reached(key, S.TASK_STATE_QUEUED)
     delete_pod_of(cluster, key, attempt=1)
     task = await client.final(key)
-    assert task.state == S.TASK_STATE_SUCCEEDED
+    # Seen once in a full run (FAILED after 2 attempts, not reproduced since): say why if it recurs.
+    assert task.state == S.TASK_STATE_SUCCEEDED, (
+        f"ended {S.TaskState.Name(task.state)} after {task.launch_attempts} attempt(s): {task.failure}; "
+        f"states {client.states(key)} (QUEUED=1, RUNNING=2, SUCCEEDED=3, FAILED=4)"
+    )
     assert task.launch_attempts == 2
     assert task.key.try_number == 1  # no task retry was spent
     assert client.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
