@@ -1,4 +1,4 @@
-"""What the benchmark scenarios share: pod clean-up, percentiles, process memory, reporting."""
+"""What the benchmark scenarios share: fresh stacks, percentiles, process CPU and memory, reporting."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from typing import Any
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd.kube import KubeClient, load_connection
-from shepherd.taskstates import TERMINAL
 from shepherd.v1 import reconciler_service_pb2, reconciler_service_pb2_grpc, task_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,6 +82,52 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _busy_cores(seconds: float) -> float:
+    """Cores this machine kept busy over the next `seconds` (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    total, idle = sample()
+    time.sleep(seconds)
+    total2, idle2 = sample()
+    return (os.cpu_count() or 1) * (1 - (idle2 - idle) / max(1, total2 - total))
+
+
+async def settle(*, below_cores: float = 0.3, timeout_s: float = 30.0) -> None:
+    """Wait until the machine is nearly idle: a control plane just started is still busy for a few
+    seconds (bootstrap, nodes registering, informers syncing), and that work would be measured."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(_busy_cores, 1.0) < below_cores:
+            return
+
+
+@contextlib.asynccontextmanager
+async def fresh_stack(
+    workdir: Path, name: str, *, flags: dict[str, list[str]] | None = None
+) -> AsyncIterator[tuple[ClusterInfo, ServiceStack]]:
+    """A new local control plane (empty etcd) with the three services on it, stopped on exit.
+
+    Every measured phase starts here. The API server's cost per request grows with the history
+    earlier phases leave (thousands of Events, pods in the watch cache), so a raw phase run after a
+    Shepherd phase, or the other way round, would be measured on a slower machine. Restarting
+    takes a few seconds and makes each figure independent of what ran before it."""
+    cluster = Cluster()
+    cluster.down()
+    info = cluster.up()
+    stack = ServiceStack(
+        info, workdir / name, executor_id=f"bench-{name}-{int(time.time())}", flags=flags or {}
+    )
+    stack.start()
+    await settle()
+    try:
+        yield info, stack
+    finally:
+        stack.stop_all()
+
+
 @contextlib.asynccontextmanager
 async def admin_kube(cluster: ClusterInfo, *, max_connections: int = 128) -> AsyncIterator[KubeClient]:
     """A client with the cluster's admin identity, closed on exit."""
@@ -91,50 +136,6 @@ async def admin_kube(cluster: ClusterInfo, *, max_connections: int = 128) -> Asy
         yield kube
     finally:
         await kube.close()
-
-
-async def clear_pods(cluster: ClusterInfo, selector: str, *, timeout_s: float = 300) -> None:
-    """Delete every pod matching `selector` (as admin, in one call) and wait until they are gone."""
-    path = f"/api/v1/namespaces/{cluster.namespace}/pods"
-    async with admin_kube(cluster) as kube:
-        await kube._request("DELETE", path, params={"labelSelector": selector, "gracePeriodSeconds": "0"})
-    if not await wait_until_gone(cluster, selector, timeout_s=timeout_s):
-        raise TimeoutError(f"pods matching {selector} were not gone after {timeout_s}s")
-
-
-async def cancel_run(
-    stack: ServiceStack, dag_id: str, run: str, *, expected: int, timeout_s: float = 300
-) -> None:
-    """Tear a run down as a scheduler would: cancel its tasks (the reconciler deletes their pods once),
-    then wait until no pod of this executor is left. Deleting the pods behind the reconciler's back
-    instead would make it relaunch those still Pending, as it must for pods lost before they ran."""
-    deadline = time.monotonic() + timeout_s
-    async with stack.scheduler_stubs() as (_, reconciler):
-        while True:  # the reconciler may still be catching up on the launcher's events
-            tasks, token = [], ""
-            while True:
-                page = await reconciler.ListTasks(
-                    reconciler_service_pb2.ListTasksRequest(page_size=1000, page_token=token, dag_id=dag_id)
-                )
-                tasks += [t for t in page.tasks if t.key.run_id == run]
-                token = page.next_page_token
-                if not token:
-                    break
-            if len(tasks) >= expected or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
-        gate = asyncio.Semaphore(64)
-
-        async def cancel(key: task_pb2.TaskKey) -> None:
-            async with gate:
-                await reconciler.CancelTask(
-                    reconciler_service_pb2.CancelTaskRequest(key=key, reason="benchmark teardown")
-                )
-
-        await asyncio.gather(*(cancel(t.key) for t in tasks if t.state not in TERMINAL))
-    selector = f"shepherd.dev/executor-id={stack.executor_id}"
-    if not await wait_until_gone(stack.cluster, selector, timeout_s=max(1.0, deadline - time.monotonic())):
-        raise TimeoutError(f"pods matching {selector} were not gone after {timeout_s}s")
 
 
 async def wait_until_gone(cluster: ClusterInfo, selector: str, *, timeout_s: float) -> bool:

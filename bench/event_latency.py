@@ -2,8 +2,12 @@
 
 The benchmark plays the kubelet itself, so it knows when each change happens: tasks are launched
 through Shepherd with pods bound to a node no kubelet (or kwok) manages, then their status is
-patched Pending -> Running -> Succeeded at a fixed rate. Each patch is one pod event and one task
-transition. Latency = subscriber receipt - patch sent, both on this machine's clock.
+patched Pending -> Running -> Succeeded. Each patch is one pod event and one task transition.
+
+The load is a steady stream, as a busy executor sees it: tasks start at rate/2 per second and each
+runs `run_s`, so once the first ones finish, starts and finishes interleave at `rate` events/s and
+the reconciler deletes finished pods at rate/2 per second meanwhile. (The first and last `run_s`
+are half as busy.) Latency = subscriber receipt - the API server's acknowledgement of the patch.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import grpc
 import orjson
 
-from bench.common import admin_kube, clear_pods, percentile, run_changes
+from bench.common import admin_kube, percentile, run_changes
 from controlplane import ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
@@ -54,7 +58,19 @@ def _status(phase: str) -> dict[str, Any]:
     }
 
 
-async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: float) -> dict[str, Any]:
+def _plan(
+    keys: list[task_pb2.TaskKey], rate: float, run_s: float
+) -> list[tuple[float, task_pb2.TaskKey, str, int]]:
+    """(offset in seconds, key, phase, state) of every status change, in time order."""
+    start_every = 2.0 / rate
+    plan = [(i * start_every, k, "Running", task_pb2.TASK_STATE_RUNNING) for i, k in enumerate(keys)]
+    plan += [(at + run_s, k, "Succeeded", task_pb2.TASK_STATE_SUCCEEDED) for at, k, _, _ in plan]
+    return sorted(plan, key=lambda change: change[0])
+
+
+async def measure(
+    cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: float, run_s: float = 2.0
+) -> dict[str, Any]:
     run = f"latency-{int(time.time())}"
     keys = [
         task_pb2.TaskKey(dag_id="latency", task_id=f"t{i}", run_id=run, try_number=1, map_index=-1)
@@ -123,7 +139,6 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
         # Room for every patch in flight: a patch waiting for a pooled connection after its "sent" time
         # was taken would count client-side queueing as Shepherd latency.
         async with admin_kube(cluster, max_connections=1024) as kube:
-            interval = 1.0 / rate
             pending: list[asyncio.Task[None]] = []
 
             async def patch(key: task_pb2.TaskKey, phase: str, state: int) -> None:
@@ -139,17 +154,18 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
                 committed[change_key] = time.monotonic()
                 committed_wall[change_key] = time.time()
 
-            plan = [(k, "Running", task_pb2.TASK_STATE_RUNNING) for k in keys] + [
-                (k, "Succeeded", task_pb2.TASK_STATE_SUCCEEDED) for k in keys
-            ]
+            plan = _plan(keys, rate, run_s)
             start = time.monotonic()
-            for i, (key, phase, state) in enumerate(plan):
-                delay = start + i * interval - time.monotonic()
+            for offset, key, phase, state in plan:
+                delay = start + offset - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 pending.append(asyncio.create_task(patch(key, phase, state)))
             await asyncio.gather(*pending)
             achieved = len(plan) / (time.monotonic() - start)
+            # The interleaved middle, where starts and finishes both arrive: the stated rate.
+            steady = [offset for offset, *_ in plan if run_s <= offset <= plan[-1][0] - run_s]
+            steady_rate = (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else achieved
             try:
                 await asyncio.wait_for(finished.wait(), timeout=120)
             except TimeoutError:
@@ -160,7 +176,6 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
             subscriber.cancel()
             observer.cancel()
             await asyncio.gather(subscriber, observer, return_exceptions=True)
-    await clear_pods(cluster, f"shepherd.dev/executor-id={stack.executor_id}")
     latencies = [(received[k] - sent[k]) * 1000 for k in sent]
     # The pod's status changes when the API server commits the patch, so the headline starts at its
     # acknowledgement; timing from the send would add the API server's own queueing of the patch.
@@ -177,6 +192,8 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int, rate: f
         "events": len(latencies),
         "target_rate": rate,
         "achieved_rate": round(achieved, 1),
+        "steady_rate": round(steady_rate, 1),
+        "task_run_s": run_s,
         "p50_ms": round(percentile(from_change, 50), 1),
         "p99_ms": round(percentile(from_change, 99), 1),
         "max_ms": round(max(from_change), 1),

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from bench.common import cancel_run, rss_mb, run_changes
+from bench.common import rss_mb, run_changes
 from controlplane import ClusterInfo
 from controlplane.stack import SERVICES, ServiceStack
 from shepherd.v1 import (
@@ -49,5 +49,4 @@ async def measure(cluster: ClusterInfo, stack: ServiceStack, tasks: int) -> dict
         rss = {name: round(rss_mb(stack.procs[name].pid), 1) for name in SERVICES}
         subscriber.cancel()
         await asyncio.gather(subscriber, return_exceptions=True)
-    await cancel_run(stack, "memory", run, expected=tasks, timeout_s=600)
     return {"live_tasks": tasks, "rss_mb": rss, "seconds_until_all_running": round(settle_s, 1)}

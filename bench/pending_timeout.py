@@ -12,10 +12,9 @@ import asyncio
 import datetime as dt
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.common import admin_kube, clear_pods, percentile, run_changes, stack_meter, wait_until_gone
+from bench.common import admin_kube, percentile, run_changes, stack_meter, wait_until_gone
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
@@ -42,17 +41,16 @@ def _ts(value: str) -> float:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
+def stack_flags(timeout_s: float) -> dict[str, list[str]]:
+    """The services' flags for this scenario: the pending timeout it measures."""
+    return {"reconciler": ["--pending-timeout-s", str(timeout_s)]}
+
+
 async def measure(
-    cluster: ClusterInfo, workdir: Path, tasks: int, timeout_s: float, launch_rate: float
+    cluster: ClusterInfo, stack: ServiceStack, tasks: int, timeout_s: float, launch_rate: float
 ) -> dict[str, Any]:
-    """`launch_rate` (pods/s, 0 for as fast as possible) sets how densely the deadlines fall later."""
-    stack = ServiceStack(
-        cluster,
-        workdir,
-        executor_id=f"pending-{int(time.time())}",
-        flags={"reconciler": ["--pending-timeout-s", str(timeout_s)]},
-    )
-    stack.start()
+    """`launch_rate` (pods/s, 0 for as fast as possible) sets how densely the deadlines fall later.
+    The stack must run with stack_flags(timeout_s); it is stopped before the audit log is read."""
     run = f"pending-{int(time.time())}"
     keys = [
         task_pb2.TaskKey(dag_id="pending", task_id=f"t{i}", run_id=run, try_number=1, map_index=-1)
@@ -128,7 +126,6 @@ async def measure(
     # receives the delete (same host, same clock).
     to_decision = [decided[n] - (created[n] + timeout_s) for n in decided if n in created]
     to_delete = [deleted[n] - decided[n] for n in deleted if n in decided]
-    await clear_pods(cluster, f"shepherd.dev/executor-id={stack.executor_id}")
     return {
         "pending_pods": tasks,
         "timeout_s": timeout_s,
