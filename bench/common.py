@@ -120,9 +120,9 @@ async def fresh_stack(
     stack = ServiceStack(
         info, workdir / name, executor_id=f"bench-{name}-{int(time.time())}", flags=flags or {}
     )
-    stack.start()
-    await settle()
-    try:
+    try:  # a service that fails to come up must not leave the others running
+        stack.start()
+        await settle()
         yield info, stack
     finally:
         stack.stop_all()

@@ -163,8 +163,12 @@ async def measure(
                 pending.append(asyncio.create_task(patch(key, phase, state)))
             await asyncio.gather(*pending)
             achieved = len(plan) / (time.monotonic() - start)
-            # The interleaved middle, where starts and finishes both arrive: the stated rate.
-            steady = [offset for offset, *_ in plan if run_s <= offset <= plan[-1][0] - run_s]
+            # The interleaved middle, where starts and finishes both arrive, as actually sent.
+            steady = sorted(
+                sent[(podmeta.key_string(key), state)]
+                for offset, key, _, state in plan
+                if run_s <= offset <= plan[-1][0] - run_s
+            )
             steady_rate = (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else achieved
             try:
                 await asyncio.wait_for(finished.wait(), timeout=120)

@@ -9,7 +9,6 @@ log, so no client clock or delivery delay is in the figure.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import time
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from bench.common import admin_kube, percentile, run_changes, stack_meter, wait_until_gone
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import podmeta
+from shepherd import podmeta, timestamps
 from shepherd.v1 import (
     launcher_service_pb2,
     task_pb2,
@@ -38,7 +37,7 @@ async def _creation_times(cluster: ClusterInfo, selector: str) -> dict[str, floa
 
 
 def _ts(value: str) -> float:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return timestamps.parse_rfc3339(value).ToNanoseconds() / 1e9
 
 
 def stack_flags(timeout_s: float) -> dict[str, list[str]]:

@@ -73,7 +73,7 @@ class LaunchStore:
     async def accept(self, launch: Launch, pod: dict[str, object]) -> Accepted:
         """Store a new launch, or return the one already stored for its key."""
         key = podmeta.key_string(launch.key)
-        launch.accept_time.CopyFrom(timestamps.now())
+        timestamps.stamp_now(launch.accept_time)
         launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED
         blob, pod_json = launch.SerializeToString(), orjson.dumps(pod)
 
@@ -174,7 +174,7 @@ def stamp_created(launch: Launch) -> Launch:
     updated = Launch()
     updated.CopyFrom(launch)
     updated.state = launcher_service_pb2.LAUNCH_STATE_CREATED
-    updated.create_time.CopyFrom(timestamps.now())
+    timestamps.stamp_now(updated.create_time)
     return updated
 
 
