@@ -20,6 +20,9 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 _SEQ_BITS = 32
+# Under load a subscriber gets at most one message per interval, carrying every entry appended
+# meanwhile; when entries are sparser than that, each goes out at once, with no added delay.
+MESSAGE_INTERVAL_S = 0.005
 
 
 class CursorOutOfRange(Exception):
@@ -105,15 +108,21 @@ class MemoryLog(Generic[T]):
 
 
 async def follow(
-    log: CursorLog[T], after: int, *, batch: int = 256
+    log: CursorLog[T], after: int, *, batch: int = 256, interval_s: float = MESSAGE_INTERVAL_S
 ) -> AsyncIterator[Sequence[tuple[int, T]]]:
     """Every entry after `after`, then new ones as they are appended, forever: in batches of
-    whatever is already there (at most `batch`), so that a subscriber that keeps up gets single
-    entries at once and one that is behind gets them a stream message per batch, not per entry."""
+    whatever is already there (at most `batch`). A subscriber that is behind gets a stream message
+    per batch, not per entry; one that keeps up gets a sparse entry at once, and under a steady
+    stream of entries at most one message per `interval_s`, so a burst of N appends costs a few
+    messages instead of N."""
+    sent = 0.0  # when the last partial batch went out; full batches (a backlog) are not paced
     while True:
+        if (pause := sent + interval_s - time.monotonic()) > 0:
+            await asyncio.sleep(pause)
         entries = log.read_after(after, batch)
         if entries:
             yield entries
             after = entries[-1][0]
+            sent = time.monotonic() if len(entries) < batch else 0.0
         else:
             await log.wait_for_append(after)

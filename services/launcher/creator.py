@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,6 @@ from shepherd.logging import get_logger
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
 Launch = launcher_service_pb2.Launch
-_CANCELS_REMEMBERED = 65_536
 
 
 @dataclass
@@ -46,11 +44,12 @@ class PodCreator:
     max_retries: int = 8  # -1: retry transient errors forever
     backoff_cap_s: float = 30.0
     stats: CreatorStats = field(default_factory=CreatorStats)
-    _queue: asyncio.Queue[tuple[Launch, dict[str, Any]]] = field(default_factory=asyncio.Queue)
+    _queue: asyncio.Queue[tuple[Launch, dict[str, Any], str]] = field(default_factory=asyncio.Queue)
     _inflight: set[str] = field(default_factory=set)
-    # Recent cancels, so a create queued or in flight stops before the store says CANCELLED. Bounded:
-    # once the store's CANCELLED is committed (within a commit), `_superseded` covers the key.
-    _cancelled: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    # The attempt still wanted for each key queued or in flight. A relaunch replaces it and a cancel
+    # removes it, so a queued create that either has made obsolete is skipped, and a create being
+    # retried stops. All launches, relaunches and cancels of this launcher pass through here.
+    _wanted: dict[str, int] = field(default_factory=dict)
     _resume_at: float = 0.0
 
     @property
@@ -59,15 +58,14 @@ class PodCreator:
         return self._queue.qsize() + len(self._inflight)
 
     def submit(self, launch: Launch, pod: dict[str, Any]) -> None:
-        self._queue.put_nowait((launch, pod))
+        name = podmeta.key_string(launch.key)
+        self._wanted[name] = launch.attempt
+        self._queue.put_nowait((launch, pod, name))
 
     def cancel(self, key: task_pb2.TaskKey) -> bool:
         """Stop a queued create; True if a create for the key is in flight right now."""
         name = podmeta.key_string(key)
-        self._cancelled[name] = None
-        self._cancelled.move_to_end(name)
-        while len(self._cancelled) > _CANCELS_REMEMBERED:
-            self._cancelled.popitem(last=False)
+        self._wanted.pop(name, None)
         return name in self._inflight
 
     async def run(self) -> None:
@@ -77,10 +75,9 @@ class PodCreator:
 
     async def _worker(self) -> None:
         while True:
-            launch, pod = await self._queue.get()
-            name = podmeta.key_string(launch.key)
-            if name in self._cancelled or self._superseded(launch):
-                continue
+            launch, pod, name = await self._queue.get()
+            if self._wanted.get(name) != launch.attempt:
+                continue  # cancelled, or relaunched, since it was queued
             self._inflight.add(name)
             try:
                 await self._create(launch, pod, name)
@@ -88,13 +85,8 @@ class PodCreator:
                 get_logger(component="creator").exception("unexpected error creating pod", error=str(err))
             finally:
                 self._inflight.discard(name)
-
-    def _superseded(self, launch: Launch) -> bool:
-        """A queued create that a relaunch or cancel has made obsolete since it was queued."""
-        current = self.store.get(launch.key)
-        return current is not None and (
-            current.attempt != launch.attempt or current.state != launcher_service_pb2.LAUNCH_STATE_ACCEPTED
-        )
+                if self._wanted.get(name) == launch.attempt:
+                    del self._wanted[name]
 
     async def _create(self, launch: Launch, pod: dict[str, Any], name: str) -> None:
         log = get_logger(
@@ -105,8 +97,8 @@ class PodCreator:
         )
         attempt = forbidden = 0
         while True:
-            if name in self._cancelled:
-                return
+            if self._wanted.get(name) != launch.attempt:
+                return  # cancelled (or relaunched) while it was being retried
             if (wait := self._resume_at - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
             try:

@@ -41,6 +41,7 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         self._store = store
         self._creator = creator
         self._templates = templates
+        self._allowed_executables = settings.allowed_executables  # parsed once, not per launch
         namespaces = settings.namespaces
         self._namespace_allowed = (lambda _: True) if namespaces is None else (lambda ns: ns in namespaces)
 
@@ -192,7 +193,7 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
             raise InvalidField("command", f"must have 1 to {MAX_COMMAND_ARGS} arguments (got {len(command)})")
         for i, arg in enumerate(command):
             check_text(arg, f"command[{i}]", max_len=MAX_ARG_LEN)
-        allowed = self._settings.allowed_executables
+        allowed = self._allowed_executables
         if allowed and command[0] not in allowed:
             raise InvalidField(
                 "command[0]", f"{command[0]!r} is not an allowed command (allowed: {sorted(allowed)})"

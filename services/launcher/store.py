@@ -83,23 +83,26 @@ class LaunchStore:
                 (key, blob, pod_json, launch.state),
             )
             if cur.rowcount == 1:
-                conn.execute("INSERT INTO launch_events(launch) VALUES (?)", (blob,))
+                self.events.append(conn, blob, launch)
                 return blob, pod_json, False
             row = conn.execute("SELECT launch, pod FROM launches WHERE key = ?", (key,)).fetchone()
             return row[0], row[1], True
 
         stored, stored_pod, existed = await self.db.write(insert)
         if not existed:
-            self.events.notify()
             return Accepted(launch, pod, False)
         return Accepted(Launch.FromString(stored), orjson.loads(stored_pod), True)
 
     async def update(self, launch: Launch, *, only_if_state: int | None = None) -> Launch | None:
         """Persist a new state of a launch and log it; with `only_if_state`, only from that state."""
-        return launch if await self.update_soon(launch, only_if_state=only_if_state) else None
+        return launch if await self.update_soon(launch, only_if_state=only_if_state, lazy=False) else None
 
-    def update_soon(self, launch: Launch, *, only_if_state: int | None = None) -> asyncio.Future[bool]:
-        """update() without waiting for the commit; the future says whether the launch changed."""
+    def update_soon(
+        self, launch: Launch, *, only_if_state: int | None = None, lazy: bool = True
+    ) -> asyncio.Future[bool]:
+        """update() for a caller that does not wait for the commit (so, by default, a lazy write:
+        it may wait a few milliseconds to share a commit); the future says whether the launch
+        changed. `launch` must not be modified afterwards."""
         key = podmeta.key_string(launch.key)
         blob = launch.SerializeToString()
 
@@ -115,16 +118,10 @@ class LaunchStore:
                 )
             if cur.rowcount != 1:
                 return False
-            conn.execute("INSERT INTO launch_events(launch) VALUES (?)", (blob,))
+            self.events.append(conn, blob, launch)
             return True
 
-        future = self.db.write_soon(write)
-        future.add_done_callback(self._notify_if_changed)
-        return future
-
-    def _notify_if_changed(self, future: asyncio.Future[bool]) -> None:
-        if not future.cancelled() and future.exception() is None and future.result():
-            self.events.notify()
+        return self.db.write_soon(write, lazy=lazy)
 
     async def relaunch(
         self, key: task_pb2.TaskKey, from_attempt: int
@@ -161,12 +158,10 @@ class LaunchStore:
                 "UPDATE launches SET launch = ?, pod = ?, state = ? WHERE key = ?",
                 (blob, pod_json, launch.state, name),
             )
-            conn.execute("INSERT INTO launch_events(launch) VALUES (?)", (blob,))
+            self.events.append(conn, blob, Launch.FromString(blob))
             return blob, pod_json, True
 
         blob, pod_json, relaunched = await self.db.write(write)
-        if relaunched:
-            self.events.notify()
         return Launch.FromString(blob), orjson.loads(pod_json), relaunched
 
 

@@ -136,17 +136,16 @@ class TaskStore:
         ]
         change_blobs = [change.SerializeToString() for change in batch.changes]
 
-        def write(conn: sqlite3.Connection) -> tuple[list[int], list[PodActionRow]]:
+        def write(conn: sqlite3.Connection) -> list[PodActionRow]:
             conn.executemany(
                 "INSERT INTO tasks(key, dag_id, state, task, pod_uid) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET "
                 "state = excluded.state, task = excluded.task, pod_uid = excluded.pod_uid",
                 task_rows,
             )
-            cursors = [
-                conn.execute("INSERT INTO transitions(change) VALUES (?)", (blob,)).lastrowid or 0
-                for blob in change_blobs
-            ]
+            for change, blob in zip(batch.changes, change_blobs, strict=True):
+                # The cursor is set here, before the commit makes the change readable to followers.
+                change.cursor = self.transitions.append(conn, blob, change)
             fresh = []
             for row in batch.actions:
                 cur = conn.execute(
@@ -160,13 +159,9 @@ class TaskStore:
                 "ON CONFLICT(source) DO UPDATE SET cursor = excluded.cursor",
                 list(batch.cursors.items()),
             )
-            return cursors, fresh
+            return fresh
 
-        cursors, fresh = await self.db.write(write)
-        for change, cursor in zip(batch.changes, cursors, strict=True):
-            change.cursor = cursor
-        if batch.changes:
-            self.transitions.notify()
+        fresh = await self.db.write(write)
         return Committed(batch.changes, fresh)
 
     async def finish_actions(self, uids: Sequence[str]) -> None:

@@ -93,6 +93,8 @@ async def test_cancel_revokes_a_running_task_and_deletes_its_pod(
         ),
         what="the cancelled task's pod to be deleted",
     )
+    # The stream is asynchronous: wait for the change rather than assume it beat the delete.
+    assert (await client.final(key)).state == S.TASK_STATE_REVOKED
     assert client.states(key)[-1] == S.TASK_STATE_REVOKED
     again = await client.reconciler.CancelTask(rpb.CancelTaskRequest(key=key))
     assert again.task.state == S.TASK_STATE_REVOKED  # cancelling twice changes nothing

@@ -114,6 +114,18 @@ async def test_following_an_empty_log_from_cursor_zero_waits_for_the_first_event
     assert [item for _, item in await asyncio.wait_for(first, 5)] == ["e0"]
 
 
+async def test_a_steady_stream_reaches_a_caught_up_follower_in_few_messages() -> None:
+    log: MemoryLog[str] = MemoryLog(retention=100, epoch=1000)
+    batches = follow(log, 0, interval_s=0.5)
+    log.append("e0")
+    assert [item for _, item in await anext(batches)] == ["e0"]  # the first goes out at once
+    nxt = asyncio.ensure_future(anext(batches))
+    for i in range(1, 6):  # appended one loop turn apart, well inside the interval
+        log.append(f"e{i}")
+        await asyncio.sleep(0)
+    assert [item for _, item in await asyncio.wait_for(nxt, 5)] == [f"e{i}" for i in range(1, 6)]
+
+
 def test_cursors_from_an_earlier_run_are_refused() -> None:
     old: MemoryLog[str] = MemoryLog(retention=100, epoch=1000)
     cursor = old.append("x")
