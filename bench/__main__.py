@@ -62,7 +62,9 @@ async def run(args: argparse.Namespace) -> Report:
             f"through Shepherd {rate['shepherd_pods_per_s']} "
             f"pods/s, ratio {rate['ratio']} (counting ghz's own start-up: "
             f"{rate['pods_per_s_including_ghz_startup']} pods/s); launch call p50 "
-            f"{rate['launch_rpc_p50_ms']} ms, p99 {rate['launch_rpc_p99_ms']} ms"
+            f"{rate['launch_rpc_p50_ms']} ms, p99 {rate['launch_rpc_p99_ms']} ms\n"
+            f"  medians of the rounds: raw {rate['median_raw_pods_per_s']}, Shepherd "
+            f"{rate['median_shepherd_pods_per_s']} pods/s, ratio {rate['median_ratio']}"
         )
         for phase, used in rate["cpu_core_seconds_last_round"].items():
             print(f"  CPU core-seconds, {phase} phase: {round(sum(used.values()), 2)} {used}")
@@ -115,7 +117,7 @@ def main() -> int:
         help="tasks per launch call: 1 uses LaunchTask, more BatchLaunchTasks (default 50)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="launch-rate rounds; best of each side (default 3)"
+        "--rounds", type=int, default=5, help="launch-rate rounds; best of each side (default 5)"
     )
     parser.add_argument(
         "--latency-tasks", type=int, default=1000, help="tasks in the latency run (default 1000)"
