@@ -1,12 +1,12 @@
 """Pods per second through Shepherd, against the raw ceiling of this API server in the same run.
 
-Ceiling: the same pods created directly by a lean concurrent client (the aiohttp adapter the
-launcher itself uses, same ServiceAccount, same concurrency). Shepherd: the same number of
-LaunchTask calls fired by ghz (over reflection, no proto files), timed by the launcher's own stamps:
-from accepting the first task to the API server answering the last create. ghz's start-up (a new
-process, its reflection look-up, its connections) is not Shepherd's work, so it stays outside; the
-rate over ghz's whole wall time is reported next to it. Both sets of pods then really run on kwok
-nodes.
+Ceiling: the same pods created directly by a lean concurrent client (the aiohttp adapter and the
+uvloop event loop the launcher itself uses, same ServiceAccount, same concurrency). Shepherd: the
+same number of LaunchTask calls fired by ghz (over reflection, no proto files), timed by the
+launcher's own stamps: from accepting the first task to the API server answering the last create.
+ghz's start-up (a new process, its reflection look-up, its connections) is not Shepherd's work, so
+it stays outside; the rate over ghz's whole wall time is reported next to it. Both sets of pods
+then really run on kwok nodes.
 
 The stamps are read from the launcher's store file (read-only) rather than followed live over
 WatchLaunchEvents: a live follower would cost the launcher and this process CPU inside the window,
