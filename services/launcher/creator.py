@@ -21,7 +21,7 @@ from services.launcher.store import LaunchStore, stamp_created, stamp_failed
 from shepherd import podmeta
 from shepherd.kube import ApiError, KubeClient, is_transient
 from shepherd.kube.client import sleep_backoff
-from shepherd.kube.errors import should_retry
+from shepherd.kube.errors import Retries
 from shepherd.logging import get_logger
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
@@ -95,7 +95,7 @@ class PodCreator:
             namespace=launch.namespace,
             task_key=podmeta.log_key(name),
         )
-        attempt = forbidden = 0
+        retries = Retries(self.max_retries)
         while True:
             if self._wanted.get(name) != launch.attempt:
                 return  # cancelled (or relaunched) while it was being retried
@@ -109,20 +109,23 @@ class PodCreator:
                     self._settle(stamp_created(launch))
                     log.info("pod already existed: launch is settled")
                     return
-                if should_retry(err, attempt, self.max_retries, forbidden_before=forbidden):
-                    forbidden += isinstance(err, ApiError) and err.status == 403
-                    attempt += 1
+                if retries.another(err):
                     self.stats.retries += 1
                     retry_after = err.retry_after_s if isinstance(err, ApiError) else None
                     if retry_after:
                         self._resume_at = max(self._resume_at, time.monotonic() + retry_after)
-                    log.warning("transient error creating pod; retrying", error=str(err), attempt=attempt)
-                    await sleep_backoff(attempt, cap_s=self.backoff_cap_s, floor_s=retry_after or 0.0)
+                    log.warning(
+                        "transient error creating pod; retrying", error=str(err), attempt=retries.attempt
+                    )
+                    await sleep_backoff(retries.attempt, cap_s=self.backoff_cap_s, floor_s=retry_after or 0.0)
                     continue
                 self.stats.failed += 1
-                self._settle(stamp_failed(launch, _failure(err, attempt)))
+                self._settle(stamp_failed(launch, _failure(err, retries.attempt)))
                 log.warning(
-                    "pod creation failed", error=str(err), transient=is_transient(err), attempts=attempt + 1
+                    "pod creation failed",
+                    error=str(err),
+                    transient=is_transient(err),
+                    attempts=retries.attempt + 1,
                 )
                 return
             self.stats.created += 1

@@ -17,7 +17,7 @@ from services.reconciler.store import PodActionRow, TaskStore
 from shepherd import podmeta
 from shepherd.kube import ApiError, KubeClient
 from shepherd.kube.client import sleep_backoff
-from shepherd.kube.errors import should_retry
+from shepherd.kube.errors import Retries
 from shepherd.logging import get_logger
 
 
@@ -75,7 +75,7 @@ class PodActions:
 
     async def _carry_out(self, row: PodActionRow) -> None:
         log = get_logger(component="pod-actions", pod=row.name, namespace=row.namespace, action=row.action)
-        attempt = forbidden = 0
+        retries = Retries(self.max_retries)
         while True:
             try:
                 if row.action == "delete":
@@ -92,10 +92,8 @@ class PodActions:
                 if isinstance(err, ApiError) and err.status == 404:
                     self.stats.already_gone += 1
                     break
-                if should_retry(err, attempt, self.max_retries, forbidden_before=forbidden):
-                    forbidden += isinstance(err, ApiError) and err.status == 403
-                    attempt += 1
-                    await sleep_backoff(attempt, floor_s=getattr(err, "retry_after_s", None) or 0.0)
+                if retries.another(err):
+                    await sleep_backoff(retries.attempt, floor_s=getattr(err, "retry_after_s", None) or 0.0)
                     continue
                 self.stats.failed += 1
                 log.warning("giving up on pod action", error=str(err))

@@ -65,6 +65,23 @@ def should_retry(error: BaseException, attempt: int, max_retries: int, *, forbid
     return isinstance(error, ApiError) and error.status == 403 and forbidden_before < FORBIDDEN_RETRIES
 
 
+@dataclass
+class Retries:
+    """One call's retry bookkeeping for should_retry: the retries so far, and how many were 403s."""
+
+    max_retries: int  # -1: transient errors are retried forever
+    attempt: int = 0
+    forbidden: int = 0
+
+    def another(self, error: BaseException) -> bool:
+        """Whether to try again after `error`; when it is, the retry is counted."""
+        if not should_retry(error, self.attempt, self.max_retries, forbidden_before=self.forbidden):
+            return False
+        self.attempt += 1
+        self.forbidden += isinstance(error, ApiError) and error.status == 403
+        return True
+
+
 def is_transient(error: BaseException) -> bool:
     if isinstance(error, ApiError):
         if error.status == 429 or error.status >= 500:

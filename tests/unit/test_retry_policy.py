@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from shepherd.kube.errors import FORBIDDEN_RETRIES, ApiError, is_transient, should_retry
+from shepherd.kube.errors import FORBIDDEN_RETRIES, ApiError, Retries, is_transient, should_retry
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,12 @@ def test_the_retry_budget_bounds_everything_unless_unlimited() -> None:
     error = ApiError(503, "ServiceUnavailable", "x")
     assert not should_retry(error, attempt=8, max_retries=8)
     assert should_retry(error, attempt=1000, max_retries=-1)
+
+
+def test_the_403s_of_one_call_count_against_their_own_small_budget() -> None:
+    retries = Retries(max_retries=100)
+    forbidden = ApiError(403, "Forbidden", "cannot create resource pods")
+    assert all(retries.another(forbidden) for _ in range(FORBIDDEN_RETRIES))
+    assert not retries.another(forbidden)
+    assert retries.another(ApiError(503, "ServiceUnavailable", "x"))  # transient errors still retry
+    assert retries.attempt == FORBIDDEN_RETRIES + 1
