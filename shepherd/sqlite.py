@@ -73,7 +73,8 @@ class Database:
         """Queue `fn` for a transaction without waiting: the future resolves once it is committed.
         Writes keep their queueing order, and close() commits every queued one. A lazy write may
         wait up to `lazy_linger_s` for other writes to share its commit; any other write (or
-        close) commits it at once."""
+        close) commits it at once. `fn` may run twice (see _run_batch), so it must act only
+        through the connection it is given (and TableLog.append)."""
         self.start()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((fn, future))
@@ -116,11 +117,37 @@ class Database:
     def _run_batch(
         self, fns: list[Callable[[sqlite3.Connection], Any]]
     ) -> tuple[list[tuple[bool, Any]], list[tuple[TableLog[Any], list[tuple[int, Any]]]]]:
-        """Writer thread: one transaction for the batch, each write in a savepoint. Returns each
-        write's outcome and, per log, the entries the transaction appended (once committed)."""
+        """Writer thread: one transaction for the batch. Returns each write's outcome and, per log,
+        the entries the transaction appended (once committed).
+
+        Writes rarely fail, so the batch first runs bare. If one raises, that attempt is rolled
+        back and the batch runs again with each write in a savepoint, so only the failing ones are
+        undone. (Savepoints on every write would cost two more statements each, every time.)"""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results: list[tuple[bool, Any]] = [(True, fn(conn)) for fn in fns]
+        except Exception:
+            conn.execute("ROLLBACK")
+            for log in self._logs:
+                log._staged = []
+            conn.execute("BEGIN IMMEDIATE")
+            results = self._run_isolated(fns)
+        appended = [(log, log._staged) for log in self._logs if log._staged]
+        for log in self._logs:
+            log._staged = []
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            conn.execute("ROLLBACK")
+            return [(False, err) for _ in fns], []
+        return results, appended
+
+    def _run_isolated(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """Writer thread, inside a transaction: each write in a savepoint; a failing one is undone
+        (with its log entries) and the others stand."""
         conn = self._writer
         results: list[tuple[bool, Any]] = []
-        conn.execute("BEGIN IMMEDIATE")
         for fn in fns:
             marks = [len(log._staged) for log in self._logs]
             conn.execute("SAVEPOINT op")
@@ -133,15 +160,7 @@ class Database:
                 for log, mark in zip(self._logs, marks, strict=True):
                     del log._staged[mark:]
                 results.append((False, err))
-        appended = [(log, log._staged) for log in self._logs if log._staged]
-        for log in self._logs:
-            log._staged = []
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as err:
-            conn.execute("ROLLBACK")
-            return [(False, err) for _ in fns], []
-        return results, appended
+        return results
 
     async def close(self) -> None:
         if self._loop_task is not None:

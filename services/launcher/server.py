@@ -48,15 +48,15 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
     # ---- RPCs ---------------------------------------------------------------------------------
 
     async def LaunchTask(self, request: pb.LaunchTaskRequest, context: Context) -> pb.LaunchTaskResponse:
-        try:
-            return await self._launch(request, "")
-        except InvalidField as err:
-            await abort_invalid(context, err)
-        except UnknownTemplate as err:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
-        except QueueFull as err:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        raise AssertionError("unreachable")
+        (outcome,) = await self._launch([request], [""])
+        if isinstance(outcome, InvalidField):
+            await abort_invalid(context, outcome)
+        elif isinstance(outcome, UnknownTemplate):
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(outcome))
+        elif isinstance(outcome, QueueFull):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(outcome))
+        assert isinstance(outcome, pb.LaunchTaskResponse)
+        return outcome
 
     async def BatchLaunchTasks(
         self, request: pb.BatchLaunchTasksRequest, context: Context
@@ -64,30 +64,13 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         if not 1 <= len(request.requests) <= MAX_BATCH:
             await abort_invalid(context, InvalidField("requests", f"must hold 1 to {MAX_BATCH} launches"))
 
-        async def one(i: int, item: pb.LaunchTaskRequest) -> pb.BatchLaunchResult:
-            try:
-                return pb.BatchLaunchResult(response=await self._launch(item, f"requests[{i}]."))
-            except InvalidField as err:
-                return pb.BatchLaunchResult(
-                    error=pb.LaunchError(
-                        code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(err), field=err.field
-                    )
-                )
-            except UnknownTemplate as err:
-                return pb.BatchLaunchResult(
-                    error=pb.LaunchError(
-                        code=grpc.StatusCode.NOT_FOUND.value[0],
-                        message=str(err),
-                        field=f"requests[{i}].template_name",
-                    )
-                )
-            except QueueFull as err:
-                return pb.BatchLaunchResult(
-                    error=pb.LaunchError(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=str(err))
-                )
-
-        results = await asyncio.gather(*(one(i, item) for i, item in enumerate(request.requests)))
-        return pb.BatchLaunchTasksResponse(results=results)
+        prefixes = [f"requests[{i}]." for i in range(len(request.requests))]
+        outcomes = await self._launch(request.requests, prefixes)
+        return pb.BatchLaunchTasksResponse(
+            results=[
+                _batch_result(outcome, prefix) for outcome, prefix in zip(outcomes, prefixes, strict=True)
+            ]
+        )
 
     async def GetLaunch(self, request: pb.GetLaunchRequest, context: Context) -> pb.GetLaunchResponse:
         launch = await self._existing(request.key, request.HasField("key"), context)
@@ -156,36 +139,60 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         assert launch is not None
         return launch
 
-    async def _launch(self, request: pb.LaunchTaskRequest, prefix: str) -> pb.LaunchTaskResponse:
-        try:
-            check_key(request.key, f"{prefix}key", present=request.HasField("key"))
-            if (existing := self._store.get(request.key)) is not None:
-                return pb.LaunchTaskResponse(launch=existing, already_existed=True)
-            pod = self._build(request)
-        except InvalidField as err:
-            raise InvalidField(
-                err.field if err.field.startswith(prefix) else prefix + err.field, err.problem
-            ) from err
-        if self._creator.backlog >= self._settings.queue_limit:
-            raise QueueFull(
+    async def _launch(
+        self, requests: Sequence[pb.LaunchTaskRequest], prefixes: Sequence[str]
+    ) -> list[Outcome]:
+        """Launch each request (its errors naming fields under its prefix): one query for the keys
+        already launched, and one transaction for the new ones, however many there are."""
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        keys: dict[int, str] = {}
+        for i, request in enumerate(requests):
+            try:
+                check_key(request.key, f"{prefixes[i]}key", present=request.HasField("key"))
+                keys[i] = podmeta.key_string(request.key)
+            except InvalidField as err:
+                outcomes[i] = _prefixed(err, prefixes[i])
+        existing = self._store.get_many(list(keys.values()))
+        new: list[tuple[int, pb.Launch, dict[str, Any]]] = []
+        for i, key in keys.items():
+            if (launch := existing.get(key)) is not None:
+                outcomes[i] = pb.LaunchTaskResponse(launch=launch, already_existed=True)
+                continue
+            try:
+                pod = self._build(requests[i])
+            except InvalidField as err:
+                outcomes[i] = _prefixed(err, prefixes[i])
+                continue
+            except UnknownTemplate as err:
+                outcomes[i] = err
+                continue
+            launch = pb.Launch(
+                key=requests[i].key,
+                namespace=pod["metadata"]["namespace"],
+                pod_name=pod["metadata"]["name"],
+                executor_id=self._settings.executor_id,
+                attempt=1,
+            )
+            new.append((i, launch, pod))
+        room = max(0, self._settings.queue_limit - self._creator.backlog)
+        for i, _, _ in new[room:]:
+            outcomes[i] = QueueFull(
                 f"the launch queue is full ({self._settings.queue_limit} launches waiting); retry later"
             )
-        launch = pb.Launch(
-            key=request.key,
-            namespace=pod["metadata"]["namespace"],
-            pod_name=pod["metadata"]["name"],
-            executor_id=self._settings.executor_id,
-            attempt=1,
-        )
-        accepted = await self._store.accept(launch, pod)
-        if not accepted.already_existed:
-            self._creator.submit(accepted.launch, accepted.pod)
-            get_logger(
-                task_key=podmeta.log_key(request.key),
-                pod=launch.pod_name,
-                namespace=launch.namespace,
-            ).info("launch accepted")
-        return pb.LaunchTaskResponse(launch=accepted.launch, already_existed=accepted.already_existed)
+        new = new[:room]
+        if new:
+            accepted = await self._store.accept([(launch, pod) for _, launch, pod in new])
+            for (i, launch, _), result in zip(new, accepted, strict=True):
+                if not result.already_existed:
+                    self._creator.submit(result.launch, result.pod)
+                    get_logger(
+                        task_key=podmeta.log_key(launch.key), pod=launch.pod_name, namespace=launch.namespace
+                    ).info("launch accepted")
+                outcomes[i] = pb.LaunchTaskResponse(
+                    launch=result.launch, already_existed=result.already_existed
+                )
+        assert all(outcome is not None for outcome in outcomes)
+        return outcomes  # type: ignore[return-value]  # every slot is filled above
 
     def _build(self, request: pb.LaunchTaskRequest) -> dict[str, Any]:
         command = list(request.command)
@@ -218,6 +225,26 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
             namespace=self._settings.namespace,
             namespace_allowed=self._namespace_allowed,
         )
+
+
+Outcome = pb.LaunchTaskResponse | InvalidField | UnknownTemplate | QueueFull
+
+
+def _prefixed(err: InvalidField, prefix: str) -> InvalidField:
+    """The error with its field named from the top of the request (inside a batch: requests[i].)."""
+    return err if err.field.startswith(prefix) else InvalidField(prefix + err.field, err.problem)
+
+
+def _batch_result(outcome: Outcome, prefix: str) -> pb.BatchLaunchResult:
+    if isinstance(outcome, pb.LaunchTaskResponse):
+        return pb.BatchLaunchResult(response=outcome)
+    if isinstance(outcome, InvalidField):
+        code, field = grpc.StatusCode.INVALID_ARGUMENT, outcome.field
+    elif isinstance(outcome, UnknownTemplate):
+        code, field = grpc.StatusCode.NOT_FOUND, f"{prefix}template_name"
+    else:
+        code, field = grpc.StatusCode.RESOURCE_EXHAUSTED, ""
+    return pb.BatchLaunchResult(error=pb.LaunchError(code=code.value[0], message=str(outcome), field=field))
 
 
 async def serve(settings: LauncherSettings) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from shepherd.sqlite import Database, Synchronous, TableLog
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
 Launch = launcher_service_pb2.Launch
+_KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS launches (
@@ -60,6 +62,17 @@ class LaunchStore:
         ).fetchone()
         return Launch.FromString(row[0]) if row else None
 
+    def get_many(self, keys: Sequence[str]) -> dict[str, Launch]:
+        """The stored launches among `keys` (podmeta.key_string), by key: one query per 500 keys."""
+        found: dict[str, Launch] = {}
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            chunk = keys[start : start + _KEYS_PER_QUERY]
+            rows = self.db.reader.execute(
+                f"SELECT key, launch FROM launches WHERE key IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+            found.update((key, Launch.FromString(blob)) for key, blob in rows)
+        return found
+
     def pending(self) -> list[tuple[Launch, dict[str, object]]]:
         """Launches accepted but not yet created: the work to replay on start."""
         rows = self.db.reader.execute(
@@ -70,28 +83,39 @@ class LaunchStore:
 
     # ---- writes (group-committed) -------------------------------------------------------------
 
-    async def accept(self, launch: Launch, pod: dict[str, object]) -> Accepted:
-        """Store a new launch, or return the one already stored for its key."""
-        key = podmeta.key_string(launch.key)
-        timestamps.stamp_now(launch.accept_time)
-        launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED
-        blob, pod_json = launch.SerializeToString(), orjson.dumps(pod)
-
-        def insert(conn: sqlite3.Connection) -> tuple[bytes, bytes, bool]:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO launches(key, launch, pod, state) VALUES (?, ?, ?, ?)",
-                (key, blob, pod_json, launch.state),
+    async def accept(self, items: Sequence[tuple[Launch, dict[str, object]]]) -> list[Accepted]:
+        """Store new launches in one transaction; for a key already stored (by an earlier call, or
+        earlier in `items`), the stored launch is returned instead. In the order of `items`."""
+        rows = []
+        for launch, pod in items:
+            timestamps.stamp_now(launch.accept_time)
+            launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED
+            rows.append(
+                (podmeta.key_string(launch.key), launch, launch.SerializeToString(), orjson.dumps(pod))
             )
-            if cur.rowcount == 1:
-                self.events.append(conn, blob, launch)
-                return blob, pod_json, False
-            row = conn.execute("SELECT launch, pod FROM launches WHERE key = ?", (key,)).fetchone()
-            return row[0], row[1], True
 
-        stored, stored_pod, existed = await self.db.write(insert)
-        if not existed:
-            return Accepted(launch, pod, False)
-        return Accepted(Launch.FromString(stored), orjson.loads(stored_pod), True)
+        def insert(conn: sqlite3.Connection) -> list[tuple[bytes, bytes] | None]:
+            stored: list[tuple[bytes, bytes] | None] = []
+            for key, launch, blob, pod_json in rows:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO launches(key, launch, pod, state) VALUES (?, ?, ?, ?)",
+                    (key, blob, pod_json, launch.state),
+                )
+                if cur.rowcount == 1:
+                    self.events.append(conn, blob, launch)
+                    stored.append(None)
+                else:
+                    stored.append(
+                        conn.execute("SELECT launch, pod FROM launches WHERE key = ?", (key,)).fetchone()
+                    )
+            return stored
+
+        return [
+            Accepted(launch, pod, False)
+            if existing is None
+            else Accepted(Launch.FromString(existing[0]), orjson.loads(existing[1]), True)
+            for (launch, pod), existing in zip(items, await self.db.write(insert), strict=True)
+        ]
 
     async def update(self, launch: Launch, *, only_if_state: int | None = None) -> Launch | None:
         """Persist a new state of a launch and log it; with `only_if_state`, only from that state."""
