@@ -53,23 +53,28 @@ async def run(args: argparse.Namespace) -> Report:
         )
     if "rate" in args.only:
         print(
-            f"\n== launch rate: {args.pods} pods, raw client vs Shepherd, best of {args.rounds}",
+            f"\n== launch rate: {args.pods} pods, raw client vs Shepherd, {args.rounds} rounds each",
             flush=True,
         )
-        rate = await launch_rate.measure(workdir, args.pods, args.rounds, args.batch, FLAGS)
+        # Every launch of a round may wait in the launcher's queue at once: none is refused.
+        rate_flags = {"launcher": [*FLAGS["launcher"], "--queue-limit", str(max(10_000, args.pods))]}
+        rate = await launch_rate.measure(workdir, args.pods, args.rounds, args.batch, rate_flags)
         report.figures["launch_rate"] = rate
         print(
-            f"  raw ceiling {rate['raw_pods_per_s']} pods/s, "
-            f"through Shepherd {rate['shepherd_pods_per_s']} "
-            f"pods/s, ratio {rate['ratio']} (counting ghz's own start-up: "
+            f"  medians of the rounds: raw ceiling {rate['median_raw_pods_per_s']} pods/s, through "
+            f"Shepherd {rate['median_shepherd_pods_per_s']} pods/s, ratio {rate['median_ratio']}\n"
+            f"  best rounds: raw {rate['raw_pods_per_s']}, Shepherd {rate['shepherd_pods_per_s']} pods/s, "
+            f"ratio {rate['ratio']} (its rate counting ghz's own start-up: "
             f"{rate['pods_per_s_including_ghz_startup']} pods/s); launch call p50 "
-            f"{rate['launch_rpc_p50_ms']} ms, p99 {rate['launch_rpc_p99_ms']} ms\n"
-            f"  medians of the rounds: raw {rate['median_raw_pods_per_s']}, Shepherd "
-            f"{rate['median_shepherd_pods_per_s']} pods/s, ratio {rate['median_ratio']}"
+            f"{rate['launch_rpc_p50_ms']} ms, p99 {rate['launch_rpc_p99_ms']} ms"
         )
         for phase, used in rate["cpu_core_seconds_last_round"].items():
             print(f"  CPU core-seconds, {phase} phase: {round(sum(used.values()), 2)} {used}")
-        report.check("launch rate >= 0.8 x raw ceiling", rate["ratio"] >= 0.8, f"ratio {rate['ratio']}")
+        report.check(
+            "launch rate >= 0.8 x raw ceiling (medians of the rounds)",
+            rate["median_ratio"] >= 0.8,
+            f"median ratio {rate['median_ratio']} (best rounds: {rate['ratio']})",
+        )
     if "memory" in args.only:
         print(f"\n== memory: {args.live} live tasks", flush=True)
         async with fresh_stack(workdir, "memory", flags=FLAGS) as (info, stack):
@@ -110,16 +115,19 @@ async def run(args: argparse.Namespace) -> Report:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--pods", type=int, default=2000, help="pods per launch-rate round (default 2000)")
+    parser.add_argument(
+        "--pods",
+        type=int,
+        default=6000,
+        help="pods per launch-rate round (default 6000: long enough to measure the steady state)",
+    )
     parser.add_argument(
         "--batch",
         type=int,
         default=50,
         help="tasks per launch call: 1 uses LaunchTask, more BatchLaunchTasks (default 50)",
     )
-    parser.add_argument(
-        "--rounds", type=int, default=5, help="launch-rate rounds; best of each side (default 5)"
-    )
+    parser.add_argument("--rounds", type=int, default=3, help="launch-rate rounds of each side (default 3)")
     parser.add_argument(
         "--latency-tasks", type=int, default=1000, help="tasks in the latency run (default 1000)"
     )
