@@ -69,3 +69,23 @@ def test_each_service_has_one_name_everywhere(name: str) -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == name
     assert pod["containers"][0]["readinessProbe"]["grpc"]["service"] == SERVICES[name].full_name
+
+
+def test_the_image_holds_what_the_deployments_run() -> None:
+    """The Dockerfile is not built here (no container engine), so its inputs are checked instead:
+    everything it copies exists and passes .dockerignore, its entrypoint is the interpreter the
+    Deployments' `-m services.<name>` args expect, and it runs as the manifests' user."""
+    root = DEPLOY.parent
+    dockerfile = (root / "Dockerfile").read_text().splitlines()
+    copied = [line.split()[1] for line in dockerfile if line.startswith("COPY ") and "--from" not in line]
+    allowed = {line[1:] for line in (root / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    for source in copied:
+        assert (root / source).exists(), source
+        assert source in allowed, f"{source} is excluded by .dockerignore"
+    assert 'ENTRYPOINT ["python"]' in dockerfile
+    assert "USER 1000:1000" in dockerfile
+    for deployment in (o for o in kustomized_objects() if o["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        name = deployment["metadata"]["name"]
+        assert pod["containers"][0]["args"] == ["-m", f"services.{name}"]
+        assert pod["securityContext"]["runAsUser"] == 1000

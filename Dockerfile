@@ -1,0 +1,25 @@
+# One image for the three services: each Deployment in deploy/base picks its service with
+# `args: ["-m", "services.<name>"]`. Build it with `docker build -t <registry>/shepherd:0.1.0 .`.
+#
+# Not built on the development machine, which has no container engine. What the build stage does
+# (`pip install .` into a clean virtualenv, then running each service from outside the source tree)
+# is checked there by hand; see README.md, "With a real cluster".
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY shepherd/ shepherd/
+COPY services/ services/
+RUN python -m venv /opt/shepherd && /opt/shepherd/bin/pip install --no-cache-dir .
+
+FROM python:3.11-slim
+COPY --from=build /opt/shepherd /opt/shepherd
+# The default pod template, for running without the pod-templates ConfigMap of deploy/.
+COPY deploy/pod-templates/ /etc/shepherd/pod-templates/
+ENV PATH=/opt/shepherd/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    SHEPHERD_TEMPLATES_DIR=/etc/shepherd/pod-templates
+# The UID the manifests run as (runAsUser: 1000).
+USER 1000:1000
+ENTRYPOINT ["python"]
+CMD ["-m", "services.launcher", "--help"]
