@@ -4,21 +4,25 @@
 # Not built on the development machine, which has no container engine. What the build stage does
 # (`pip install .` into a clean virtualenv, then running each service from outside the source tree)
 # is checked there by hand; see README.md, "With a real cluster".
-FROM python:3.11-slim AS build
+FROM python:3.11.7-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shepherd/ shepherd/
 COPY services/ services/
 RUN python -m venv /opt/shepherd && /opt/shepherd/bin/pip install --no-cache-dir .
 
-FROM python:3.11-slim
+FROM python:3.11.7-slim-bookworm
 COPY --from=build /opt/shepherd /opt/shepherd
+# Where the SQLite stores go unless SHEPHERD_STORE_PATH says otherwise (the manifests mount a
+# volume there), writable by the user below.
+RUN mkdir -p /var/lib/shepherd && chown 1000:1000 /var/lib/shepherd
 # The default pod template, for running without the pod-templates ConfigMap of deploy/.
 COPY deploy/pod-templates/ /etc/shepherd/pod-templates/
 ENV PATH=/opt/shepherd/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    SHEPHERD_TEMPLATES_DIR=/etc/shepherd/pod-templates
+    SHEPHERD_TEMPLATES_DIR=/etc/shepherd/pod-templates \
+    XDG_STATE_HOME=/var/lib
 # The UID the manifests run as (runAsUser: 1000).
 USER 1000:1000
 ENTRYPOINT ["python"]

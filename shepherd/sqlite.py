@@ -73,8 +73,9 @@ class Database:
         """Queue `fn` for a transaction without waiting: the future resolves once it is committed.
         Writes keep their queueing order, and close() commits every queued one. A lazy write may
         wait up to `lazy_linger_s` for other writes to share its commit; any other write (or
-        close) commits it at once. `fn` may run twice (see _run_batch), so it must act only
-        through the connection it is given (and TableLog.append)."""
+        close) commits it at once. `fn` may run twice (see _run_batch): what it does outside the
+        connection it is given (other than TableLog.append) must bear repeating. It should return
+        an expected refusal rather than raise it, since raising re-runs its whole batch."""
         self.start()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((fn, future))
@@ -96,9 +97,13 @@ class Database:
             if not batch:
                 continue
             started = time.monotonic()
-            results, appended = await loop.run_in_executor(
-                self._executor, self._run_batch, [fn for fn, _ in batch]
-            )
+            try:
+                results, appended = await loop.run_in_executor(
+                    self._executor, self._run_batch, [fn for fn, _ in batch]
+                )
+            except Exception as err:  # the loop must outlive a failed batch, or every later write hangs
+                get_logger(component="sqlite", path=self.path).error("write batch failed", error=str(err))
+                results, appended = [(False, err) for _ in batch], []
             for log, entries in appended:
                 log._publish(entries)  # before the writers resume: what they committed is readable
             elapsed = time.monotonic() - started
@@ -117,6 +122,20 @@ class Database:
     def _run_batch(
         self, fns: list[Callable[[sqlite3.Connection], Any]]
     ) -> tuple[list[tuple[bool, Any]], list[tuple[TableLog[Any], list[tuple[int, Any]]]]]:
+        """Writer thread: _transaction, leaving no transaction open and nothing staged if it fails."""
+        try:
+            return self._transaction(fns)
+        except Exception:
+            for log in self._logs:
+                log._staged = []
+            with contextlib.suppress(sqlite3.Error):
+                if self._writer.in_transaction:
+                    self._writer.execute("ROLLBACK")
+            raise
+
+    def _transaction(
+        self, fns: list[Callable[[sqlite3.Connection], Any]]
+    ) -> tuple[list[tuple[bool, Any]], list[tuple[TableLog[Any], list[tuple[int, Any]]]]]:
         """Writer thread: one transaction for the batch. Returns each write's outcome and, per log,
         the entries the transaction appended (once committed).
 
@@ -128,7 +147,8 @@ class Database:
         try:
             results: list[tuple[bool, Any]] = [(True, fn(conn)) for fn in fns]
         except Exception:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+                conn.execute("ROLLBACK")
             for log in self._logs:
                 log._staged = []
             conn.execute("BEGIN IMMEDIATE")
@@ -139,7 +159,8 @@ class Database:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as err:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             return [(False, err) for _ in fns], []
         return results, appended
 

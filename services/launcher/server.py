@@ -11,7 +11,7 @@ import grpc
 from services.launcher.creator import PodCreator
 from services.launcher.podspec import build_pod, check_override, parse_pod_document
 from services.launcher.settings import LauncherSettings
-from services.launcher.store import LaunchStore, stamp_cancelled
+from services.launcher.store import Accepted, LaunchStore, stamp_cancelled
 from services.launcher.templates import TemplateCatalog, UnknownTemplate
 from shepherd import podmeta
 from shepherd.errors import abort_invalid
@@ -181,18 +181,29 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
             )
         new = new[:room]
         if new:
-            accepted = await self._store.accept([(launch, pod) for _, launch, pod in new])
-            for (i, launch, _), result in zip(new, accepted, strict=True):
-                if not result.already_existed:
-                    self._creator.submit(result.launch, result.pod)
-                    get_logger(
-                        task_key=podmeta.log_key(launch.key), pod=launch.pod_name, namespace=launch.namespace
-                    ).info("launch accepted")
+            # Shielded: if the call is cancelled (a client deadline) while its launches are being
+            # stored, they still reach the creator. Nothing else would send them: a retry finds
+            # them stored and answers already_existed.
+            accepted = await asyncio.shield(self._accept([(launch, pod) for _, launch, pod in new]))
+            for (i, _, _), result in zip(new, accepted, strict=True):
                 outcomes[i] = pb.LaunchTaskResponse(
                     launch=result.launch, already_existed=result.already_existed
                 )
         assert all(outcome is not None for outcome in outcomes)
         return outcomes  # type: ignore[return-value]  # every slot is filled above
+
+    async def _accept(self, items: list[tuple[pb.Launch, dict[str, Any]]]) -> list[Accepted]:
+        """Store the launches, then hand the new ones to the pod creator."""
+        accepted = await self._store.accept(items)
+        for result in accepted:
+            if not result.already_existed:
+                self._creator.submit(result.launch, result.pod)
+                get_logger(
+                    task_key=podmeta.log_key(result.launch.key),
+                    pod=result.launch.pod_name,
+                    namespace=result.launch.namespace,
+                ).info("launch accepted")
+        return accepted
 
     def _build(self, request: pb.LaunchTaskRequest) -> dict[str, Any]:
         command = list(request.command)

@@ -156,17 +156,19 @@ class LaunchStore:
         if the task was never launched, and ValueError if the launch failed or was cancelled."""
         name = podmeta.key_string(key)
 
-        def write(conn: sqlite3.Connection) -> tuple[bytes, bytes, bool]:
+        # A refusal is returned, not raised: a raising write makes its whole group commit run again
+        # with a savepoint per write (see Database._run_batch), which is for real failures.
+        def write(conn: sqlite3.Connection) -> tuple[bytes, bytes, bool] | Exception:
             row = conn.execute("SELECT launch, pod FROM launches WHERE key = ?", (name,)).fetchone()
             if row is None:
-                raise LookupError("key: this task was never launched here")
+                return LookupError("key: this task was never launched here")
             launch = Launch.FromString(row[0])
             if launch.state in (
                 launcher_service_pb2.LAUNCH_STATE_FAILED,
                 launcher_service_pb2.LAUNCH_STATE_CANCELLED,
             ):
                 state = launcher_service_pb2.LaunchState.Name(launch.state)
-                raise ValueError(f"the launch is {state}: there is nothing to relaunch")
+                return ValueError(f"the launch is {state}: there is nothing to relaunch")
             if launch.attempt != from_attempt:
                 return row[0], row[1], False
             pod = orjson.loads(row[1])
@@ -185,7 +187,10 @@ class LaunchStore:
             self.events.append(conn, blob, Launch.FromString(blob))
             return blob, pod_json, True
 
-        blob, pod_json, relaunched = await self.db.write(write)
+        outcome = await self.db.write(write)
+        if isinstance(outcome, Exception):
+            raise outcome
+        blob, pod_json, relaunched = outcome
         return Launch.FromString(blob), orjson.loads(pod_json), relaunched
 
 

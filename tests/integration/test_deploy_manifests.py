@@ -77,7 +77,12 @@ def test_the_image_holds_what_the_deployments_run() -> None:
     Deployments' `-m services.<name>` args expect, and it runs as the manifests' user."""
     root = DEPLOY.parent
     dockerfile = (root / "Dockerfile").read_text().splitlines()
-    copied = [line.split()[1] for line in dockerfile if line.startswith("COPY ") and "--from" not in line]
+    copied = [
+        source
+        for line in dockerfile
+        if line.startswith("COPY ") and "--from" not in line
+        for source in line.split()[1:-1]
+    ]
     allowed = {line[1:] for line in (root / ".dockerignore").read_text().splitlines() if line.startswith("!")}
     for source in copied:
         assert (root / source).exists(), source

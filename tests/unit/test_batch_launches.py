@@ -1,8 +1,10 @@
 """A batch of launches is accepted in one go: each item gets its own answer, a key named twice gets
-one launch, and a queue with less room than the batch refuses only what does not fit."""
+one launch, a queue with less room than the batch refuses only what does not fit, and a call cancelled
+while its launches are stored does not strand them."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -106,3 +108,22 @@ async def test_a_batch_bigger_than_the_room_left_in_the_queue_is_refused_only_be
     assert {r.error.code for r in results[2:]} == {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
     assert store.get(task_key(task_id="t2")) is None  # refused means not stored: a retry launches it
     assert len(launcher.creator.submitted) == 2
+
+
+async def test_launches_stored_by_a_call_cancelled_midway_still_reach_the_creator(
+    store: LaunchStore,
+) -> None:
+    launcher = _Launcher(store, _QueueingCreator(), queue_limit=100)
+    call = asyncio.create_task(launcher.batch(_request("deadline")))
+    await asyncio.sleep(0)  # the call is now waiting for its launches to be stored
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    for _ in range(100):
+        if launcher.creator.submitted:
+            break
+        await asyncio.sleep(0.01)
+    assert len(launcher.creator.submitted) == 1
+    (retry,) = await launcher.batch(_request("deadline"))
+    assert retry.response.already_existed
+    assert len(launcher.creator.submitted) == 1

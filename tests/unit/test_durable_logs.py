@@ -111,3 +111,21 @@ async def test_closing_commits_the_lazy_writes_still_waiting(tmp_path: Path) -> 
     assert lazy.result() == [1]
     _, reopened = _open(tmp_path / "log.db")
     assert reopened.read_after(0, 10) == [(1, "late")]
+
+
+async def test_a_write_that_breaks_its_own_transaction_fails_its_batch_and_the_database_carries_on(
+    tmp_path: Path,
+) -> None:
+    db, log = _open(tmp_path / "log.db")
+
+    def sabotage(conn: sqlite3.Connection) -> None:
+        log.append(conn, b"doomed", "doomed")
+        conn.execute("ROLLBACK")  # ends the batch's transaction (and any savepoint) under its feet
+        raise ValueError("after rolling back")
+
+    bad = db.write_soon(sabotage)
+    with pytest.raises(sqlite3.Error):  # the savepoint it also destroyed on the retry
+        await bad
+    assert await db.write(_appender(log, "next")) == [1]
+    assert log.read_after(0, 10) == [(1, "next")]
+    await db.close()
