@@ -8,11 +8,12 @@ ghz's start-up (a new process, its reflection look-up, its connections) is not S
 it stays outside; the rate over ghz's whole wall time is reported next to it. Both sets of pods
 then really run on kwok nodes.
 
-Rounds are long (6,000 pods by default) so that they measure the steady state. While pods are being
-created, the kube-scheduler binds them and kwok starts them, on the same two cores. In a short round
-much of that work can fall after the window, and how much does decides the round: 2,000-pod rounds
-of the same code ranged from 0.64 to 1.30 times the raw rate. In a long round both sides carry the
-scheduling of nearly every pod they create, and the medians of the rounds are compared.
+Rounds are long (6,000 pods by default) and their medians are compared. While pods are being
+created, the kube-scheduler binds them and kwok starts them, on the same two cores. A varying share
+of that work falls after the window, and that share decides a round: 2,000-pod rounds of the same
+code ranged from 0.64 to 1.30 times the raw rate. Longer rounds narrow the spread without removing
+it, and the faster side (usually the raw client) leaves more of that work for after its window.
+Every round prints the kube-scheduler + kwok CPU inside its window.
 
 The stamps are read from the launcher's store file (read-only) rather than followed live over
 WatchLaunchEvents: a live follower would cost the launcher and this process CPU inside the window,
