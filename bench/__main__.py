@@ -66,7 +66,10 @@ async def run(args: argparse.Namespace) -> Report:
             f"  best rounds: raw {rate['raw_pods_per_s']}, Shepherd {rate['shepherd_pods_per_s']} pods/s, "
             f"ratio {rate['ratio']} (its rate counting ghz's own start-up: "
             f"{rate['pods_per_s_including_ghz_startup']} pods/s); launch call p50 "
-            f"{rate['launch_rpc_p50_ms']} ms, p99 {rate['launch_rpc_p99_ms']} ms"
+            f"{rate['launch_rpc_p50_ms']} ms, p99 {rate['launch_rpc_p99_ms']} ms\n"
+            f"  end to end, until the last pod is Running (medians): raw "
+            f"{rate['running_median_raw_pods_per_s']}, Shepherd {rate['running_median_shepherd_pods_per_s']} "
+            f"pods/s, ratio {rate['running_median_ratio']}"
         )
         for phase, used in rate["cpu_core_seconds_last_round"].items():
             print(f"  CPU core-seconds, {phase} phase: {round(sum(used.values()), 2)} {used}")

@@ -15,6 +15,11 @@ code ranged from 0.64 to 1.30 times the raw rate. Longer rounds narrow the sprea
 it, and the faster side (usually the raw client) leaves more of that work for after its window.
 Every round prints the kube-scheduler + kwok CPU inside its window.
 
+Each phase is also timed end to end, from its first create (raw) or accepted task (Shepherd) until
+its last pod is Running, from the API server's audit log of kwok's status writes. There both sides
+carry all of their pods' scheduling and starting (and kwok's 300 ms start delay), so that figure
+does not depend on how much of it falls inside the create window.
+
 The stamps are read from the launcher's store file (read-only) rather than followed live over
 WatchLaunchEvents: a live follower would cost the launcher and this process CPU inside the window,
 on a machine where every core is already busy, and the raw phase has no observer at all.
@@ -33,8 +38,8 @@ from typing import Any
 
 import yaml
 
-from bench.common import fresh_stack, stack_meter
-from controlplane import ClusterInfo, ClusterSettings
+from bench.common import epoch_seconds, fresh_stack, stack_meter
+from controlplane import Cluster, ClusterInfo, ClusterSettings
 from controlplane.stack import ServiceStack
 from services.launcher.podspec import build_pod
 from shepherd.kube import KubeClient, load_connection
@@ -44,8 +49,43 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "pod-templates" / "d
 OVERRIDE = "metadata: {annotations: {sim.shepherd.dev/outcome: run-forever}}"
 
 
-async def raw_ceiling(cluster: ClusterInfo, count: int, concurrency: int, run: str) -> float:
-    """Pods/s of `count` direct creates with `concurrency` in flight."""
+class RunningPods:
+    """When each pod first had its status written by kwok (it goes Running on that write, for the
+    run-forever pods used here), followed in the API server's audit log of a fresh cluster."""
+
+    def __init__(self, audit_log: Path) -> None:
+        self._path = audit_log
+        self._offset = 0
+        self._partial = b""
+        self.running: dict[str, float] = {}
+
+    def _read(self) -> None:
+        with self._path.open("rb") as log:
+            log.seek(self._offset)
+            data = log.read()
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            entry = json.loads(line)
+            ref = entry.get("objectRef") or {}
+            if ref.get("subresource") == "status" and entry.get("stage") == "ResponseComplete":
+                self.running.setdefault(ref.get("name", ""), epoch_seconds(entry["stageTimestamp"]))
+
+    async def last(self, count: int, *, timeout_s: float = 600.0) -> float:
+        """When the last of `count` pods went Running (seconds since the epoch)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._read()
+            if len(self.running) >= count:
+                return max(self.running.values())
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(self.running)} of {count} pods went Running in {timeout_s} s")
+            await asyncio.sleep(0.25)
+
+
+async def raw_ceiling(cluster: ClusterInfo, count: int, concurrency: int, run: str) -> tuple[float, float]:
+    """Pods/s of `count` direct creates with `concurrency` in flight, and when they started."""
     template = yaml.safe_load(TEMPLATE.read_text())
     override = yaml.safe_load(OVERRIDE)
     pods = [
@@ -67,9 +107,9 @@ async def raw_ceiling(cluster: ClusterInfo, count: int, concurrency: int, run: s
             await kube.create_pod(cluster.namespace, pod)
 
     try:
-        start = time.monotonic()
+        started, start = time.time(), time.monotonic()
         await asyncio.gather(*(create(pod) for pod in pods))
-        return count / (time.monotonic() - start)
+        return count / (time.monotonic() - start), started
     finally:
         await kube.close()
 
@@ -128,9 +168,10 @@ class _LaunchStoreReader:
 
 async def through_shepherd(
     stack: ServiceStack, count: int, run: str, batch: int = 1
-) -> tuple[float, dict[str, Any]]:
-    """Pods/s from the first task accepted to the last pod created, with ghz as the scheduler.
-    The stack must be fresh: every launch in the launcher's store is counted."""
+) -> tuple[float, float, dict[str, Any]]:
+    """Pods/s from the first task accepted to the last pod created, with ghz as the scheduler; when
+    the first task was accepted; ghz's figures. The stack must be fresh: every launch in the
+    launcher's store is counted."""
     method, data = _ghz_request(run, batch)
     calls = max(1, count // max(batch, 1))
     ghz = str(ClusterSettings().bin_dir / "ghz")
@@ -172,13 +213,17 @@ async def through_shepherd(
     finally:
         store.close()
     latencies = {d["percentage"]: d["latency"] / 1e6 for d in ghz_report.get("latencyDistribution") or []}
-    return count / (last_create - first_accept), {
-        "pods_per_s_including_ghz_startup": round(count / wall_elapsed, 1),
-        "ghz_rps": round(ghz_report["rps"], 1),
-        "launch_rpc_p50_ms": round(latencies.get(50, float("nan")), 2),
-        "launch_rpc_p99_ms": round(latencies.get(99, float("nan")), 2),
-        "status_codes": ghz_report.get("statusCodeDistribution"),
-    }
+    return (
+        count / (last_create - first_accept),
+        first_accept,
+        {
+            "pods_per_s_including_ghz_startup": round(count / wall_elapsed, 1),
+            "ghz_rps": round(ghz_report["rps"], 1),
+            "launch_rpc_p50_ms": round(latencies.get(50, float("nan")), 2),
+            "launch_rpc_p99_ms": round(latencies.get(99, float("nan")), 2),
+            "status_codes": ghz_report.get("statusCodeDistribution"),
+        },
+    )
 
 
 async def measure(
@@ -188,6 +233,7 @@ async def measure(
     inherits the other's history; the services run in both, idle in the raw phase."""
     raw_rates: list[float] = []
     shepherd_rates: list[float] = []
+    running_rates: dict[str, list[float]] = {"raw": [], "shepherd": []}  # until the last is Running
     ghz_stats: dict[str, Any] = {}
     cpu: dict[str, dict[str, float]] = {}
     downstream: dict[str, list[float]] = {"raw": [], "shepherd": []}
@@ -196,22 +242,28 @@ async def measure(
         async with fresh_stack(workdir, f"rate-raw-{r}", flags=flags) as (cluster, stack):
             meter = stack_meter(stack)
             meter.start()
-            raw_rates.append(await raw_ceiling(cluster, count, 64, run))
+            rate, started = await raw_ceiling(cluster, count, 64, run)
             cpu["raw"] = meter.stop()
+            raw_rates.append(rate)
+            last_running = await RunningPods(Cluster().audit_log).last(count)
+            running_rates["raw"].append(count / (last_running - started))
         async with fresh_stack(workdir, f"rate-shepherd-{r}", flags=flags) as (cluster, stack):
             meter = stack_meter(stack)
             meter.start()
-            rate, stats = await through_shepherd(stack, count, run, batch)
+            rate, started, stats = await through_shepherd(stack, count, run, batch)
             if rate > max(shepherd_rates, default=0.0):
                 ghz_stats = stats  # the call latencies and wall-time rate of the round reported
             cpu["shepherd"] = meter.stop()
             shepherd_rates.append(rate)
+            last_running = await RunningPods(Cluster().audit_log).last(count)
+            running_rates["shepherd"].append(count / (last_running - started))
         for side in downstream:
             downstream[side].append(round(cpu[side]["kube-scheduler"] + cpu[side]["kwok"], 2))
         print(
             f"  round {r + 1}: raw {raw_rates[-1]:.0f} pods/s, shepherd {rate:.0f} pods/s "
             f"(kube-scheduler + kwok CPU inside the window: raw {downstream['raw'][-1]}, "
-            f"shepherd {downstream['shepherd'][-1]} core-s)",
+            f"shepherd {downstream['shepherd'][-1]} core-s); until the last pod is Running: raw "
+            f"{running_rates['raw'][-1]:.0f}, shepherd {running_rates['shepherd'][-1]:.0f} pods/s",
             flush=True,
         )
     raw, shepherd = max(raw_rates), max(shepherd_rates)
@@ -231,6 +283,15 @@ async def measure(
         # Why rounds differ: the scheduling and kubelet work that lands inside the create window
         # (pods created faster than they are scheduled leave more of it for after the window).
         "scheduler_and_kwok_core_seconds": downstream,
+        # End to end: from the first create (raw) or accepted task (Shepherd) until the last pod is
+        # Running. Both sides carry all of their pods' scheduling here, wherever it falls.
+        "running_median_raw_pods_per_s": round(statistics.median(running_rates["raw"]), 1),
+        "running_median_shepherd_pods_per_s": round(statistics.median(running_rates["shepherd"]), 1),
+        "running_median_ratio": round(
+            statistics.median(running_rates["shepherd"]) / statistics.median(running_rates["raw"]), 3
+        ),
+        "running_all_raw": [round(x, 1) for x in running_rates["raw"]],
+        "running_all_shepherd": [round(x, 1) for x in running_rates["shepherd"]],
         "all_raw": [round(x, 1) for x in raw_rates],
         "all_shepherd": [round(x, 1) for x in shepherd_rates],
         **ghz_stats,

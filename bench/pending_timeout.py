@@ -13,10 +13,10 @@ import json
 import time
 from typing import Any
 
-from bench.common import admin_kube, percentile, run_changes, stack_meter, wait_until_gone
+from bench.common import admin_kube, epoch_seconds, percentile, run_changes, stack_meter, wait_until_gone
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import podmeta, timestamps
+from shepherd import podmeta
 from shepherd.v1 import (
     launcher_service_pb2,
     task_pb2,
@@ -33,11 +33,7 @@ def _per_second(used: dict[str, float], seconds: float) -> dict[str, float]:
 async def _creation_times(cluster: ClusterInfo, selector: str) -> dict[str, float]:
     async with admin_kube(cluster) as kube:
         pods, _ = await kube.list_all_pods(cluster.namespace, label_selector=selector)
-    return {p["metadata"]["name"]: _ts(p["metadata"]["creationTimestamp"]) for p in pods}
-
-
-def _ts(value: str) -> float:
-    return timestamps.parse_rfc3339(value).ToNanoseconds() / 1e9
+    return {p["metadata"]["name"]: epoch_seconds(p["metadata"]["creationTimestamp"]) for p in pods}
 
 
 def stack_flags(timeout_s: float) -> dict[str, list[str]]:
@@ -116,7 +112,7 @@ async def measure(
         if name not in names or entry.get("stage") != "ResponseComplete":
             continue
         if entry.get("verb") == "delete" and entry.get("user", {}).get("username") == RECONCILER:
-            deleted.setdefault(name, _ts(entry["requestReceivedTimestamp"]))
+            deleted.setdefault(name, epoch_seconds(entry["requestReceivedTimestamp"]))
     lateness = [deleted[n] - (created[n] + timeout_s) for n in deleted if n in created]
     per_second: dict[float, int] = {}
     for when in created.values():

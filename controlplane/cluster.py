@@ -289,7 +289,8 @@ class Cluster:
 
     @property
     def audit_log(self) -> Path:
-        """JSON lines, one per completed pod create or delete request (who, which pod, what answer)."""
+        """JSON lines, one per completed pod create or delete request and per pod status write by
+        kwok (who, which pod, what answer, when to the microsecond)."""
         return self.settings.state_dir / "logs" / "audit.log"
 
     def _audit_policy(self) -> Path:
@@ -302,6 +303,14 @@ class Cluster:
                     "level": "Metadata",
                     "verbs": ["create", "delete", "deletecollection"],
                     "resources": [{"group": "", "resources": ["pods"]}],
+                },
+                {
+                    # The simulated kubelet's pod status writes: when each pod went Running
+                    # (the benchmark's end-to-end launch rate).
+                    "level": "Metadata",
+                    "users": ["kwok-controller"],
+                    "verbs": ["patch", "update"],
+                    "resources": [{"group": "", "resources": ["pods/status"]}],
                 },
                 {"level": "None"},
             ],
