@@ -14,7 +14,6 @@ from typing import Any
 
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import timestamps
 from shepherd.kube import KubeClient, load_connection
 from shepherd.v1 import reconciler_service_pb2, reconciler_service_pb2_grpc, task_pb2
 
@@ -30,11 +29,6 @@ async def run_changes(
         for change in reply.changes:
             if change.task.key.run_id == run:
                 yield change, now
-
-
-def epoch_seconds(value: str) -> float:
-    """An API server timestamp (RFC 3339) as seconds since the epoch."""
-    return timestamps.parse_rfc3339(value).ToNanoseconds() / 1e9
 
 
 def percentile(values: list[float], pct: float) -> float:

@@ -38,11 +38,12 @@ from typing import Any
 
 import yaml
 
-from bench.common import epoch_seconds, fresh_stack, stack_meter
+from bench.common import fresh_stack, stack_meter
 from controlplane import Cluster, ClusterInfo, ClusterSettings
 from controlplane.stack import ServiceStack
 from services.launcher.podspec import build_pod
 from shepherd.kube import KubeClient, load_connection
+from shepherd.timestamps import epoch_seconds
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "pod-templates" / "default.yaml"
@@ -82,6 +83,11 @@ class RunningPods:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(self.running)} of {count} pods went Running in {timeout_s} s")
             await asyncio.sleep(0.25)
+
+
+async def _rate_until_running(count: int, started: float) -> float:
+    """Pods/s of a phase that started at `started` (epoch seconds), until its last pod is Running."""
+    return count / (await RunningPods(Cluster().audit_log).last(count) - started)
 
 
 async def raw_ceiling(cluster: ClusterInfo, count: int, concurrency: int, run: str) -> tuple[float, float]:
@@ -245,8 +251,7 @@ async def measure(
             rate, started = await raw_ceiling(cluster, count, 64, run)
             cpu["raw"] = meter.stop()
             raw_rates.append(rate)
-            last_running = await RunningPods(Cluster().audit_log).last(count)
-            running_rates["raw"].append(count / (last_running - started))
+            running_rates["raw"].append(await _rate_until_running(count, started))
         async with fresh_stack(workdir, f"rate-shepherd-{r}", flags=flags) as (cluster, stack):
             meter = stack_meter(stack)
             meter.start()
@@ -255,8 +260,7 @@ async def measure(
                 ghz_stats = stats  # the call latencies and wall-time rate of the round reported
             cpu["shepherd"] = meter.stop()
             shepherd_rates.append(rate)
-            last_running = await RunningPods(Cluster().audit_log).last(count)
-            running_rates["shepherd"].append(count / (last_running - started))
+            running_rates["shepherd"].append(await _rate_until_running(count, started))
         for side in downstream:
             downstream[side].append(round(cpu[side]["kube-scheduler"] + cpu[side]["kwok"], 2))
         print(

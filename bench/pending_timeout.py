@@ -13,10 +13,11 @@ import json
 import time
 from typing import Any
 
-from bench.common import admin_kube, epoch_seconds, percentile, run_changes, stack_meter, wait_until_gone
+from bench.common import admin_kube, percentile, run_changes, stack_meter, wait_until_gone
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
+from shepherd.timestamps import epoch_seconds
 from shepherd.v1 import (
     launcher_service_pb2,
     task_pb2,

@@ -126,12 +126,17 @@ class Database:
         try:
             return self._transaction(fns)
         except Exception:
-            for log in self._logs:
-                log._staged = []
             with contextlib.suppress(sqlite3.Error):
-                if self._writer.in_transaction:
-                    self._writer.execute("ROLLBACK")
+                self._abandon()
             raise
+
+    def _abandon(self) -> None:
+        """Writer thread: roll back the open transaction (if SQLite has not already) and forget the
+        log entries it staged."""
+        for log in self._logs:
+            log._staged = []
+        if self._writer.in_transaction:
+            self._writer.execute("ROLLBACK")
 
     def _transaction(
         self, fns: list[Callable[[sqlite3.Connection], Any]]
@@ -147,10 +152,7 @@ class Database:
         try:
             results: list[tuple[bool, Any]] = [(True, fn(conn)) for fn in fns]
         except Exception:
-            if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
-                conn.execute("ROLLBACK")
-            for log in self._logs:
-                log._staged = []
+            self._abandon()
             conn.execute("BEGIN IMMEDIATE")
             results = self._run_isolated(fns)
         appended = [(log, log._staged) for log in self._logs if log._staged]
@@ -159,8 +161,7 @@ class Database:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as err:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._abandon()
             return [(False, err) for _ in fns], []
         return results, appended
 

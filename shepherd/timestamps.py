@@ -38,6 +38,12 @@ def _parse(value: str) -> tuple[int, int]:
     return delta.days * 86_400 + delta.seconds, delta.microseconds * 1000
 
 
+def epoch_seconds(value: str) -> float:
+    """An RFC 3339 string as seconds since the epoch (for arithmetic on clocks, not for messages)."""
+    seconds, nanos = _parse(value)
+    return seconds + nanos / _NS
+
+
 def parse_rfc3339(value: str) -> Timestamp:
     """A Timestamp from an RFC 3339 string such as the API server's "2026-11-21T04:09:00Z".
     Raises ValueError on anything else."""

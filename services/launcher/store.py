@@ -57,10 +57,8 @@ class LaunchStore:
     # ---- reads (event-loop thread) ------------------------------------------------------------
 
     def get(self, key: task_pb2.TaskKey) -> Launch | None:
-        row = self.db.reader.execute(
-            "SELECT launch FROM launches WHERE key = ?", (podmeta.key_string(key),)
-        ).fetchone()
-        return Launch.FromString(row[0]) if row else None
+        name = podmeta.key_string(key)
+        return self.get_many([name]).get(name)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Launch]:
         """The stored launches among `keys` (podmeta.key_string), by key: one query per 500 keys."""

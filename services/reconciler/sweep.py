@@ -24,7 +24,7 @@ def _age_s(pod: dict[str, Any]) -> float:
     created = (pod.get("metadata") or {}).get("creationTimestamp")
     if not created:
         return 0.0
-    return time.time() - timestamps.parse_rfc3339(created).ToNanoseconds() / 1e9
+    return time.time() - timestamps.epoch_seconds(created)
 
 
 async def sweep_pending(

@@ -23,6 +23,7 @@ def test_an_rfc3339_string_parses_to_the_same_instant_as_protobufs_parser(value:
     expected = Timestamp()
     expected.FromJsonString(value)
     assert timestamps.parse_rfc3339(value) == expected
+    assert timestamps.epoch_seconds(value) == pytest.approx(expected.ToNanoseconds() / 1e9, abs=1e-6)
 
 
 @pytest.mark.parametrize("value", ["", "yesterday", "2026-11-21T04:09:00"])
