@@ -38,6 +38,9 @@ def configure(service: str, level: str = "info", *, json: bool = True) -> struct
     return logger
 
 
-def get_logger(**bound: object) -> structlog.stdlib.BoundLogger:
+BoundLogger = structlog.stdlib.BoundLogger
+
+
+def get_logger(**bound: object) -> BoundLogger:
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(**bound)
     return logger

@@ -44,6 +44,7 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         self._allowed_executables = settings.allowed_executables  # parsed once, not per launch
         namespaces = settings.namespaces
         self._namespace_allowed = (lambda _: True) if namespaces is None else (lambda ns: ns in namespaces)
+        self._log = get_logger(component="launch")  # one logger for the per-task lines, not one per line
 
     # ---- RPCs ---------------------------------------------------------------------------------
 
@@ -198,11 +199,12 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         for result in accepted:
             if not result.already_existed:
                 self._creator.submit(result.launch, result.pod)
-                get_logger(
+                self._log.info(
+                    "launch accepted",
                     task_key=podmeta.log_key(result.launch.key),
                     pod=result.launch.pod_name,
                     namespace=result.launch.namespace,
-                ).info("launch accepted")
+                )
         return accepted
 
     def _build(self, request: pb.LaunchTaskRequest) -> dict[str, Any]:

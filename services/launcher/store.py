@@ -20,7 +20,6 @@ from shepherd.sqlite import Database, Synchronous, TableLog
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
 Launch = launcher_service_pb2.Launch
-_KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS launches (
@@ -62,14 +61,8 @@ class LaunchStore:
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Launch]:
         """The stored launches among `keys` (podmeta.key_string), by key: one query per 500 keys."""
-        found: dict[str, Launch] = {}
-        for start in range(0, len(keys), _KEYS_PER_QUERY):
-            chunk = keys[start : start + _KEYS_PER_QUERY]
-            rows = self.db.reader.execute(
-                f"SELECT key, launch FROM launches WHERE key IN ({','.join('?' * len(chunk))})", chunk
-            ).fetchall()
-            found.update((key, Launch.FromString(blob)) for key, blob in rows)
-        return found
+        rows = self.db.rows_for_keys("SELECT key, launch FROM launches WHERE key IN ({})", keys)
+        return {key: Launch.FromString(blob) for key, blob in rows}
 
     def pending(self) -> list[tuple[Launch, dict[str, object]]]:
         """Launches accepted but not yet created: the work to replay on start."""

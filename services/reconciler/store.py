@@ -89,8 +89,12 @@ class TaskStore:
     # ---- reads ---------------------------------------------------------------------------------
 
     def get(self, key: str) -> tuple[task_pb2.Task, str] | None:
-        row = self.db.reader.execute("SELECT task, pod_uid FROM tasks WHERE key = ?", (key,)).fetchone()
-        return (task_pb2.Task.FromString(row[0]), row[1]) if row else None
+        return self.get_many([key]).get(key)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, tuple[task_pb2.Task, str]]:
+        """The stored tasks among `keys` (podmeta.key_string), with their pod uids, by key."""
+        rows = self.db.rows_for_keys("SELECT key, task, pod_uid FROM tasks WHERE key IN ({})", keys)
+        return {key: (task_pb2.Task.FromString(blob), uid) for key, blob, uid in rows}
 
     def cursor(self, source: str) -> int:
         row = self.db.reader.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()

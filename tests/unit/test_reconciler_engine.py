@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -51,16 +52,25 @@ class Harness:
         ]
 
 
+@contextlib.asynccontextmanager
+async def running(store: TaskStore, *, pending_timeout_s: float = 0.5) -> AsyncIterator[Harness]:
+    """An engine applying events to `store` until the block ends (the store stays open)."""
+    h = Harness(store, pending_timeout_s=pending_timeout_s)
+    runner = asyncio.create_task(h.engine.run())
+    timer = asyncio.create_task(h.engine.run_pending_timer())
+    try:
+        yield h
+    finally:
+        runner.cancel()
+        timer.cancel()
+        await asyncio.gather(runner, timer, return_exceptions=True)
+
+
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     store = TaskStore(tmp_path / "r.db", synchronous="OFF")
-    h = Harness(store, pending_timeout_s=0.5)
-    runner = asyncio.create_task(h.engine.run())
-    timer = asyncio.create_task(h.engine.run_pending_timer())
-    yield h
-    runner.cancel()
-    timer.cancel()
-    await asyncio.gather(runner, timer, return_exceptions=True)
+    async with running(store) as h:
+        yield h
     await store.close()
 
 
@@ -150,3 +160,27 @@ async def test_a_refused_relaunch_reschedules_the_task(harness: Harness) -> None
     await harness.engine.relaunch_refused(key, "NOT_FOUND")
     await harness.settle()
     assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_UP_FOR_RESCHEDULE]
+
+
+async def test_a_batch_reads_the_stored_tasks_it_does_not_hold_in_one_query(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "r.db", synchronous="OFF")
+    done = task_key(task_id="done")
+    async with running(store) as first:
+        await first.feed(pod_event(done, "Running", uid="d"), pod_event(done, "Succeeded", uid="d"))
+    reads: list[list[str]] = []
+    get_many = store.get_many
+
+    def counted(keys: Sequence[str]) -> dict[str, tuple[task_pb2.Task, str]]:
+        reads.append(list(keys))
+        return get_many(keys)
+
+    store.get_many = counted  # type: ignore[method-assign]
+    new = [task_key(task_id=f"new{i}") for i in range(3)]
+    async with running(store) as second:  # a restart: the finished task is no longer in memory
+        for event in (pod_event(done, "Running", uid="d"), *(pod_event(k, "Pending") for k in new)):
+            await second.engine.submit(PodItem(event))  # all queued before the engine takes a batch
+        await second.settle()
+        assert [sorted(keys) for keys in reads] == [sorted(podmeta.key_string(k) for k in [done, *new])]
+        assert second.states(done) == [S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]  # still final
+        assert all(second.states(k) == [S.TASK_STATE_QUEUED] for k in new)
+    await store.close()
