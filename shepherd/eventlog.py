@@ -22,7 +22,11 @@ T_co = TypeVar("T_co", covariant=True)
 _SEQ_BITS = 32
 # Under load a subscriber gets at most one message per interval, carrying every entry appended
 # meanwhile; when entries are sparser than that, each goes out at once, with no added delay.
-MESSAGE_INTERVAL_S = 0.005
+# Measured on the 2-core machine with 6,000 pods (scheduler and kwok running, until every pod was
+# Running): the three services used 1.7-1.9 ms of CPU per pod at 5 ms, 1.4-1.5 at 15 ms and
+# 1.3 at 25 ms. Every message wakes a sender and a receiver, and a wake-up costs tens of
+# microseconds there; the events themselves are cheap.
+MESSAGE_INTERVAL_S = 0.025
 
 
 class CursorOutOfRange(Exception):

@@ -16,6 +16,8 @@ from typing import Literal, TypeVar
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shepherd.eventlog import MESSAGE_INTERVAL_S
+
 S = TypeVar("S", bound="ServiceSettings")
 
 
@@ -61,6 +63,15 @@ class ServiceSettings(BaseSettings):
         gt=0,
         le=300,
         description="On SIGTERM, how long running RPCs may finish before being cut.",
+    )
+    stream_interval_s: float = Field(
+        default=MESSAGE_INTERVAL_S,
+        ge=0,
+        le=1,
+        description="Under a steady flow of events, each event stream this service serves sends at most "
+        "one message per interval, carrying everything that arrived meanwhile; an event after a quiet "
+        "spell goes out at once. Each message wakes both processes, which costs far more CPU than the "
+        "events in it, so a longer interval trades up to that much latency per hop for less CPU.",
     )
 
     @field_validator("executor_id")

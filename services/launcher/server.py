@@ -120,7 +120,9 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         self, request: pb.WatchLaunchEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchLaunchEventsResponse]:
         try:
-            async for entries in follow(self._store.events, request.after_cursor):
+            async for entries in follow(
+                self._store.events, request.after_cursor, interval_s=self._settings.stream_interval_s
+            ):
                 yield pb.WatchLaunchEventsResponse(
                     events=[pb.LaunchEvent(cursor=cursor, launch=launch) for cursor, launch in entries]
                 )

@@ -54,7 +54,9 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         self, request: pb.WatchTaskStatesRequest, context: Context
     ) -> AsyncIterator[pb.WatchTaskStatesResponse]:
         try:
-            async for entries in follow(self._store.transitions, request.after_cursor):
+            async for entries in follow(
+                self._store.transitions, request.after_cursor, interval_s=self._settings.stream_interval_s
+            ):
                 yield pb.WatchTaskStatesResponse(changes=[change for _, change in entries])
         except CursorOutOfRange as err:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))

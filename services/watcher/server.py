@@ -22,9 +22,10 @@ SNAPSHOT_CHUNK = 256  # events per message: well under gRPC's 4 MiB default mess
 
 
 class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
-    def __init__(self, informer: Informer, log: MemoryLog[PodEvent]) -> None:
+    def __init__(self, informer: Informer, log: MemoryLog[PodEvent], *, interval_s: float) -> None:
         self._informer = informer
         self._log = log
+        self._interval_s = interval_s
 
     async def WatchPodEvents(
         self,
@@ -52,7 +53,7 @@ class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
                     events=events[start : start + SNAPSHOT_CHUNK]
                 )
         try:
-            async for entries in follow(self._log, after):
+            async for entries in follow(self._log, after, interval_s=self._interval_s):
                 yield watcher_service_pb2.WatchPodEventsResponse(events=[event for _, event in entries])
         except CursorOutOfRange as err:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
@@ -72,7 +73,7 @@ async def serve(settings: WatcherSettings) -> None:
     )
     server = GrpcServer(host=settings.host, port=settings.port, service_names=[SERVICE_NAME])
     watcher_service_pb2_grpc.add_WatcherServiceServicer_to_server(
-        WatcherServicer(informer, events), server.server
+        WatcherServicer(informer, events, interval_s=settings.stream_interval_s), server.server
     )
     await server.start()
     informer_task = asyncio.create_task(informer.run(), name="informer")
