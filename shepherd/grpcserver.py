@@ -21,6 +21,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shepherd import failpoints
 from shepherd.interceptors import RequestContextInterceptor
 from shepherd.logging import get_logger
 
@@ -50,6 +51,7 @@ def run(main: Coroutine[Any, Any, None]) -> None:
     """Run a service's main coroutine on uvloop (grpc.aio supports it; it costs less CPU per RPC)."""
     import uvloop
 
+    failpoints.configure()  # fault tests arm named failure points through the environment
     gc.set_threshold(*_GC_THRESHOLDS)
     uvloop.run(main)
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
+from shepherd import failpoints
 from shepherd.eventlog import AppendSignal, CursorOutOfRange
 from shepherd.logging import get_logger
 
@@ -169,8 +170,9 @@ class Database:
         for log in self._logs:
             log._staged = []
         try:
+            failpoints.hit("sqlite.commit")
             conn.execute("COMMIT")
-        except sqlite3.Error as err:
+        except (sqlite3.Error, failpoints.FailpointError) as err:
             self._abandon()
             return [(False, err) for _ in fns], []
         return results, appended
