@@ -17,13 +17,12 @@ import datetime as dt
 import time
 from typing import Any
 
-import grpc
 import orjson
 
 from bench.common import admin_kube, percentile, run_changes
 from controlplane import ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import podmeta
+from shepherd import channels, podmeta
 from shepherd.v1 import (
     launcher_service_pb2,
     task_pb2,
@@ -108,7 +107,7 @@ async def measure(
         async def observe() -> None:
             """The watcher's own receive time of each change: splits the API server's share off."""
             phases = {"Running": task_pb2.TASK_STATE_RUNNING, "Succeeded": task_pb2.TASK_STATE_SUCCEEDED}
-            async with grpc.aio.insecure_channel(stack.address("watcher")) as channel:
+            async with channels.aio_channel(stack.address("watcher")) as channel:
                 stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
                 async for reply in stub.WatchPodEvents(watcher_service_pb2.WatchPodEventsRequest()):
                     for event in reply.events:

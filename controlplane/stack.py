@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.cluster import ClusterInfo
+from shepherd import channels
 from shepherd.v1 import launcher_service_pb2_grpc, reconciler_service_pb2_grpc
 
 SERVICES = ("launcher", "watcher", "reconciler")
@@ -60,8 +61,8 @@ class ServiceStack:
     ]:
         """What a scheduler talks to: the launcher and the reconciler, over one channel each."""
         async with (
-            grpc.aio.insecure_channel(self.address("launcher")) as lch,
-            grpc.aio.insecure_channel(self.address("reconciler")) as rch,
+            channels.aio_channel(self.address("launcher")) as lch,
+            channels.aio_channel(self.address("reconciler")) as rch,
         ):
             yield (
                 launcher_service_pb2_grpc.LauncherServiceStub(lch),
@@ -118,7 +119,7 @@ class ServiceStack:
 
     def wait_serving(self, name: str, *, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address(name)) as channel:
+        with channels.sync_channel(self.address(name)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 proc = self.procs.get(name)

@@ -9,9 +9,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import grpc
-
-from shepherd import podmeta
+from shepherd import channels, podmeta
 from shepherd.taskstates import TERMINAL, state_name
 from shepherd.v1 import (
     launcher_service_pb2,
@@ -75,8 +73,8 @@ class Demo:
 
     async def run(self) -> int:
         async with (
-            grpc.aio.insecure_channel(self.launcher_address) as lch,
-            grpc.aio.insecure_channel(self.reconciler_address) as rch,
+            channels.aio_channel(self.launcher_address) as lch,
+            channels.aio_channel(self.reconciler_address) as rch,
         ):
             launcher = launcher_service_pb2_grpc.LauncherServiceStub(lch)
             reconciler = reconciler_service_pb2_grpc.ReconcilerServiceStub(rch)

@@ -16,7 +16,7 @@ from services.reconciler.statemachine import Policy
 from services.reconciler.store import TaskStore, decode_page_token
 from services.reconciler.streams import consume_launcher, consume_watcher
 from services.reconciler.sweep import sweep_pending
-from shepherd import podmeta
+from shepherd import channels, podmeta
 from shepherd.errors import abort_invalid
 from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer, run
@@ -173,7 +173,7 @@ async def serve(settings: ReconcilerSettings) -> None:
         launch_failure_retries=settings.launch_failure_retries,
     )
     actions.submit(store.pending_actions())
-    launcher_channel = grpc.aio.insecure_channel(settings.launcher_address)
+    launcher_channel = channels.aio_channel(settings.launcher_address)
     launcher = LauncherCalls(launcher_service_pb2_grpc.LauncherServiceStub(launcher_channel))
     engine.on_relaunch = launcher.relaunch
     launcher.on_refused = engine.relaunch_refused
