@@ -24,6 +24,7 @@ lint: venv tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 unit: venv tools
 	$(BIN)/pytest tests/unit tests/contract
