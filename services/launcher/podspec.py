@@ -22,7 +22,7 @@ from shepherd.v1 import task_pb2
 from shepherd.validation import InvalidField
 
 MAX_DOC_BYTES = 256 * 1024
-MAIN_CONTAINER = "base"
+MAIN_CONTAINER = podmeta.BASE_CONTAINER
 _CONCAT_BY: dict[str, str] = {
     "env": "name",
     "envFrom": "",

@@ -139,7 +139,7 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             async for chunk in self._kube.pod_log(
                 task.namespace,
                 task.pod_name,
-                container="base",
+                container=podmeta.BASE_CONTAINER,
                 tail_lines=request.tail_lines or 100,
                 follow=request.follow,
             ):

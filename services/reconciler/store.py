@@ -107,6 +107,11 @@ class TaskStore:
         ).fetchall()
         return [(task_pb2.Task.FromString(blob), uid) for blob, uid in rows]
 
+    def acted_on(self, pod_uid: str) -> bool:
+        """Whether an action (delete or mark done) was ever recorded for the pod."""
+        row = self.db.reader.execute("SELECT 1 FROM pod_actions WHERE pod_uid = ?", (pod_uid,)).fetchone()
+        return row is not None
+
     def pending_actions(self) -> list[PodActionRow]:
         rows = self.db.reader.execute(
             "SELECT pod_uid, namespace, name, action FROM pod_actions WHERE done = 0 ORDER BY rowid"

@@ -146,6 +146,16 @@ class KubeClient:
                         )
                     yield event
 
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The pod as the API server has it now, or None when no pod has that name."""
+        try:
+            pod: dict[str, Any] = await self.get_json(f"{_pods_path(namespace)}/{quote(name, safe='')}")
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+        return pod
+
     async def patch_pod(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         data = await self._request(
             "PATCH",
