@@ -9,7 +9,6 @@ import grpc
 import pytest
 
 from controlplane.stack import ServiceStack
-from shepherd import channels
 from shepherd.errors import field_violation
 from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import reconciler_service_pb2 as rpb
@@ -140,7 +139,7 @@ async def test_bad_keys_are_refused_by_the_reconciler(client: SchedulerClient) -
 
 
 async def test_a_watcher_cursor_from_another_run_is_out_of_range(stack: ServiceStack) -> None:
-    async with channels.aio_channel(stack.address("watcher")) as channel:
+    async with stack.channel("watcher", identity="reconciler") as channel:
         stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in stub.WatchPodEvents(watcher_service_pb2.WatchPodEventsRequest(after_cursor=12345)):

@@ -15,7 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controlplane import ClusterInfo
 from controlplane.settings import ClusterSettings
 from controlplane.stack import SERVICES, ServiceStack
-from shepherd import channels
 from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import (
     launcher_service_pb2_grpc,
@@ -91,7 +90,7 @@ async def test_the_watcher_is_not_serving_until_its_first_list(cluster: ClusterI
     )
     stack.start(("watcher",), wait=False)  # its API server is unreachable: the first list never completes
     try:
-        async with channels.aio_channel(stack.address("watcher")) as channel:
+        async with stack.channel("watcher", identity="reconciler") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             request = health_pb2.HealthCheckRequest(service="shepherd.v1.WatcherService")
             reply = await health.Check(request, wait_for_ready=True, timeout=30)
@@ -107,7 +106,7 @@ async def test_the_watcher_is_not_serving_until_its_first_list(cluster: ClusterI
 
 async def test_request_ids_are_echoed_and_bound_into_log_lines(stack: ServiceStack) -> None:
     key = task_key(task_id=unique_name("rid"))
-    async with channels.aio_channel(stack.address("launcher")) as channel:
+    async with stack.channel("launcher") as channel:
         stub = launcher_service_pb2_grpc.LauncherServiceStub(channel)
         call = stub.LaunchTask(
             lpb.LaunchTaskRequest(key=key, command=["run"]), metadata=(("x-request-id", "req-abc-123"),)
@@ -130,7 +129,7 @@ async def test_sigterm_drains_a_service_and_it_exits_cleanly(cluster: ClusterInf
     stack = ServiceStack(cluster, tmp_path, executor_id=f"drain-{unique_name('x')[-6:]}")
     stack.start()
     try:
-        async with channels.aio_channel(stack.address("reconciler")) as channel:
+        async with stack.channel("reconciler") as channel:
             stub = reconciler_service_pb2_grpc.ReconcilerServiceStub(channel)
             stream = stub.WatchTaskStates(reconciler_service_pb2.WatchTaskStatesRequest())
             code = stack.stop("reconciler", sig=signal.SIGTERM)

@@ -14,7 +14,7 @@ import pytest
 
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import channels, podmeta
+from shepherd import podmeta
 from shepherd.v1 import reconciler_service_pb2, watcher_service_pb2, watcher_service_pb2_grpc
 from tests.helpers import core_api, make_pod, task_key, unique_name
 from tests.helpers.cluster import spare_settings
@@ -63,7 +63,7 @@ async def test_a_410_gap_is_rebuilt_from_a_relist_including_vanished_pods(
             admin.create_namespaced_pod(
                 ns, executor_pod(executor, name, **{"sim.shepherd.dev/outcome": "run-forever"})
             )
-        async with channels.aio_channel(stack.address("watcher")) as channel:
+        async with stack.channel("watcher", identity="reconciler") as channel:
             stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
             events = Collector(
                 unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(after_cursor=0)), "events")
@@ -110,7 +110,7 @@ async def test_a_client_resuming_from_its_cursor_gets_every_later_event_once(sta
     admin = core_api(stack.cluster.admin_kubeconfig)
     ns = stack.cluster.namespace
     first, second = unique_name("resume-a"), unique_name("resume-b")
-    async with channels.aio_channel(stack.address("watcher")) as channel:
+    async with stack.channel("watcher", identity="reconciler") as channel:
         stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
         before = Collector(
             unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(snapshot=True)), "events")
