@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.cluster import ClusterInfo
 from controlplane.identities import GrpcAuthority, IssuedIdentity
 from shepherd import channels
+from shepherd.settings import ClientAuth
 from shepherd.v1 import launcher_service_pb2_grpc, reconciler_service_pb2_grpc
 
 SERVICES = ("launcher", "watcher", "reconciler")
@@ -52,6 +54,9 @@ class ServiceStack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # False: plaintext on loopback with no authentication (the services warn about it).
     secure: bool = True
+    # TOKEN: TLS, and every caller (the services too) presents a ServiceAccount token from
+    # `token_path(identity)`; the services' own are written from their kubeconfigs at start.
+    client_auth: ClientAuth = ClientAuth.CERTIFICATE
     identities: dict[str, IssuedIdentity] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,7 +74,26 @@ class ServiceStack:
         """What a client acting as `identity` presents: a service's name, or "scheduler"."""
         if not self.secure:
             return channels.PLAINTEXT
+        if self.client_auth is ClientAuth.TOKEN:
+            return channels.ClientCredentials(ca=self.authority.ca, token_file=self.token_path(identity))
         return self.identities[identity].credentials()
+
+    def grpcurl_flags(self, identity: str = "scheduler") -> list[str]:
+        """grpcurl's (and, with `--` for `-`, ghz's) flags for calling as `identity`."""
+        if not self.secure:
+            return ["-plaintext"]
+        issued = self.identities[identity]
+        return ["-cacert", str(issued.ca), "-cert", str(issued.cert), "-key", str(issued.key)]
+
+    def token_path(self, identity: str) -> Path:
+        return self.workdir / f"{identity}.token"
+
+    def _write_service_token(self, name: str) -> None:
+        """The bearer token a service presents in token mode: its own ServiceAccount token."""
+        doc = yaml.safe_load(Path(self.cluster.kubeconfigs[name]).read_text())
+        path = self.token_path(name)
+        path.touch(mode=0o600)
+        path.write_text(doc["users"][0]["user"]["token"])
 
     def channel(self, service: str, identity: str = "scheduler") -> grpc.aio.Channel:
         """An asyncio channel to one of the services, as `identity`."""
@@ -115,6 +139,9 @@ class ServiceStack:
             argv.append("--no-log-json")
         if self.secure:
             argv += self.identities[name].server_flags()
+        if self.secure and self.client_auth is ClientAuth.TOKEN:
+            self._write_service_token(name)
+            argv += ["--client-auth", "token", "--client-token-file", str(self.token_path(name))]
         if name != "watcher":
             argv += ["--store-path", str(self.workdir / f"{name}.db")]
         if name == "reconciler":

@@ -33,7 +33,10 @@ GRPCURL = str(ClusterSettings().bin_dir / "grpcurl")
 @pytest.mark.parametrize("name", SERVICES)
 def test_grpcurl_discovers_each_service_by_reflection(stack: ServiceStack, name: str) -> None:
     listed = subprocess.run(
-        [GRPCURL, "-plaintext", stack.address(name), "list"], capture_output=True, text=True, check=True
+        [GRPCURL, *stack.grpcurl_flags(), stack.address(name), "list"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert f"shepherd.v1.{name.capitalize()}Service" in listed
     assert "grpc.health.v1.Health" in listed
@@ -45,7 +48,7 @@ def test_methods_resolve_by_reflection_as_ghz_needs(stack: ServiceStack, name: s
     methods = [
         line.split()[1]
         for line in subprocess.run(
-            [GRPCURL, "-plaintext", stack.address(name), "describe", service],
+            [GRPCURL, *stack.grpcurl_flags(), stack.address(name), "describe", service],
             capture_output=True,
             text=True,
             check=True,
@@ -55,7 +58,7 @@ def test_methods_resolve_by_reflection_as_ghz_needs(stack: ServiceStack, name: s
     assert methods
     for method in methods:
         out = subprocess.run(
-            [GRPCURL, "-plaintext", stack.address(name), "describe", f"{service}.{method}"],
+            [GRPCURL, *stack.grpcurl_flags(), stack.address(name), "describe", f"{service}.{method}"],
             capture_output=True,
             text=True,
             check=True,
@@ -68,7 +71,7 @@ def test_grpcurl_can_call_an_rpc_without_proto_files(stack: ServiceStack) -> Non
     out = subprocess.run(
         [
             GRPCURL,
-            "-plaintext",
+            *stack.grpcurl_flags(),
             "-d",
             body,
             stack.address("reconciler"),
