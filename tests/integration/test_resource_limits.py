@@ -52,14 +52,16 @@ class Streams:
     """WatchTaskStates streams held open by one identity, each known to be admitted once it has
     delivered a message."""
 
-    def __init__(self, stack: ServiceStack, identity: str) -> None:
+    def __init__(
+        self, stack: ServiceStack, identity: str, credentials: channels.ClientCredentials | None = None
+    ) -> None:
         self.stack = stack
-        self.identity = identity
+        self.credentials = credentials or stack.credentials(identity)
         self.calls: list[Any] = []
         self._channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self) -> Streams:
-        self._channel = self.stack.channel("reconciler", self.identity)
+        self._channel = channels.aio_channel(self.stack.address("reconciler"), self.credentials)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -115,17 +117,13 @@ async def test_one_identity_may_hold_only_so_many_streams(limited: ServiceStack,
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"at most {PER_IDENTITY} per caller" in (refused.value.details() or "")
         # Another identity is not held back by the first one's streams, up to the total.
-        async with channels.aio_channel(limited.address("reconciler"), other) as channel:
-            stub = reconciler_service_pb2_grpc.ReconcilerServiceStub(channel)
-            calls = [stub.WatchTaskStates(reconciler_service_pb2.WatchTaskStatesRequest()) for _ in range(3)]
-            await asyncio.wait_for(calls[0].read(), 60)
-            await asyncio.wait_for(calls[1].read(), 60)
+        async with Streams(limited, "second-scheduler", other) as theirs:
+            for _ in range(TOTAL - PER_IDENTITY):
+                await theirs.open()
             with pytest.raises(grpc.aio.AioRpcError) as full:
-                await asyncio.wait_for(calls[2].read(), 60)
+                await theirs.open()
             assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert f"at most {TOTAL})" in (full.value.details() or "")
-            for call in calls:
-                call.cancel()
         # A stream that ends gives its slot back.
         mine.calls.pop(0).cancel()
 
