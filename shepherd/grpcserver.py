@@ -63,6 +63,7 @@ def run(main: Coroutine[Any, Any, None], settings: ServiceSettings) -> None:
     try:
         channels.configure(security.transport(settings).client)
     except security.TransportError as err:
+        main.close()
         get_logger(component="grpc").error("refusing to start", reason=str(err))
         raise SystemExit(2) from None
     gc.set_threshold(*_GC_THRESHOLDS)
