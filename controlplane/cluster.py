@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from controlplane.identities import GrpcAuthority
 from controlplane.kubeapi import AdminClient, ApiError
 from controlplane.pki import Authority
 from controlplane.processes import Daemon, ProcessError, Supervisor
@@ -73,6 +74,7 @@ class Cluster:
             _log(f"reusing the running cluster at {s.apiserver_url}")
             self._apply_manifests(self._admin())  # idempotent: picks up edits to deploy/
             self._issue_service_kubeconfigs(self._admin(), only_if_stale=True)
+            GrpcAuthority(s.state_dir).ensure()
             return self.info()
         self._ensure_binaries()
         leftovers = self.supervisor.stop_all(STOP_ORDER)
@@ -170,6 +172,7 @@ class Cluster:
             lambda: self._http_ok(f"http://127.0.0.1:{s.kwok_port}/healthz"),
         )
         self._wait("fake nodes Ready", self._nodes_ready)
+        GrpcAuthority(s.state_dir).ensure()  # the certificates of Shepherd's own gRPC ports
         info = self.info(refresh=True)
         _log(
             f"cluster up in {time.monotonic() - started:.1f}s: kube-apiserver {info.version} at {info.server}"

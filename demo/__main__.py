@@ -36,9 +36,15 @@ def main() -> int:
     stack.start()
     for name in ("launcher", "watcher", "reconciler"):
         print(f"  {name:<10} {stack.address(name)}  as ServiceAccount {info.namespace}/{name}")
+    print(f"  mutual TLS, default policy; the demo calls as {stack.identities['scheduler'].spiffe_id}")
     print(f"\n== demo: {args.tasks} tasks", flush=True)
     try:
-        demo = Demo(stack.address("launcher"), stack.address("reconciler"), tasks=args.tasks)
+        demo = Demo(
+            stack.address("launcher"),
+            stack.address("reconciler"),
+            tasks=args.tasks,
+            credentials=stack.credentials("scheduler"),
+        )
         unexpected = asyncio.run(demo.run())
     finally:
         stack.stop_all()

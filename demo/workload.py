@@ -49,6 +49,7 @@ class Demo:
     launcher_address: str
     reconciler_address: str
     tasks: int = 300
+    credentials: channels.ClientCredentials | None = None
     concurrency: int = 32
     seed: int = 7
     tracked: dict[str, Tracked] = field(default_factory=dict)
@@ -73,8 +74,8 @@ class Demo:
 
     async def run(self) -> int:
         async with (
-            channels.aio_channel(self.launcher_address) as lch,
-            channels.aio_channel(self.reconciler_address) as rch,
+            channels.aio_channel(self.launcher_address, self.credentials) as lch,
+            channels.aio_channel(self.reconciler_address, self.credentials) as rch,
         ):
             launcher = launcher_service_pb2_grpc.LauncherServiceStub(lch)
             reconciler = reconciler_service_pb2_grpc.ReconcilerServiceStub(rch)

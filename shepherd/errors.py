@@ -1,12 +1,13 @@
 """Turning domain failures into gRPC statuses that mean what google.rpc says they mean.
 
 INVALID_ARGUMENT carries a google.rpc.BadRequest detail naming the field, so clients in any
-language can point at it without parsing the message.
+language can point at it without parsing the message; RESOURCE_EXHAUSTED from a rate limit
+carries a google.rpc.RetryInfo saying when to try again.
 """
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -25,6 +26,28 @@ async def abort_invalid(context: grpc.aio.ServicerContext[object, object], error
     status.details.add().Pack(detail)
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable: abort_with_status raises")
+
+
+async def abort_exhausted(context: Any, message: str, *, retry_after_s: float | None = None) -> NoReturn:
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)
+    if retry_after_s is not None:
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromNanoseconds(max(1, int(retry_after_s * 1e9)))
+        status.details.add().Pack(info)
+    await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("unreachable: abort_with_status raises")
+
+
+def retry_delay_s(err: grpc.aio.AioRpcError) -> float | None:
+    """The delay a RetryInfo detail of a failed call asks for, for clients and tests."""
+    status = rpc_status.from_call(err)
+    if status is None:
+        return None
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    return None
 
 
 def field_violation(err: grpc.aio.AioRpcError) -> str | None:

@@ -1,42 +1,139 @@
-"""Binds a request id and the RPC name into structlog's context for the whole call, so every
-log line a request causes, in any module, can be found by that id.
+"""Every call passes here before its handler: a request id bound into the log context, then the
+caller's identity, the policy's decision, and the resource bounds.
 
-The id comes from the caller's `x-request-id` metadata when present (a mesh or scheduler can
-propagate its own), otherwise a new one is made; it is echoed back in trailing metadata. The
-wrapped handler is built once per method and reused: wrapping per call costs CPU on every RPC.
+The request id comes from the caller's `x-request-id` metadata when present (a mesh or scheduler
+can propagate its own), otherwise a new one is made; it is echoed back in trailing metadata and
+bound, with the RPC name and the caller's identity, into every log line the call causes.
+
+Order per call: authenticate (UNAUTHENTICATED), authorize (PERMISSION_DENIED naming the identity
+and the RPC, logged), then the bounds (RESOURCE_EXHAUSTED): open streams per identity and in
+total, unary calls in flight, and the launch rate per identity (with a google.rpc.RetryInfo).
+Open RPCs (health, reflection) skip all of it. The wrapped handler is built once per method and
+reused, and what it needs to know about its method (open? rate-limited? streaming?) is decided
+then: per call, the checks are a few dict lookups.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import structlog
 
+from shepherd.authn import Authenticator, Unauthenticated, Unavailable
+from shepherd.authz import Policy
+from shepherd.errors import abort_exhausted
+from shepherd.limits import LaunchRate, StreamSlots
+from shepherd.logging import get_logger
+
 REQUEST_ID_HEADER = "x-request-id"
+ANONYMOUS = "anonymous"
+# A denied caller that keeps trying is logged once per (identity, RPC) per this many seconds.
+_DENIAL_LOG_EVERY_S = 10.0
+
+# How many launches a call makes: the RPCs the launch rate applies to.
+LAUNCH_COST: dict[str, Callable[[Any], int]] = {
+    "/shepherd.v1.LauncherService/LaunchTask": lambda _request: 1,
+    "/shepherd.v1.LauncherService/BatchLaunchTasks": lambda request: len(request.requests),
+}
 
 
-def _bind(context: Any, rpc: str) -> None:
+@dataclass
+class Guard:
+    """What the interceptor enforces; one per server. `authenticator` None: plaintext, where
+    nobody can be identified, so every caller is `anonymous` and the policy is not consulted."""
+
+    authenticator: Authenticator | None
+    policy: Policy
+    streams: StreamSlots
+    max_inflight_unary: int
+    launch_rate: LaunchRate
+    inflight_unary: int = 0
+    _denials_logged: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    async def admit(self, context: Any, rpc: str) -> str:
+        """The caller's identity, if it may call `rpc`; otherwise the call is aborted."""
+        if self.authenticator is None:
+            return ANONYMOUS
+        try:
+            identity = await self.authenticator.identify(context)
+        except Unauthenticated as err:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{rpc}: {err}")
+            raise AssertionError("unreachable: abort raises") from None
+        except Unavailable as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+            raise AssertionError("unreachable: abort raises") from None
+        if not self.policy.allows(identity, rpc):
+            self._log_denial(identity, rpc)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{identity} may not call {rpc}")
+        return identity
+
+    def _log_denial(self, identity: str, rpc: str) -> None:
+        now = time.monotonic()
+        key = (identity, rpc)
+        if now - self._denials_logged.get(key, -_DENIAL_LOG_EVERY_S) < _DENIAL_LOG_EVERY_S:
+            return
+        if len(self._denials_logged) > 10_000:
+            self._denials_logged.clear()
+        self._denials_logged[key] = now
+        get_logger(component="authz").warning("permission denied", caller=identity, rpc=rpc)
+
+
+def _request_id(context: Any) -> str:
+    """The caller's request id (or a new one), echoed in the trailing metadata."""
     request_id = ""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and value:
             request_id = str(value)[:128]
             break
     request_id = request_id or uuid.uuid4().hex
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc)
     context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+    return request_id
 
 
-def _wrap(handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
+def _bind(request_id: str, rpc: str, caller: str | None = None) -> None:
+    structlog.contextvars.clear_contextvars()
+    if caller is None:
+        structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc)
+    else:
+        structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc, caller=caller)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, rpc: str, guard: Guard) -> grpc.RpcMethodHandler:
+    guarded = not guard.policy.is_open(rpc)
+    cost = LAUNCH_COST.get(rpc)
     if handler.unary_unary:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: Any) -> Any:
-            _bind(context, rpc)
-            return await inner_uu(request, context)
+            request_id = _request_id(context)
+            if not guarded:
+                _bind(request_id, rpc)
+                return await inner_uu(request, context)
+            identity = await guard.admit(context, rpc)
+            _bind(request_id, rpc, identity)
+            if guard.inflight_unary >= guard.max_inflight_unary:
+                await abort_exhausted(
+                    context, f"{guard.inflight_unary} calls in flight (at most {guard.max_inflight_unary})"
+                )
+            if cost is not None:
+                wait_s = guard.launch_rate.take(identity, cost(request))
+                if wait_s:
+                    await abort_exhausted(
+                        context,
+                        f"{identity} launches faster than {guard.launch_rate.rate:g}/s; "
+                        f"retry in {wait_s:.2f}s",
+                        retry_after_s=wait_s,
+                    )
+            guard.inflight_unary += 1
+            try:
+                return await inner_uu(request, context)
+            finally:
+                guard.inflight_unary -= 1
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, handler.request_deserializer, handler.response_serializer
@@ -44,19 +141,61 @@ def _wrap(handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
     if handler.unary_stream:
         inner_us = handler.unary_stream
 
-        async def unary_stream(request: Any, context: Any) -> Any:
-            _bind(context, rpc)
-            async for item in inner_us(request, context):
-                yield item
+        async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            request_id = _request_id(context)
+            if not guarded:
+                _bind(request_id, rpc)
+                async for item in inner_us(request, context):
+                    yield item
+                return
+            identity = await guard.admit(context, rpc)
+            _bind(request_id, rpc, identity)
+            refused = guard.streams.acquire(identity)
+            if refused is not None:
+                await abort_exhausted(context, refused)
+            try:
+                async for item in inner_us(request, context):
+                    yield item
+            finally:
+                guard.streams.release(identity)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer
         )
-    return handler
+    if not guarded:
+        return handler  # reflection's bidirectional stream: open, nothing to bind per message
+    return _denied_unless_admitted(handler, rpc, guard)
+
+
+def _denied_unless_admitted(handler: grpc.RpcMethodHandler, rpc: str, guard: Guard) -> grpc.RpcMethodHandler:
+    """Client-streaming methods (none of Shepherd's own): authenticated and authorized, not bounded."""
+    if handler.stream_unary:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: Any) -> Any:
+            request_id = _request_id(context)
+            _bind(request_id, rpc, await guard.admit(context, rpc))
+            return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer
+        )
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+        request_id = _request_id(context)
+        _bind(request_id, rpc, await guard.admit(context, rpc))
+        async for item in inner_ss(requests, context):
+            yield item
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream, handler.request_deserializer, handler.response_serializer
+    )
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self) -> None:
+    def __init__(self, guard: Guard) -> None:
+        self._guard = guard
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -70,5 +209,5 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mis
             handler = await continuation(handler_call_details)
             if handler is None:
                 return handler
-            wrapped = self._wrapped[rpc] = _wrap(handler, rpc)
+            wrapped = self._wrapped[rpc] = _wrap(handler, rpc, self._guard)
         return wrapped

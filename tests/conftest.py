@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from controlplane import Cluster, ClusterInfo
+from controlplane.identities import GrpcAuthority
 from controlplane.stack import ServiceStack
+from shepherd import channels
 from tests.helpers.scheduler import SchedulerClient
 
 _VERSION_KEY = pytest.StashKey[str]()
@@ -23,6 +25,8 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[ClusterInfo]:
     was_running = local.healthy()
     info = local.up()
     request.config.stash[_VERSION_KEY] = f"kube-apiserver {info.version} at {info.server}"
+    # A test's channel that names no credentials calls as the scheduler the default policy knows.
+    channels.configure(GrpcAuthority(local.settings.state_dir).scheduler().credentials())
     yield info
     if not was_running and not os.environ.get("SHEPHERD_KEEP_CLUSTER"):
         local.down()

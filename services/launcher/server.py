@@ -277,7 +277,7 @@ async def serve(settings: LauncherSettings) -> None:
     replay = store.pending()
     for launch, pod in replay:
         creator.submit(launch, pod)
-    server = GrpcServer(host=settings.host, port=settings.port, service_names=[SERVICE_NAME])
+    server = GrpcServer(settings, service_names=[SERVICE_NAME])
     pb_grpc.add_LauncherServiceServicer_to_server(
         LauncherServicer(settings, store, creator, templates), server.server
     )
@@ -298,4 +298,4 @@ async def serve(settings: LauncherSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = LauncherSettings.load(argv)
     configure("launcher", settings.log_level, json=settings.log_json)
-    run(serve(settings))
+    run(serve(settings), settings)

@@ -189,7 +189,7 @@ async def serve(settings: ReconcilerSettings) -> None:
             namespaces=settings.namespaces,
         )
 
-    server = GrpcServer(host=settings.host, port=settings.port, service_names=[SERVICE_NAME])
+    server = GrpcServer(settings, service_names=[SERVICE_NAME])
     pb_grpc.add_ReconcilerServiceServicer_to_server(
         ReconcilerServicer(settings, store, engine, launcher, kube, adopt_dead), server.server
     )
@@ -241,4 +241,4 @@ async def serve(settings: ReconcilerSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = ReconcilerSettings.load(argv)
     configure("reconciler", settings.log_level, json=settings.log_json)
-    run(serve(settings))
+    run(serve(settings), settings)

@@ -66,6 +66,19 @@ class KubeClient:
     async def get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         return orjson.loads(await self._request("GET", path, params=params))
 
+    async def review_token(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        """The TokenReview API's verdict on a bearer token (its `status`). The answer echoes the
+        token in its spec, so only the status is returned."""
+        spec: dict[str, Any] = {"token": token}
+        if audiences:
+            spec["audiences"] = audiences
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        data = await self._request(
+            "POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=orjson.dumps(review)
+        )
+        status: dict[str, Any] = orjson.loads(data).get("status") or {}
+        return status
+
     async def create_pod(self, namespace: str, pod: Mapping[str, Any]) -> None:
         """Create a pod. The created object is not parsed: the watcher reports it anyway."""
         await self._request("POST", _pods_path(namespace), body=orjson.dumps(pod))

@@ -9,11 +9,10 @@ import grpc
 import pytest
 
 from controlplane.stack import ServiceStack
-from shepherd import channels
 from shepherd.errors import field_violation
 from shepherd.v1 import launcher_service_pb2 as lpb
+from shepherd.v1 import launcher_service_pb2_grpc, task_pb2, watcher_service_pb2, watcher_service_pb2_grpc
 from shepherd.v1 import reconciler_service_pb2 as rpb
-from shepherd.v1 import task_pb2, watcher_service_pb2, watcher_service_pb2_grpc
 from tests.helpers import task_key, unique_name
 from tests.helpers.scheduler import SchedulerClient
 
@@ -99,17 +98,20 @@ async def test_an_empty_batch_is_refused(client: SchedulerClient) -> None:
     assert (err.value.code(), field_violation(err.value)) == (INVALID, "requests")
 
 
-async def test_unknown_tasks_are_not_found_everywhere(client: SchedulerClient) -> None:
+async def test_unknown_tasks_are_not_found_everywhere(stack: ServiceStack, client: SchedulerClient) -> None:
     unknown = task_key(task_id=unique_name("nobody"))
-    for call in (
-        client.launcher.GetLaunch(lpb.GetLaunchRequest(key=unknown)),
-        client.launcher.CancelLaunch(lpb.CancelLaunchRequest(key=unknown)),
-        client.reconciler.GetTask(rpb.GetTaskRequest(key=unknown)),
-        client.reconciler.CancelTask(rpb.CancelTaskRequest(key=unknown)),
-    ):
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await call
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # CancelLaunch is the reconciler's to call (the default policy): the test calls it as the reconciler.
+    async with stack.channel("launcher", identity="reconciler") as channel:
+        as_reconciler = launcher_service_pb2_grpc.LauncherServiceStub(channel)
+        for call in (
+            client.launcher.GetLaunch(lpb.GetLaunchRequest(key=unknown)),
+            as_reconciler.CancelLaunch(lpb.CancelLaunchRequest(key=unknown)),
+            client.reconciler.GetTask(rpb.GetTaskRequest(key=unknown)),
+            client.reconciler.CancelTask(rpb.CancelTaskRequest(key=unknown)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize(
@@ -140,7 +142,7 @@ async def test_bad_keys_are_refused_by_the_reconciler(client: SchedulerClient) -
 
 
 async def test_a_watcher_cursor_from_another_run_is_out_of_range(stack: ServiceStack) -> None:
-    async with channels.aio_channel(stack.address("watcher")) as channel:
+    async with stack.channel("watcher", identity="reconciler") as channel:
         stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in stub.WatchPodEvents(watcher_service_pb2.WatchPodEventsRequest(after_cursor=12345)):

@@ -14,7 +14,7 @@ import pytest
 
 from controlplane import ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import channels, podmeta
+from shepherd import podmeta
 from shepherd.v1 import launcher_service_pb2 as pb
 from shepherd.v1 import launcher_service_pb2_grpc as pb_grpc
 from tests.helpers import core_api, eventually, task_key, unique_name
@@ -61,7 +61,7 @@ async def offline_launcher(
         },
     )
     stack.start(("launcher",))
-    async with channels.aio_channel(stack.address("launcher")) as channel:
+    async with stack.channel("launcher") as channel:
         yield stack, pb_grpc.LauncherServiceStub(channel)
     stack.stop_all()
 
@@ -87,7 +87,7 @@ async def test_a_launcher_killed_after_answering_ok_creates_the_pod_on_restart(
         ),
         what="the replayed launch's pod",
     )
-    async with channels.aio_channel(stack.address("launcher")) as channel:
+    async with stack.channel("launcher") as channel:
         restarted = pb_grpc.LauncherServiceStub(channel)
         launch = (await restarted.GetLaunch(pb.GetLaunchRequest(key=key))).launch
         assert launch.state == pb.LAUNCH_STATE_CREATED

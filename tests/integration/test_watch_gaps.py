@@ -14,7 +14,7 @@ import pytest
 
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import channels, podmeta
+from shepherd import podmeta
 from shepherd.v1 import (
     launcher_service_pb2,
     reconciler_service_pb2,
@@ -82,7 +82,7 @@ async def test_a_410_gap_is_rebuilt_and_every_task_touched_in_it_settles(
     try:
         async with (
             SchedulerClient.connect(stack) as client,
-            channels.aio_channel(stack.address("watcher")) as channel,
+            stack.channel("watcher", identity="reconciler") as channel,
         ):
             stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
             events = Collector(
@@ -191,7 +191,7 @@ async def test_a_pod_that_leaves_the_selector_is_not_reported_deleted(
     ns = info.namespace
     kept, deleted = unique_name("kept"), unique_name("gone")
     try:
-        async with channels.aio_channel(stack.address("watcher")) as channel:
+        async with stack.channel("watcher", identity="reconciler") as channel:
             stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
             events = Collector(
                 unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(snapshot=True)), "events")
@@ -223,7 +223,7 @@ async def test_a_client_resuming_from_its_cursor_gets_every_later_event_once(sta
     admin = core_api(stack.cluster.admin_kubeconfig)
     ns = stack.cluster.namespace
     first, second = unique_name("resume-a"), unique_name("resume-b")
-    async with channels.aio_channel(stack.address("watcher")) as channel:
+    async with stack.channel("watcher", identity="reconciler") as channel:
         stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
         before = Collector(
             unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(snapshot=True)), "events")
