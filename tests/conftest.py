@@ -13,6 +13,8 @@ from controlplane.stack import ServiceStack
 from tests.helpers.scheduler import SchedulerClient
 
 _VERSION_KEY = pytest.StashKey[str]()
+_REAL_NODE_TESTS = pytest.StashKey[set[str]]()
+_REAL_NODE_ABSENT = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session")
@@ -28,10 +30,39 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[ClusterInfo]:
         local.down()
 
 
+@pytest.fixture(scope="session")
+def real_node(cluster: ClusterInfo, request: pytest.FixtureRequest) -> str:
+    """The name of the cluster's real node (kubelet + containerd). Where the machine cannot run
+    one, the tests that need it are skipped with the reason cluster-up gave."""
+    if cluster.real_node is None:
+        reason = cluster.real_node_unavailable or "the cluster has no real node"
+        request.config.stash[_REAL_NODE_ABSENT] = reason
+        pytest.skip(f"no real node: {reason}")
+    return cluster.real_node
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    config.stash[_REAL_NODE_TESTS] = {
+        item.nodeid for item in items if "real_node" in getattr(item, "fixturenames", ())
+    }
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     version = config.stash.get(_VERSION_KEY, None)
     if version:
         terminalreporter.write_sep("-", f"integration tests ran against {version}")
+    wanted = config.stash.get(_REAL_NODE_TESTS, set())
+    if wanted:
+        outcomes: dict[str, int] = {}
+        for category in ("passed", "failed", "error", "skipped"):
+            nodeids = {r.nodeid for r in terminalreporter.stats.get(category, []) if r.nodeid in wanted}
+            if nodeids:
+                outcomes[category] = len(nodeids)
+        line = ", ".join(f"{n} {c}" for c, n in outcomes.items()) or "none run"
+        absent = config.stash.get(_REAL_NODE_ABSENT, None)
+        terminalreporter.write_sep(
+            "-", f"real-node tests: {line}" + (f" (skipped because {absent})" if absent else "")
+        )
 
 
 @pytest.fixture(scope="session")
