@@ -257,6 +257,18 @@ class Cluster:
         self._wipe_state()
         _log(f"cluster down: stopped {len(stopped)} process(es), removed {self.settings.state_dir}")
 
+    def stop_real_node(self) -> None:
+        """Give up the machine's real node (its pods deleted, the host restored) while the rest of
+        the cluster keeps running, so another cluster can have it."""
+        self.node.teardown(self._admin())
+        self._node_unavailable = "the real node was stopped (Cluster.stop_real_node)"
+        self.info(refresh=True)
+
+    def start_real_node(self) -> ClusterInfo:
+        """Start the real node of a running cluster again (after stop_real_node)."""
+        self._start_real_node(Authority(self.pki_dir), self._admin())
+        return self.info(refresh=True)
+
     def healthy(self) -> bool:
         if not self.info_file.exists() or any(self.supervisor.pid(n) is None for n in DAEMONS):
             return False

@@ -59,7 +59,15 @@ SYSCTLS = (
     "net.ipv4.ip_forward",
 )
 # Host directories the kubelet, containerd or the CNI plugins create when missing.
-HOST_DIRS = (Path("/run/netns"), Path("/var/lib/cni"), Path("/var/log/containers"), Path("/run/containerd"))
+# (/var/lib/kubelet/device-plugins and /var/log/containers are fixed paths in the kubelet; /run/containerd
+# holds the shims' sockets; /var/lib/cni the CNI result cache.)
+HOST_DIRS = (
+    Path("/run/netns"),
+    Path("/var/lib/cni"),
+    Path("/var/lib/kubelet"),
+    Path("/var/log/containers"),
+    Path("/run/containerd"),
+)
 _CAP_NET_ADMIN, _CAP_SYS_ADMIN = 12, 21
 _MNT_DETACH = 2
 _FIX = "set SHEPHERD_CLUSTER_REAL_NODE=false to run with the kwok nodes only"
@@ -521,7 +529,11 @@ class RealNode:
                     "runc": {
                         "runtime_type": "io.containerd.runc.v2",
                         # PID 1 is not systemd on these machines: plain cgroupfs, as the kubelet.
-                        "options": {"SystemdCgroup": False, "BinaryName": shutil.which("runc") or "runc"},
+                        "options": {
+                            "SystemdCgroup": False,
+                            "BinaryName": shutil.which("runc") or "runc",
+                            "Root": str(RUN_DIR / "runc"),
+                        },
                     }
                 },
             },
@@ -625,7 +637,7 @@ class RealNode:
         ours = record.state_dir == str(self.settings.state_dir)
         if not ours and _owner_alive(record):
             return False
-        if ours and admin is not None:
+        if ours and admin is not None and self.supervisor.pid("kubelet") is not None:
             self.drain(admin)
         for name in ("kubelet", "containerd"):
             pid = self.supervisor.pid(name) if ours else None

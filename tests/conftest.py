@@ -15,6 +15,7 @@ from tests.helpers.scheduler import SchedulerClient
 _VERSION_KEY = pytest.StashKey[str]()
 _REAL_NODE_TESTS = pytest.StashKey[set[str]]()
 _REAL_NODE_ABSENT = pytest.StashKey[str]()
+_STARTED_CLUSTER = pytest.StashKey[bool]()
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +25,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[ClusterInfo]:
     local = Cluster()
     was_running = local.healthy()
     info = local.up()
+    request.config.stash[_STARTED_CLUSTER] = not was_running
     request.config.stash[_VERSION_KEY] = f"kube-apiserver {info.version} at {info.server}"
     yield info
     if not was_running and not os.environ.get("SHEPHERD_KEEP_CLUSTER"):
@@ -39,6 +41,24 @@ def real_node(cluster: ClusterInfo, request: pytest.FixtureRequest) -> str:
         request.config.stash[_REAL_NODE_ABSENT] = reason
         pytest.skip(f"no real node: {reason}")
     return cluster.real_node
+
+
+@pytest.fixture
+def free_real_node(real_node: str, request: pytest.FixtureRequest) -> Iterator[None]:
+    """For a test that starts a real node of its own: the session's cluster gives up the machine's
+    one real node and takes it back afterwards. Only a cluster this session started lends it; a
+    cluster other sessions share keeps its node, and the test is skipped."""
+    if not request.config.stash.get(_STARTED_CLUSTER, False):
+        pytest.skip(
+            "the real node belongs to a cluster this test session did not start (others may use it); "
+            "a session that starts its own cluster runs this test"
+        )
+    local = Cluster()
+    local.stop_real_node()
+    try:
+        yield
+    finally:
+        local.start_real_node()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,5 +1,5 @@
-"""The local cluster's real node (kubelet + containerd) runs real containers, and the
-controller-manager makes the cluster behave like a real one.
+"""The local cluster's real node (kubelet + containerd) runs real containers, leaves the host as
+it found it, and the controller-manager makes the cluster behave like a real one.
 
 Pods here go straight to the API as the admin: these tests are about the cluster, not Shepherd
 (tests/integration/test_real_containers.py runs Shepherd's tasks on the node).
@@ -7,9 +7,12 @@ Pods here go straight to the API as the admin: these tests are about the cluster
 
 from __future__ import annotations
 
+import os
+import signal
 import ssl
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,10 +20,12 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from controlplane import ClusterInfo
+from controlplane import Cluster, ClusterInfo, realnode
 from controlplane.images import SHELL_IMAGE
-from controlplane.realnode import NODE_LABEL, TAINT_KEY
+from controlplane.processes import owned_pids
+from controlplane.realnode import CGROUP_ROOT, HOST_DIRS, NODE_LABEL, RUN_DIR, SYSCTLS, TAINT_KEY
 from tests.helpers import core_api, eventually, unique_name
+from tests.helpers.cluster import spare_settings
 
 pytestmark = pytest.mark.integration
 
@@ -179,3 +184,58 @@ def test_the_controller_manager_runs_deployments_and_empties_deleted_namespaces(
         return False
 
     eventually(gone, what=f"namespace {namespace} to be emptied and deleted", timeout=120)
+
+
+def host_state() -> dict[str, object]:
+    """What a real node may change on the host, as a comparable snapshot."""
+    mounts = sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_ROOT}"))
+    return {
+        "sysctls": {n: realnode._sysctl_path(n).read_text() for n in SYSCTLS},
+        "links": sorted(p.name for p in Path("/sys/class/net").iterdir()),
+        "netns": sorted(p.name for p in Path("/run/netns").glob("*")),
+        "mounts": mounts,
+        "cgroups": cgroups,
+        "dirs": {str(d): sorted(p.name for p in d.iterdir()) if d.exists() else None for d in HOST_DIRS},
+        "run_dir": RUN_DIR.exists(),
+    }
+
+
+def test_a_crashed_real_node_is_restarted_and_down_restores_the_host(
+    free_real_node: None, tmp_path: Path
+) -> None:
+    before = host_state()
+    settings = spare_settings(
+        tmp_path,
+        real_node=True,
+        real_node_name="spare-node",
+        real_node_bridge="shepherdt0",
+        real_node_pod_cidr="10.90.0.0/24",
+    )
+    spare = Cluster(settings)
+    try:
+        info = spare.up()
+        assert info.real_node == "spare-node"
+        api = core_api(info.admin_kubeconfig)
+        name = unique_name("left-running")
+        api.create_namespaced_pod(info.namespace, real_pod(name, "sleep 3600"))
+        eventually(
+            lambda: api.read_namespaced_pod(name, info.namespace).status.phase == "Running",
+            what="a pod running on the spare node",
+            timeout=90,
+        )
+        assert host_state() != before  # a bridge, a network namespace, mounts, cgroups
+        # The node dies without cleaning up: its pod's processes, shim, mounts and network stay.
+        for daemon in ("kubelet", "containerd"):
+            pid = spare.supervisor.pid(daemon)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+        assert not spare.healthy()
+        info = spare.up()  # restores the host from the record, then starts everything afresh
+        assert info.real_node == "spare-node"
+        assert spare.node.ready(spare._admin())
+    finally:
+        spare.down()
+    assert owned_pids(str(settings.state_dir)) == []
+    assert owned_pids(str(RUN_DIR)) == []
+    assert host_state() == before
