@@ -28,7 +28,8 @@ class ProcessError(RuntimeError):
 class Daemon:
     name: str
     argv: Sequence[str]
-    port: int
+    port: int | None  # None: the daemon listens on no TCP port (containerd's socket is a file)
+    host: str = "127.0.0.1"
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -80,11 +81,11 @@ class Supervisor:
         return pid if str(self.state_dir) in _cmdline(pid) else None
 
     def start(self, daemon: Daemon) -> int:
-        if not port_is_free(daemon.port):
+        if daemon.port is not None and not port_is_free(daemon.port, daemon.host):
             raise ProcessError(
-                f"{daemon.name} cannot start: port {daemon.port} on 127.0.0.1 is already taken by another "
-                f"process. Stop it (see `ss -ltnp 'sport = :{daemon.port}'`) or choose another port with "
-                f"the matching SHEPHERD_CLUSTER_*_PORT variable."
+                f"{daemon.name} cannot start: port {daemon.port} on {daemon.host} is already taken by "
+                f"another process. Stop it (see `ss -ltnp 'sport = :{daemon.port}'`) or choose another "
+                f"port with the matching SHEPHERD_CLUSTER_*_PORT variable."
             )
         binary = Path(daemon.argv[0])
         if not binary.exists():
@@ -104,7 +105,7 @@ class Supervisor:
         self._children[daemon.name] = proc
         self._pidfile(daemon.name).write_text(str(proc.pid))
         (self.run_dir / f"{daemon.name}.json").write_text(
-            json.dumps({"argv": list(daemon.argv), "port": daemon.port})
+            json.dumps({"argv": list(daemon.argv), "port": daemon.port, "host": daemon.host})
         )
         return proc.pid
 
@@ -115,9 +116,12 @@ class Supervisor:
         if pid is not None:
             _terminate([pid], timeout)
         deadline = time.monotonic() + timeout
-        while not port_is_free(spec["port"]) and time.monotonic() < deadline:
+        host = spec.get("host", "127.0.0.1")
+        while (
+            spec["port"] is not None and not port_is_free(spec["port"], host) and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
-        return self.start(Daemon(name, spec["argv"], spec["port"]))
+        return self.start(Daemon(name, spec["argv"], spec["port"], host))
 
     def exited_early(self, name: str) -> str | None:
         """If the daemon already died, the tail of its log, so start-up can explain why."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from controlplane import Cluster
+from controlplane.cluster import DAEMONS
 from controlplane.processes import owned_pids
 from tests.helpers.cluster import spare_settings
 
@@ -27,7 +28,7 @@ def spare(tmp_path: Path, cluster: object) -> Iterator[Cluster]:
 
 def test_down_leaves_no_process_and_no_state(spare: Cluster) -> None:
     spare.up()
-    assert len(owned_pids(str(spare.settings.state_dir))) == 4
+    assert len(owned_pids(str(spare.settings.state_dir))) == len(DAEMONS)
     spare.down()
     assert owned_pids(str(spare.settings.state_dir)) == []
     assert not spare.settings.state_dir.exists()
