@@ -4,6 +4,9 @@ log line a request causes, in any module, can be found by that id.
 The id comes from the caller's `x-request-id` metadata when present (a mesh or scheduler can
 propagate its own), otherwise a new one is made; it is echoed back in trailing metadata. The
 wrapped handler is built once per method and reused: wrapping per call costs CPU on every RPC.
+
+The same wrapper refuses a request whose enum fields hold numbers their enums do not define
+(validation.check_enums), before any handler sees it: done here, no handler can forget a field.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import Any
 
 import grpc
 import structlog
+
+from shepherd.errors import abort_invalid
+from shepherd.validation import InvalidField, check_enums
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -30,12 +36,20 @@ def _bind(context: Any, rpc: str) -> None:
     context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
 
 
+async def _admit(request: Any, context: Any, rpc: str) -> None:
+    _bind(context, rpc)
+    try:
+        check_enums(request)
+    except InvalidField as err:
+        await abort_invalid(context, err)
+
+
 def _wrap(handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
     if handler.unary_unary:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: Any) -> Any:
-            _bind(context, rpc)
+            await _admit(request, context, rpc)
             return await inner_uu(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -45,7 +59,7 @@ def _wrap(handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
         inner_us = handler.unary_stream
 
         async def unary_stream(request: Any, context: Any) -> Any:
-            _bind(context, rpc)
+            await _admit(request, context, rpc)
             async for item in inner_us(request, context):
                 yield item
 
