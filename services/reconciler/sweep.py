@@ -11,7 +11,8 @@ where its last page ended, so the cost per tick is one bounded list call, never 
   up: with no action recorded, the pod goes to the engine, which records the action its policy
   wants exactly as for a watch event (once per pod UID); with an action recorded as done although
   a fresh read shows the pod still uncleaned, that action is reopened and carried out again. An
-  action recorded and not yet done is in the action runner's hands already, and left alone.
+  action recorded and not yet done is in the action runner's hands already, and left alone. A
+  pod that changed within the last tick is left for the next one: its event may be on the way.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ async def sweep_finished(
                     continue_token=tokens.get(namespace, ""),
                 )
                 tokens[namespace] = (page.get("metadata") or {}).get("continue", "")
-                found = await _clean_up(page.get("items") or [], kube, engine, store, actions)
+                settled = [pod for pod in page.get("items") or [] if _unchanged_for_s(pod) >= interval_s]
+                found = await _clean_up(settled, kube, engine, store, actions)
             except Exception as err:  # the sweep is a safety net: it must outlive API trouble
                 log.warning("clean-up sweep failed; next tick tries again", error=str(err))
                 tokens.pop(namespace, None)
@@ -110,6 +112,20 @@ async def sweep_finished(
                 log.warning(
                     "found finished pods nobody was cleaning up", pods=found, namespace=namespace or "*"
                 )
+
+
+def _unchanged_for_s(pod: dict[str, Any]) -> float:
+    """Time since the pod's last change of state (created, a condition, a container's end): a pod
+    that changed within the last tick may have its watch event still on the way, not missed."""
+    status = pod.get("status") or {}
+    stamps = [(pod.get("metadata") or {}).get("creationTimestamp")]
+    stamps += [c.get("lastTransitionTime") for c in status.get("conditions") or []]
+    stamps += [
+        ((c.get("state") or {}).get("terminated") or {}).get("finishedAt")
+        for c in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+    ]
+    latest = max((timestamps.epoch_seconds(s) for s in stamps if s), default=0.0)
+    return time.time() - latest
 
 
 async def _clean_up(
