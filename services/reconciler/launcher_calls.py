@@ -59,7 +59,11 @@ class LauncherCalls:
     async def get_launch(self, key: task_pb2.TaskKey) -> launcher_service_pb2.Launch | None:
         """The launcher's record of `key`, or None if it never launched it."""
         try:
-            reply = await self.stub.GetLaunch(launcher_service_pb2.GetLaunchRequest(key=key), timeout=5)
+            # wait_for_ready: a channel between reconnect attempts waits for the launcher (up to the
+            # timeout) instead of failing at once, which would say nothing about the key.
+            reply = await self.stub.GetLaunch(
+                launcher_service_pb2.GetLaunchRequest(key=key), timeout=5, wait_for_ready=True
+            )
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 return None
@@ -72,7 +76,9 @@ class LauncherCalls:
     async def cancel(self, key: task_pb2.TaskKey) -> None:
         """Best effort: a pod created despite the cancel is deleted when the watcher reports it."""
         try:
-            await self.stub.CancelLaunch(launcher_service_pb2.CancelLaunchRequest(key=key), timeout=5)
+            await self.stub.CancelLaunch(
+                launcher_service_pb2.CancelLaunchRequest(key=key), timeout=5, wait_for_ready=True
+            )
         except grpc.aio.AioRpcError as err:
             get_logger(component="launcher-calls").warning(
                 "launcher did not take the cancel", code=err.code().name, details=err.details()
@@ -91,7 +97,7 @@ class LauncherCalls:
         while True:
             try:
                 async with self._slots:
-                    reply = await self.stub.RelaunchTask(request, timeout=10)
+                    reply = await self.stub.RelaunchTask(request, timeout=10, wait_for_ready=True)
             except grpc.aio.AioRpcError as err:
                 code = err.code()
                 if code not in TRANSIENT:

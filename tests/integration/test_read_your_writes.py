@@ -44,7 +44,7 @@ async def test_a_launched_task_is_found_and_cancelled_at_once(
         try:
             reply = await client.reconciler.GetTask(rpb.GetTaskRequest(key=key), timeout=30)
         except grpc.aio.AioRpcError as err:
-            not_found.append(f"{key.task_id}: {err.code().name}")
+            not_found.append(f"{key.task_id}: {err.code().name} {err.details()}")
             continue
         assert reply.task.key == key
         assert reply.task.state in (S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING)
@@ -57,7 +57,7 @@ async def test_a_launched_task_is_found_and_cancelled_at_once(
                 rpb.CancelTaskRequest(key=key, reason="changed my mind"), timeout=30
             )
         except grpc.aio.AioRpcError as err:
-            refused.append(f"{key.task_id}: {err.code().name}")
+            refused.append(f"{key.task_id}: {err.code().name} {err.details()}")
             continue
         assert reply.task.state == S.TASK_STATE_REVOKED
 

@@ -26,7 +26,7 @@ class FakeLauncher:
         self.relaunched: list[str] = []
 
     async def RelaunchTask(  # noqa: N802 - the stub's method name
-        self, request: launcher_service_pb2.RelaunchTaskRequest, timeout: float
+        self, request: launcher_service_pb2.RelaunchTaskRequest, timeout: float, wait_for_ready: bool
     ) -> launcher_service_pb2.RelaunchTaskResponse:
         name = request.key.task_id
         self.calls[name] += 1
