@@ -29,7 +29,7 @@ import yaml
 
 from controlplane import images
 from controlplane.kubeapi import AdminClient, ApiError
-from controlplane.processes import Daemon, Supervisor, owned_pids
+from controlplane.processes import Daemon, Supervisor
 from controlplane.settings import ClusterSettings
 
 RUN_DIR = Path("/run/shepherd-real-node")
@@ -222,6 +222,33 @@ def ensure_packages() -> None:
 
 
 # ---- the host record -------------------------------------------------------------------------
+
+
+# The executables a real node runs itself. Leftovers are looked for among these only, so a user's
+# `tail -f` of a node log, or anything else that merely names the node's directories, is never hit.
+_NODE_EXECUTABLES = ("containerd", "containerd-shim", "kubelet", "runc")
+
+
+def owned_pids(path: str) -> list[int]:
+    """Live node processes (containerd, its shims, the kubelet, runc) with an argument that is
+    `path` or lies under it: what an earlier node run, perhaps killed, left behind."""
+    under = path.rstrip("/") + "/"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not argv or not os.path.basename(argv[0]).startswith(_NODE_EXECUTABLES):
+            continue
+        for arg in argv[1:]:
+            value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+            if value.rstrip("/") == path.rstrip("/") or value.startswith(under):
+                pids.append(int(entry.name))
+                break
+    return pids
 
 
 def _read_record() -> HostRecord | None:

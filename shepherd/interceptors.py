@@ -11,6 +11,9 @@ total, unary calls in flight, and the launch rate per identity (with a google.rp
 Open RPCs (health, reflection) skip all of it. The wrapped handler is built once per method and
 reused, and what it needs to know about its method (open? rate-limited? streaming?) is decided
 then: per call, the checks are a few dict lookups.
+
+Then a request whose enum fields hold numbers their enums do not define is refused
+(validation.check_enums) before any handler sees it: done here, no handler can forget a field.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import structlog
 
 from shepherd.authn import Authenticator, Unauthenticated, Unavailable
 from shepherd.authz import Policy
-from shepherd.errors import abort_exhausted
+from shepherd.errors import abort_exhausted, abort_invalid
 from shepherd.limits import LaunchRate, StreamSlots
 from shepherd.logging import get_logger
+from shepherd.validation import InvalidField, check_enums
 
 REQUEST_ID_HEADER = "x-request-id"
 ANONYMOUS = "anonymous"
@@ -103,6 +107,13 @@ def _bind(request_id: str, rpc: str, caller: str | None = None) -> None:
         structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc, caller=caller)
 
 
+async def _check_enums(request: Any, context: Any) -> None:
+    try:
+        check_enums(request)
+    except InvalidField as err:
+        await abort_invalid(context, err)
+
+
 def _wrap(handler: grpc.RpcMethodHandler, rpc: str, guard: Guard) -> grpc.RpcMethodHandler:
     guarded = not guard.policy.is_open(rpc)
     cost = LAUNCH_COST.get(rpc)
@@ -113,9 +124,11 @@ def _wrap(handler: grpc.RpcMethodHandler, rpc: str, guard: Guard) -> grpc.RpcMet
             request_id = _request_id(context)
             if not guarded:
                 _bind(request_id, rpc)
+                await _check_enums(request, context)
                 return await inner_uu(request, context)
             identity = await guard.admit(context, rpc)
             _bind(request_id, rpc, identity)
+            await _check_enums(request, context)
             if guard.inflight_unary >= guard.max_inflight_unary:
                 await abort_exhausted(
                     context, f"{guard.inflight_unary} calls in flight (at most {guard.max_inflight_unary})"
@@ -145,11 +158,13 @@ def _wrap(handler: grpc.RpcMethodHandler, rpc: str, guard: Guard) -> grpc.RpcMet
             request_id = _request_id(context)
             if not guarded:
                 _bind(request_id, rpc)
+                await _check_enums(request, context)
                 async for item in inner_us(request, context):
                     yield item
                 return
             identity = await guard.admit(context, rpc)
             _bind(request_id, rpc, identity)
+            await _check_enums(request, context)
             refused = guard.streams.acquire(identity)
             if refused is not None:
                 await abort_exhausted(context, refused)

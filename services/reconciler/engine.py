@@ -111,7 +111,18 @@ class RelaunchRefused:
     why: str
 
 
-Item = LaunchItem | PodItem | SnapshotStart | CancelItem | PendingExpired | RelaunchRefused
+@dataclass(frozen=True)
+class KnownLaunch:
+    """A launch read from the launcher (GetLaunch) for a key the engine did not know yet: the
+    launcher answered LaunchTask before its event stream brought the launch here, and a caller
+    who got that answer must find the task. Applied like the stream's events, which it repeats."""
+
+    launch: Launch
+    done: asyncio.Future[task_pb2.Task | None]
+
+
+Item = LaunchItem | PodItem | SnapshotStart | CancelItem | PendingExpired | RelaunchRefused | KnownLaunch
+Answered = CancelItem | KnownLaunch  # items whose caller waits for the commit and a reply
 
 
 @dataclass
@@ -183,12 +194,28 @@ class Engine:
         await self._queue.put(CancelItem(key, reason, done))
         return await done
 
+    async def learn_launch(self, launch: Launch) -> task_pb2.Task | None:
+        """Apply a launch fetched from the launcher, as its stream events would be (idempotent,
+        forward-only); once committed, the task as it now stands (None if still unknown)."""
+        done: asyncio.Future[task_pb2.Task | None] = asyncio.get_running_loop().create_future()
+        await self._queue.put(KnownLaunch(launch, done))
+        return await done
+
     def expect_adoption(self, pod_uid: str) -> None:
         """The pod is about to be relabelled to us: its task is reported ADOPTED when it comes into view."""
         self._adopting.add(pod_uid)
 
     def forget_adoption(self, pod_uid: str) -> None:
         self._adopting.discard(pod_uid)
+
+    def is_finished(self, key: task_pb2.TaskKey) -> bool:
+        """Whether the task is known and terminal (read only: for the safety sweep)."""
+        name = podmeta.key_string(key)
+        tracked = self._active.get(name) or self._finished.get(name)
+        if tracked is not None:
+            return tracked.task.state in TERMINAL
+        row = self.store.get(name)
+        return row is not None and row[0].state in TERMINAL
 
     @property
     def active_tasks(self) -> int:
@@ -207,7 +234,7 @@ class Engine:
             while len(items) < self.batch_size and not self._queue.empty():
                 items.append(self._queue.get_nowait())
             batch = Batch()
-            replies: list[tuple[CancelItem, Any]] = []
+            replies: list[tuple[Answered, Any]] = []
             self._prefetch(items)
             for item in items:
                 try:
@@ -219,7 +246,7 @@ class Engine:
                         "could not apply an event; skipping it", item=type(item).__name__, error=str(err)
                     )
                     reply = err
-                if isinstance(item, CancelItem):
+                if isinstance(item, Answered):
                     replies.append((item, reply))
             self._unstored.clear()
             self.stats.batches += 1
@@ -237,7 +264,7 @@ class Engine:
                 await asyncio.sleep(0.01)
 
     async def _commit_then_dispatch(
-        self, batch: Batch, replies: list[tuple[CancelItem, Any]], previous: asyncio.Task[None] | None
+        self, batch: Batch, replies: list[tuple[Answered, Any]], previous: asyncio.Task[None] | None
     ) -> None:
         committed = await self.store.commit(batch) if batch else None
         if previous is not None:
@@ -269,6 +296,8 @@ class Engine:
             tracked = self._lookup(key)
             if tracked is not None and not tracked.pod_uid:
                 self._enact(key, tracked, decide_relaunch_refused(tracked.task.state, item.why), batch)
+        elif isinstance(item, KnownLaunch):
+            return self._apply_known_launch(item.launch, batch)
         else:
             return self._apply_cancel(item, batch)
         return None
@@ -392,6 +421,28 @@ class Engine:
                 launch.create_time.ToNanoseconds() / 1e9 if launch.HasField("create_time") else time.time()
             )
             self._arm(_TASK_DEADLINE + key, created + self.pending_timeout_s, key)
+
+    def _apply_known_launch(self, launch: Launch, batch: Batch) -> task_pb2.Task | None:
+        if launch.state != launcher_service_pb2.LAUNCH_STATE_ACCEPTED:
+            # The stream reports the acceptance before any later state: replay it first, so the
+            # task exists (QUEUED) whatever the launch has reached since.
+            accepted = Launch(
+                key=launch.key,
+                state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED,
+                namespace=launch.namespace,
+                pod_name=launch.pod_name,
+                executor_id=launch.executor_id,
+                accept_time=launch.accept_time,
+                attempt=launch.attempt,
+            )
+            self._apply_launch(LaunchItem(0, accepted), batch)
+        self._apply_launch(LaunchItem(0, launch), batch)  # no cursor: the stream's position stays
+        tracked = self._lookup(podmeta.key_string(launch.key))
+        if tracked is None or tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
+            return None
+        task = task_pb2.Task()
+        task.CopyFrom(tracked.task)
+        return task
 
     def _apply_pod(self, event: PodEvent, batch: Batch) -> None:
         kind = event.type

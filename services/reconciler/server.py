@@ -10,19 +10,19 @@ import grpc
 from services.reconciler.actions import PodActions
 from services.reconciler.adoption import Adopted, adopt
 from services.reconciler.engine import Engine, UnknownTask
-from services.reconciler.launcher_calls import LauncherCalls
+from services.reconciler.launcher_calls import LauncherCalls, LauncherUnavailable
 from services.reconciler.settings import ReconcilerSettings
 from services.reconciler.statemachine import Policy
 from services.reconciler.store import TaskStore, decode_page_token
 from services.reconciler.streams import consume_launcher, consume_watcher
-from services.reconciler.sweep import sweep_pending
+from services.reconciler.sweep import sweep_finished, sweep_pending
 from shepherd import channels, podmeta
 from shepherd.errors import abort_invalid
 from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer, run
 from shepherd.kube import ApiError, KubeClient, load_connection
 from shepherd.logging import configure, get_logger
-from shepherd.v1 import launcher_service_pb2_grpc
+from shepherd.v1 import launcher_service_pb2_grpc, task_pb2
 from shepherd.v1 import reconciler_service_pb2 as pb
 from shepherd.v1 import reconciler_service_pb2_grpc as pb_grpc
 from shepherd.validation import InvalidField, check_key, check_text
@@ -67,10 +67,8 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         except InvalidField as err:
             await abort_invalid(context, err)
         row = self._store.get(podmeta.key_string(request.key))
-        if row is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with this key")
-        assert row is not None
-        return pb.GetTaskResponse(task=row[0])
+        task = row[0] if row is not None else await self._learn(request.key, context)
+        return pb.GetTaskResponse(task=task)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: Context) -> pb.ListTasksResponse:
         try:
@@ -98,12 +96,31 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             await abort_invalid(context, err)
         try:
             task, _ = await self._engine.cancel(request.key, request.reason)
-        except UnknownTask as err:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        except UnknownTask:
+            await self._learn(request.key, context)
+            try:
+                task, _ = await self._engine.cancel(request.key, request.reason)
+            except UnknownTask as err:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         # Keep the pod from ever being created if it does not exist yet; a pod created anyway is
         # deleted when the watcher reports it, because its task is REVOKED.
         await self._launcher.cancel(request.key)
         return pb.CancelTaskResponse(task=task)
+
+    async def _learn(self, key: task_pb2.TaskKey, context: Context) -> task_pb2.Task:
+        """A task not known here yet: the launcher may have accepted it (committed before its
+        LaunchTask answered) while its event is still on the way. Ask the launcher and apply
+        what it has, so whoever got that answer finds the task; only a key neither knows is
+        NOT_FOUND."""
+        try:
+            launch = await self._launcher.get_launch(key)
+        except LauncherUnavailable as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"key: not known here, and {err}")
+        task = await self._engine.learn_launch(launch) if launch is not None else None
+        if task is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with this key")
+        assert task is not None
+        return task
 
     async def AdoptTasks(self, request: pb.AdoptTasksRequest, context: Context) -> pb.AdoptTasksResponse:
         dead = list(request.dead_executor_ids)
@@ -159,7 +176,12 @@ async def serve(settings: ReconcilerSettings) -> None:
     log = get_logger(service="reconciler")
     store = TaskStore(settings.store_path, synchronous=settings.store_synchronous)
     kube = KubeClient(load_connection(settings.kubeconfig), max_connections=settings.action_concurrency + 8)
-    actions = PodActions(kube=kube, store=store, concurrency=settings.action_concurrency)
+    actions = PodActions(
+        kube=kube,
+        store=store,
+        concurrency=settings.action_concurrency,
+        backoff_cap_s=settings.action_retry_cap_s,
+    )
     policy = Policy(
         settings.delete_worker_pods, settings.delete_worker_pods_on_failure, settings.fatal_reasons
     )
@@ -211,6 +233,19 @@ async def serve(settings: ReconcilerSettings) -> None:
             ),
             name="pending-sweep",
         ),
+        asyncio.create_task(
+            sweep_finished(
+                kube,
+                engine,
+                store,
+                actions,
+                executor_id=settings.executor_id,
+                namespaces=settings.namespaces,
+                interval_s=settings.pending_check_interval_s,
+                batch=settings.pending_check_batch_size,
+            ),
+            name="cleanup-sweep",
+        ),
         asyncio.create_task(consume_launcher(settings.launcher_address, engine), name="launcher-stream"),
         asyncio.create_task(consume_watcher(settings.watcher_address, engine), name="watcher-stream"),
     ]
@@ -235,7 +270,7 @@ async def serve(settings: ReconcilerSettings) -> None:
     await launcher_channel.close()
     await store.close()
     await kube.close()
-    log.info("stopped", engine=vars(engine.stats), actions=vars(actions.stats))
+    log.info("stopped", engine=vars(engine.stats), actions=vars(actions.refresh_stats()))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -118,6 +118,11 @@ class TaskStore:
         ).fetchall()
         return [PodActionRow(*row) for row in rows]
 
+    def actions_done(self, uids: Sequence[str]) -> dict[str, bool]:
+        """For the pods among `uids` that have an action recorded: whether it was carried out."""
+        rows = self.db.rows_for_keys("SELECT pod_uid, done FROM pod_actions WHERE pod_uid IN ({})", uids)
+        return {uid: bool(done) for uid, done in rows}
+
     def list_tasks(
         self, *, page_size: int, after_key: str, state: int, dag_id: str
     ) -> tuple[list[task_pb2.Task], str]:
@@ -172,6 +177,20 @@ class TaskStore:
 
         fresh = await self.db.write(write)
         return Committed(batch.changes, fresh)
+
+    async def reopen_action(self, uid: str) -> PodActionRow | None:
+        """Mark a recorded action not done again (its pod is still there, uncleaned), returning it."""
+
+        def write(conn: sqlite3.Connection) -> PodActionRow | None:
+            row = conn.execute(
+                "UPDATE pod_actions SET done = 0 WHERE pod_uid = ? AND done = 1 "
+                "RETURNING pod_uid, namespace, name, action",
+                (uid,),
+            ).fetchone()
+            return PodActionRow(*row) if row is not None else None
+
+        reopened: PodActionRow | None = await self.db.write(write)
+        return reopened
 
     async def finish_actions(self, uids: Sequence[str]) -> None:
         await self.db.write(

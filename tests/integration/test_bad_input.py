@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.descriptor import Descriptor
 
 from controlplane.stack import ServiceStack
 from shepherd.errors import field_violation
@@ -14,6 +15,7 @@ from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import launcher_service_pb2_grpc, task_pb2, watcher_service_pb2, watcher_service_pb2_grpc
 from shepherd.v1 import reconciler_service_pb2 as rpb
 from tests.helpers import task_key, unique_name
+from tests.helpers.enums import every_rpc_enum_case, path_name, with_enum
 from tests.helpers.scheduler import SchedulerClient
 
 pytestmark = pytest.mark.integration
@@ -155,3 +157,44 @@ async def test_after_all_that_the_services_still_work(client: SchedulerClient) -
     key = task_key(task_id=unique_name("still-ok"))
     await client.launch(key, annotations={"sim.shepherd.dev/run-time": "200ms"})
     assert (await client.final(key)).state == task_pb2.TASK_STATE_SUCCEEDED
+
+
+ENUM_CASES = list(every_rpc_enum_case())
+
+
+@pytest.mark.parametrize(
+    ("service", "method", "kind", "request_type", "path"),
+    ENUM_CASES,
+    ids=[f"{m}.{path_name(t, p)}" for _, m, _, t, p in ENUM_CASES],
+)
+@pytest.mark.parametrize("number", [99, -5])
+async def test_an_undefined_enum_value_is_refused_by_every_rpc(
+    stack: ServiceStack,
+    service: str,
+    method: str,
+    kind: str,
+    request_type: Descriptor,
+    path: tuple[str, ...],
+    number: int,
+) -> None:
+    """Every enum field of every request of the three services, found from the descriptors."""
+    name = service.rsplit(".", 1)[1].removesuffix("Service").lower()
+    request = with_enum(request_type, path, number)
+    async with grpc.aio.insecure_channel(stack.address(name)) as channel:
+        call = getattr(channel, kind)(
+            f"/{service}/{method}",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=lambda b: b,
+        )
+
+        async def send() -> None:
+            if kind == "unary_stream":
+                async for _ in call(request, timeout=10):
+                    pass
+            else:
+                await call(request, timeout=10)
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await send()
+    assert (err.value.code(), field_violation(err.value)) == (INVALID, path_name(request_type, path))
+    assert str(number) in (err.value.details() or "")
