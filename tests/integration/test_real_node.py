@@ -22,8 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from controlplane import Cluster, ClusterInfo, realnode
 from controlplane.images import SHELL_IMAGE
-from controlplane.realnode import owned_pids
-from controlplane.realnode import CGROUP_ROOT, HOST_DIRS, NODE_LABEL, RUN_DIR, SYSCTLS, TAINT_KEY
+from controlplane.realnode import CGROUP_ROOT, HOST_DIRS, NODE_LABEL, RUN_DIR, SYSCTLS, TAINT_KEY, owned_pids
 from tests.helpers import core_api, eventually, unique_name
 from tests.helpers.cluster import spare_settings
 
