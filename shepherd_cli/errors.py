@@ -26,6 +26,8 @@ def describe_rpc_error(err: grpc.RpcError) -> list[str]:
         retry = error_details_pb2.RetryInfo()
         if detail.Unpack(bad):
             lines += [f"  {v.field}: {v.description}" for v in bad.field_violations]
+            if len(bad.field_violations) == 1 and details == f"{lines[-1].strip()}":
+                del lines[-1]  # the message already is the one violation, field name first
         elif detail.Unpack(retry):
             delay = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
             lines.append(f"  retry after {delay:.1f}s")

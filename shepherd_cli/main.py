@@ -476,8 +476,7 @@ def watch(
                         continue
                     latest[format_key(task.key)] = task
                     if live is None and (wanted is None or task.state == wanted):
-                        text = output.render_data(output.to_dict(change), fmt_)
-                        click.echo(text.replace("\n", "") if fmt_ is Format.JSON else f"---\n{text}")
+                        click.echo(output.render_change(change, fmt_))
                 if live is not None:
                     live.update(view(), refresh=True)
                 if done():

@@ -65,6 +65,14 @@ def render_data(data: Any, fmt: Format) -> str:
     return json.dumps(data, indent=2)
 
 
+def render_change(change: task_pb2.TaskStateChange, fmt: Format) -> str:
+    """One streamed change: a JSON line (so `jq` can follow the stream), or a YAML document."""
+    data = to_dict(change)
+    if fmt is Format.YAML:
+        return "---\n" + render_data(data, fmt)
+    return json.dumps(data, separators=(",", ":"))
+
+
 def _time(stamp: Timestamp, now: datetime | None) -> str:
     if not stamp.seconds and not stamp.nanos:
         return ""
@@ -99,8 +107,9 @@ def tasks_table(
 ) -> Table:
     """One row per task; `now` turns times into ages ("12s ago")."""
     table = Table(title=title, show_edge=False, header_style="bold")
-    for column in ("KEY", "STATE", "POD", "QUEUED", "ENDED", "FAILURE"):
-        table.add_column(column, overflow="fold")
+    for column in ("KEY", "STATE", "POD", "QUEUED", "ENDED"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("FAILURE", overflow="fold")
     for task in tasks:
         table.add_row(
             format_key(task.key),
