@@ -22,6 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from shepherd.taskstates import TERMINAL, state_name
+
+__all__ = ["Format", "render_change", "render_data", "state_name", "tasks_table", "to_dict"]
 from shepherd.v1 import task_pb2
 from shepherd_cli.keys import format_key
 

@@ -165,7 +165,7 @@ def test_since_durations(text: str, seconds: int) -> None:
     assert parse_since(text).total_seconds() == seconds
 
 
-class _FailedCall(grpc.RpcError):
+class _FailedCall(grpc.RpcError):  # type: ignore[misc]
     """What a failed call looks like to a client: code, details and the status trailer."""
 
     def __init__(self, status: status_pb2.Status) -> None:
@@ -175,7 +175,7 @@ class _FailedCall(grpc.RpcError):
         return {code_pb2.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT}[self._status.code]
 
     def details(self) -> str:
-        return self._status.message
+        return str(self._status.message)
 
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
         return (("grpc-status-details-bin", self._status.SerializeToString()),)
