@@ -20,9 +20,9 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from shepherd import authz, channels, failpoints, security
 from shepherd.authn import Authenticator, CertificateAuthenticator, MeshAuthenticator, TokenAuthenticator
@@ -93,6 +93,51 @@ class _MethodAwarePool:
         return getattr(self._pool, name)
 
 
+# grpcio-reflection serves only v1alpha; grpcurl, ghz and newer clients ask for v1 first. The two
+# protos differ in their package alone (same messages, same field numbers), so one servicer
+# answers both, and the v1 file is registered in the pool so `describe` resolves it too.
+_REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _register_reflection_v1_descriptor() -> None:
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(_REFLECTION_V1)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    for message in proto.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):  # proto2: assigning "" would mark a scalar as typed
+                field.type_name = field.type_name.replace(old, new)
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(old, new)
+        method.output_type = method.output_type.replace(old, new)
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    proto.options.Clear()
+    pool.Add(proto)
+
+
+def _enable_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    _register_reflection_v1_descriptor()
+    servicer = reflection.aio.ReflectionServicer(
+        [*service_names, _REFLECTION_V1, reflection.SERVICE_NAME], pool=_MethodAwarePool()
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
+
+
 def _authenticator(settings: ServiceSettings, mode: security.Mode) -> Authenticator | None:
     if mode is security.Mode.MTLS:
         return CertificateAuthenticator()
@@ -136,11 +181,7 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
         self._frozen = False
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
-            self.server,
-            pool=_MethodAwarePool(),
-        )
+        _enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])
         address = f"{settings.host}:{settings.port}"
         if self.transport.server_credentials is not None:
             self.port = self.server.add_secure_port(address, self.transport.server_credentials)

@@ -127,13 +127,16 @@ class LaunchTaskRequest(_message.Message):
     TEMPLATE_YAML_FIELD_NUMBER: _builtins.int
     POD_OVERRIDE_YAML_FIELD_NUMBER: _builtins.int
     template_name: _builtins.str
-    """Name of a pod template the launcher is configured with. Empty means the default template.
+    """Name of a pod template the launcher is configured with (at most 253 characters). Empty means
+    the default template.
     Mutually exclusive with template_yaml.
     """
     template_yaml: _builtins.str
-    """A whole pod template as YAML or JSON (a v1 Pod). Mutually exclusive with template_name."""
+    """A whole pod template as YAML or JSON (a v1 Pod), at most 256 KiB. Mutually exclusive with
+    template_name.
+    """
     pod_override_yaml: _builtins.str
-    """A partial v1 Pod as YAML or JSON, merged over the generated pod: scalars win, labels and
+    """A partial v1 Pod as YAML or JSON (at most 256 KiB), merged over the generated pod: scalars win, labels and
     annotations merge, env/volumes/volume mounts/init containers are appended. It may set
     metadata.namespace to choose the task's namespace.
     """
@@ -143,7 +146,9 @@ class LaunchTaskRequest(_message.Message):
 
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Arguments of the `base` container. Required, 1 to 256 items, each non-empty."""
+        """Arguments of the `base` container. Required, 1 to 256 items, each non-empty and at most
+        32,768 characters.
+        """
 
     def __init__(
         self,

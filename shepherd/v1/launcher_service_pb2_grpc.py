@@ -28,6 +28,10 @@ if _version_not_supported:
 class LauncherServiceStub:
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     def __init__(self, channel):
@@ -71,6 +75,10 @@ class LauncherServiceStub:
 class LauncherServiceServicer:
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     def LaunchTask(self, request, context):
@@ -172,6 +180,10 @@ def add_LauncherServiceServicer_to_server(servicer, server):
 class LauncherService:
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     @staticmethod

@@ -29,6 +29,10 @@ GRPC_VERSION: str
 class LauncherServiceStub:
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     @_typing.overload
@@ -71,6 +75,10 @@ class LauncherServiceStub:
 class LauncherServiceAsyncStub(LauncherServiceStub):
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -109,6 +117,10 @@ class LauncherServiceAsyncStub(LauncherServiceStub):
 class LauncherServiceServicer(metaclass=_abc_1.ABCMeta):
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     @_abc_1.abstractmethod

@@ -142,7 +142,7 @@ class TaskKey(_message.Message):
     run_id: _builtins.str
     """DAG run. Required, at most 250 characters."""
     try_number: _builtins.int
-    """Attempt number, counting from 1. Required (>= 1)."""
+    """Attempt number, counting from 1. Required, 1 to 100,000."""
     map_index: _builtins.int
     """Index of a mapped task instance, or -1 when the task is not mapped. Must be >= -1."""
     def __init__(
