@@ -43,6 +43,7 @@ class ServiceStack:
     workdir: Path
     executor_id: str = "shepherd"
     flags: dict[str, list[str]] = field(default_factory=dict)  # extra flags per service
+    env: dict[str, dict[str, str]] = field(default_factory=dict)  # extra environment per service
     log_json: bool = True
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -104,11 +105,11 @@ class ServiceStack:
 
     def start(self, names: tuple[str, ...] = SERVICES, *, timeout: float = 60.0, wait: bool = True) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for name in ("launcher", "watcher"):  # the reconciler needs their addresses
+        for name in SERVICES:  # each needs the others' addresses
             self.ports.setdefault(name, free_port())
         for name in names:
             log = self.log_path(name).open("ab")
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env.get(name, {})}
             self.procs[name] = subprocess.Popen(
                 self.command(name), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from services.launcher.store import LaunchStore, stamp_created, stamp_failed
-from shepherd import podmeta
+from shepherd import failpoints, podmeta
 from shepherd.kube import ApiError, KubeClient, is_transient
 from shepherd.kube.client import sleep_backoff
 from shepherd.kube.errors import Retries
@@ -137,6 +137,10 @@ class PodCreator:
         moves on to the next create at once, and commits are not on the create path. If the
         process dies first, the replay on start finds the launch ACCEPTED, and its create answers
         409 AlreadyExists, which settles it the same way."""
+        try:
+            failpoints.hit("launcher.settle")
+        except failpoints.FailpointError:
+            return  # the outcome is lost, as if the process had died before its commit
         future = self.store.update_soon(launch, only_if_state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED)
         future.add_done_callback(self._log_unsettled)
 

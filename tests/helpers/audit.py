@@ -1,0 +1,70 @@
+"""Reading the API server's audit log: the witness of how many times a pod was really created or
+deleted, whatever Shepherd's own records say."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LAUNCHER = "system:serviceaccount:shepherd:launcher"
+RECONCILER = "system:serviceaccount:shepherd:reconciler"
+
+
+@dataclass
+class AuditLog:
+    """The entries appended to an audit log since this object was made (a shared cluster's log is
+    long: a test reads only its own part of it)."""
+
+    path: Path
+    start: int = 0
+
+    @classmethod
+    def from_now(cls, path: Path) -> AuditLog:
+        return cls(path, path.stat().st_size if path.exists() else 0)
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as log:
+            # A rotated log starts again from zero: then everything in it is new.
+            log.seek(self.start if log.seek(0, 2) >= self.start else 0)
+            for line in log:
+                if line.endswith(b"\n"):  # a line being written is read next time
+                    yield json.loads(line)
+
+    def calls(self, verb: str, pods: set[str], *, user: str, status: int | None = None) -> Counter[str]:
+        """Completed `verb` calls per pod by `user` (with HTTP `status`, if given)."""
+        counts: Counter[str] = Counter()
+        for entry in self.entries():
+            ref = entry.get("objectRef") or {}
+            if (
+                entry.get("verb") == verb
+                and entry.get("stage") == "ResponseComplete"
+                and entry.get("user", {}).get("username") == user
+                and ref.get("name") in pods
+                and (status is None or (entry.get("responseStatus") or {}).get("code") == status)
+            ):
+                counts[ref["name"]] += 1
+        return counts
+
+    def creates(self, pods: set[str]) -> Counter[str]:
+        """Pods the launcher really created (201), per pod name."""
+        return self.calls("create", pods, user=LAUNCHER, status=201)
+
+    async def until_created(self, pod: str, *, timeout: float = 120.0) -> None:
+        """Wait until the launcher's create of `pod` is in the log (a barrier: later creates of
+        anything the launcher was asked for earlier are in the log before it)."""
+
+        async def wait() -> None:
+            while not self.creates({pod}):
+                await asyncio.sleep(0.2)
+
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"pod {pod} was never created (audit log {self.path})") from None
