@@ -94,6 +94,8 @@ class ServiceStack:
             argv.append("--no-log-json")
         if name != "watcher":
             argv += ["--store-path", str(self.workdir / f"{name}.db")]
+        if name == "launcher":
+            argv += ["--reconciler-address", self.address("reconciler")]
         if name == "reconciler":
             argv += [
                 "--launcher-address",

@@ -16,7 +16,7 @@ from services.reconciler.statemachine import Policy
 from services.reconciler.store import TaskStore, decode_page_token
 from services.reconciler.streams import consume_launcher, consume_watcher
 from services.reconciler.sweep import sweep_pending
-from shepherd import podmeta
+from shepherd import channels, podmeta
 from shepherd.errors import abort_invalid
 from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer, run
@@ -70,7 +70,11 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         if row is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with this key")
         assert row is not None
-        return pb.GetTaskResponse(task=row[0])
+        task, pod_uid = row
+        # Read from the committed store: a pod the reconciler deletes was committed as seen first,
+        # which is what a restarted launcher relies on when it asks before re-creating a pod.
+        task.pod_uid = pod_uid
+        return pb.GetTaskResponse(task=task)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: Context) -> pb.ListTasksResponse:
         try:
@@ -173,7 +177,7 @@ async def serve(settings: ReconcilerSettings) -> None:
         launch_failure_retries=settings.launch_failure_retries,
     )
     actions.submit(store.pending_actions())
-    launcher_channel = grpc.aio.insecure_channel(settings.launcher_address)
+    launcher_channel = channels.insecure_channel(settings.launcher_address)
     launcher = LauncherCalls(launcher_service_pb2_grpc.LauncherServiceStub(launcher_channel))
     engine.on_relaunch = launcher.relaunch
     launcher.on_refused = engine.relaunch_refused

@@ -19,6 +19,7 @@ from services.reconciler.engine import (
     PodItem,
     SnapshotStart,
 )
+from shepherd import channels
 from shepherd.kube.client import sleep_backoff
 from shepherd.logging import get_logger
 from shepherd.v1 import (
@@ -28,17 +29,11 @@ from shepherd.v1 import (
     watcher_service_pb2_grpc,
 )
 
-_CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
-
 
 async def consume_launcher(address: str, engine: Engine) -> None:
     log = get_logger(component="launcher-stream", address=address)
     failures = 0
-    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    async with channels.insecure_channel(address) as channel:
         stub = launcher_service_pb2_grpc.LauncherServiceStub(channel)
         while True:
             after = engine.resume_cursor(SOURCE_LAUNCHER)
@@ -66,7 +61,7 @@ async def consume_launcher(address: str, engine: Engine) -> None:
 async def consume_watcher(address: str, engine: Engine) -> None:
     log = get_logger(component="watcher-stream", address=address)
     failures = 0
-    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    async with channels.insecure_channel(address) as channel:
         stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
         while True:
             after = engine.resume_cursor(SOURCE_WATCHER)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import aiohttp
@@ -21,7 +21,7 @@ _real_sleep = asyncio.sleep
 
 
 @pytest.fixture
-def slept(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Every asyncio.sleep's delay, recorded instead of waited (so backoffs cost no test time)."""
     delays: list[float] = []
 
@@ -30,7 +30,7 @@ def slept(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
         return await _real_sleep(0, result)
 
     monkeypatch.setattr(asyncio, "sleep", record)
-    yield delays
+    return delays
 
 
 class _FlakyKube:
