@@ -120,6 +120,11 @@ class ServiceStack:
             self.wait_serving(name, timeout=timeout)
 
     def wait_serving(self, name: str, *, timeout: float = 60.0) -> None:
+        self.wait_health(name, health_pb2.HealthCheckResponse.SERVING, timeout=timeout)
+
+    def wait_health(self, name: str, status: int, *, timeout: float = 60.0) -> None:
+        """Wait until the service's health check answers `status` (e.g. NOT_SERVING: a launcher
+        whose API server is unreachable is up, and says it cannot serve)."""
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.address(name)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -129,12 +134,13 @@ class ServiceStack:
                     raise StackError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    if reply.status == status:
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.1)
-        raise StackError(f"{name} was not SERVING within {timeout:.0f}s:\n{self.tail(name)}")
+        wanted = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        raise StackError(f"{name} was not {wanted} within {timeout:.0f}s:\n{self.tail(name)}")
 
     def tail(self, name: str, lines: int = 20) -> str:
         path = self.log_path(name)
