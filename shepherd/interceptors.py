@@ -8,6 +8,7 @@ wrapped handler is built once per method and reused: wrapping per call costs CPU
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -49,8 +50,16 @@ def _wrap(handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
             async for item in inner_us(request, context):
                 yield item
 
+        async def unary_stream_writer(request: Any, context: Any) -> None:
+            _bind(context, rpc)
+            await inner_us(request, context)
+
+        # A streaming handler either yields its messages (ours) or writes them with context.write()
+        # and returns nothing (grpc_health's Watch): the wrapper must be of the same kind, since
+        # grpc.aio tells them apart by the function it is given.
+        wrapper = unary_stream if inspect.isasyncgenfunction(inner_us) else unary_stream_writer
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
+            wrapper, handler.request_deserializer, handler.response_serializer
         )
     return handler
 

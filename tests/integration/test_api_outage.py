@@ -35,10 +35,8 @@ OUTAGE_S = 20
 
 
 @pytest.fixture(scope="module")
-def outage_cluster(
-    tmp_path_factory: pytest.TempPathFactory, cluster: ClusterInfo
-) -> Iterator[tuple[Cluster, ClusterInfo]]:
-    """A throw-away control plane: this test stops its API server."""
+def outage_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, ClusterInfo]]:
+    """A throw-away control plane (not the shared one): this test stops its API server."""
     spare = Cluster(spare_settings(tmp_path_factory.mktemp("outage")))
     info = spare.up()
     yield spare, info
