@@ -56,15 +56,16 @@ class AuditLog:
         """Pods the launcher really created (201), per pod name."""
         return self.calls("create", pods, user=LAUNCHER, status=201)
 
-    async def until_created(self, pod: str, *, timeout: float = 120.0) -> None:
-        """Wait until the launcher's create of `pod` is in the log (a barrier: later creates of
-        anything the launcher was asked for earlier are in the log before it)."""
+    async def until_created(self, *pods: str, timeout: float = 120.0) -> None:
+        """Wait until the launcher's creates of all `pods` are in the log."""
+        wanted = set(pods)
 
         async def wait() -> None:
-            while not self.creates({pod}):
+            while set(self.creates(wanted)) != wanted:
                 await asyncio.sleep(0.2)
 
         try:
             await asyncio.wait_for(wait(), timeout)
         except TimeoutError:
-            raise AssertionError(f"pod {pod} was never created (audit log {self.path})") from None
+            missing = sorted(wanted - set(self.creates(wanted)))
+            raise AssertionError(f"pods never created: {missing[:5]} (audit log {self.path})") from None
