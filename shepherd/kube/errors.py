@@ -83,7 +83,7 @@ def backoff_s(
 ) -> float:
     """How long to wait before retry number `attempt` (from 1), never shorter than floor_s (e.g. a
     Retry-After)."""
-    step = min(cap_s, base_s * 2 ** max(attempt, 0))
+    step = min(cap_s, base_s * 2 ** min(max(attempt, 0), 60))  # a long outage counts many retries
     return max(floor_s, random.uniform(step / 2, step))
 
 

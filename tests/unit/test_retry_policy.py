@@ -8,7 +8,7 @@ import time
 import aiohttp
 import pytest
 
-from shepherd.kube.errors import FORBIDDEN_RETRIES, ApiError, Retries, is_transient, should_retry
+from shepherd.kube.errors import FORBIDDEN_RETRIES, ApiError, Retries, backoff_s, is_transient, should_retry
 
 
 @pytest.mark.parametrize(
@@ -89,3 +89,7 @@ def test_a_403_keeps_its_small_budget_under_a_deadline() -> None:
 def test_no_wait_goes_past_the_deadline() -> None:
     retries = Retries(deadline=time.time() + 0.05, attempt=20)
     assert retries.delay(cap_s=30.0) <= 0.05
+
+
+def test_the_backoff_stays_capped_however_many_retries_an_outage_takes() -> None:
+    assert 5.0 <= backoff_s(5000, cap_s=10.0) <= 10.0
