@@ -249,6 +249,18 @@ class Cluster:
     def restart(self, name: str) -> None:
         """Restart one daemon (e.g. "kube-apiserver") in place and wait until it is ready again."""
         self.supervisor.restart(name)
+        self._wait_ready(name)
+
+    def stop_daemon(self, name: str) -> None:
+        """Stop one daemon (e.g. "kube-apiserver": an outage), leaving the others running."""
+        self.supervisor.stop(name)
+
+    def start_daemon(self, name: str) -> None:
+        """Start a daemon stop_daemon stopped, and wait until it is ready again."""
+        self.supervisor.start_again(name)
+        self._wait_ready(name)
+
+    def _wait_ready(self, name: str) -> None:
         ready = {"kube-apiserver": self._apiserver_ready, "etcd": self._etcd_ready}.get(name, lambda: True)
         self._wait(name, ready, daemon=name)
 

@@ -107,10 +107,18 @@ class Supervisor:
 
     def restart(self, name: str, timeout: float = 15.0) -> int:
         """Stop one daemon and start it again with the command line it was started with."""
-        spec = json.loads((self.run_dir / f"{name}.json").read_text())
+        self.stop(name, timeout)
+        return self.start_again(name, timeout)
+
+    def stop(self, name: str, timeout: float = 15.0) -> None:
+        """Stop one daemon, leaving the others running; start_again brings it back."""
         pid = self.pid(name)
         if pid is not None:
             _terminate([pid], timeout)
+
+    def start_again(self, name: str, timeout: float = 15.0) -> int:
+        """Start a stopped daemon with the command line it was last started with."""
+        spec = json.loads((self.run_dir / f"{name}.json").read_text())
         deadline = time.monotonic() + timeout
         host = spec.get("host", "127.0.0.1")
         while (

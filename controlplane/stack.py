@@ -49,6 +49,7 @@ class ServiceStack:
     workdir: Path
     executor_id: str = "shepherd"
     flags: dict[str, list[str]] = field(default_factory=dict)  # extra flags per service
+    env: dict[str, dict[str, str]] = field(default_factory=dict)  # extra environment per service
     log_json: bool = True
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -144,6 +145,8 @@ class ServiceStack:
             argv += ["--client-auth", "token", "--client-token-file", str(self.token_path(name))]
         if name != "watcher":
             argv += ["--store-path", str(self.workdir / f"{name}.db")]
+        if name == "launcher":
+            argv += ["--reconciler-address", self.address("reconciler")]
         if name == "reconciler":
             argv += [
                 "--launcher-address",
@@ -155,11 +158,11 @@ class ServiceStack:
 
     def start(self, names: tuple[str, ...] = SERVICES, *, timeout: float = 60.0, wait: bool = True) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for name in ("launcher", "watcher"):  # the reconciler needs their addresses
+        for name in SERVICES:  # each needs the others' addresses
             self.ports.setdefault(name, free_port())
         for name in names:
             log = self.log_path(name).open("ab")
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env.get(name, {})}
             self.procs[name] = subprocess.Popen(
                 self.command(name), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
@@ -168,6 +171,11 @@ class ServiceStack:
             self.wait_serving(name, timeout=timeout)
 
     def wait_serving(self, name: str, *, timeout: float = 60.0) -> None:
+        self.wait_health(name, health_pb2.HealthCheckResponse.SERVING, timeout=timeout)
+
+    def wait_health(self, name: str, status: int, *, timeout: float = 60.0) -> None:
+        """Wait until the service's health check answers `status` (e.g. NOT_SERVING: a launcher
+        whose API server is unreachable is up, and says it cannot serve)."""
         deadline = time.monotonic() + timeout
         with channels.sync_channel(self.address(name), self.credentials()) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -177,12 +185,13 @@ class ServiceStack:
                     raise StackError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    if reply.status == status:
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.1)
-        raise StackError(f"{name} was not SERVING within {timeout:.0f}s:\n{self.tail(name)}")
+        wanted = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        raise StackError(f"{name} was not {wanted} within {timeout:.0f}s:\n{self.tail(name)}")
 
     def tail(self, name: str, lines: int = 20) -> str:
         path = self.log_path(name)

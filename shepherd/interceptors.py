@@ -18,6 +18,7 @@ Then a request whose enum fields hold numbers their enums do not define is refus
 
 from __future__ import annotations
 
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -174,8 +175,30 @@ def _wrap(handler: grpc.RpcMethodHandler, rpc: str, guard: Guard) -> grpc.RpcMet
             finally:
                 guard.streams.release(identity)
 
+        async def unary_stream_writer(request: Any, context: Any) -> None:
+            request_id = _request_id(context)
+            if not guarded:
+                _bind(request_id, rpc)
+                await _check_enums(request, context)
+                await inner_us(request, context)
+                return
+            identity = await guard.admit(context, rpc)
+            _bind(request_id, rpc, identity)
+            await _check_enums(request, context)
+            refused = guard.streams.acquire(identity)
+            if refused is not None:
+                await abort_exhausted(context, refused)
+            try:
+                await inner_us(request, context)
+            finally:
+                guard.streams.release(identity)
+
+        # A streaming handler either yields its messages (ours) or writes them with context.write()
+        # and returns nothing (grpc_health's Watch): the wrapper must be of the same kind, since
+        # grpc.aio tells them apart by the function it is given.
+        wrapper = unary_stream if inspect.isasyncgenfunction(inner_us) else unary_stream_writer
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
+            wrapper, handler.request_deserializer, handler.response_serializer
         )
     if not guarded:
         return handler  # reflection's bidirectional stream: open, nothing to bind per message

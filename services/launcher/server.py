@@ -10,14 +10,16 @@ import grpc
 
 from services.launcher.creator import PodCreator
 from services.launcher.podspec import build_pod, check_override, parse_pod_document
+from services.launcher.reconciler_client import ReconcilerClient
 from services.launcher.settings import LauncherSettings
 from services.launcher.store import Accepted, LaunchStore, stamp_cancelled
 from services.launcher.templates import TemplateCatalog, UnknownTemplate
-from shepherd import podmeta
+from shepherd import channels, podmeta
 from shepherd.errors import abort_invalid
 from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer, run
 from shepherd.kube import KubeClient, load_connection
+from shepherd.kube.reachability import ApiReachability
 from shepherd.logging import configure, get_logger
 from shepherd.v1 import launcher_service_pb2 as pb
 from shepherd.v1 import launcher_service_pb2_grpc as pb_grpc
@@ -267,29 +269,38 @@ async def serve(settings: LauncherSettings) -> None:
     templates = TemplateCatalog(settings.templates_dir, settings.default_template)
     store = LaunchStore(settings.store_path, synchronous=settings.store_synchronous)
     kube = KubeClient(load_connection(settings.kubeconfig), max_connections=settings.create_concurrency + 8)
+    reconciler_channel = channels.aio_channel(settings.reconciler_address)
+    server = GrpcServer(settings, service_names=[SERVICE_NAME])
+    # Health follows the API server: SERVING once it answers, NOT_SERVING while it does not.
+    api = ApiReachability(kube, on_change=server.set_serving, probe_interval_s=settings.api_probe_interval_s)
     creator = PodCreator(
         kube=kube,
         store=store,
         concurrency=settings.create_concurrency,
-        max_retries=settings.create_max_retries,
+        queued_timeout_s=settings.task_queued_timeout_s,
         backoff_cap_s=settings.create_backoff_cap_s,
+        api=api,
+        reconciler=ReconcilerClient(reconciler_channel),
     )
     replay = store.pending()
     for launch, pod in replay:
-        creator.submit(launch, pod)
-    server = GrpcServer(settings, service_names=[SERVICE_NAME])
+        creator.submit(launch, pod, replayed=True)
     pb_grpc.add_LauncherServiceServicer_to_server(
         LauncherServicer(settings, store, creator, templates), server.server
     )
     await server.start()
-    creator_task = asyncio.create_task(creator.run(), name="pod-creator")
-    await server.set_serving(True)
+    tasks = [
+        asyncio.create_task(creator.run(), name="pod-creator"),
+        asyncio.create_task(api.run(), name="api-reachability"),
+    ]
     log.info("ready", replayed=len(replay), templates=templates.names, executor_id=settings.executor_id)
     await server.wait_for_stop_signal()
     await server.drain(settings.shutdown_grace_s)
     # Accepted launches not yet created stay ACCEPTED in the store and are replayed on next start.
-    creator_task.cancel()
-    await asyncio.gather(creator_task, return_exceptions=True)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await reconciler_channel.close()
     await store.close()
     await kube.close()
     log.info("stopped", stats=vars(creator.stats))

@@ -67,7 +67,13 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         except InvalidField as err:
             await abort_invalid(context, err)
         row = self._store.get(podmeta.key_string(request.key))
-        task = row[0] if row is not None else await self._learn(request.key, context)
+        if row is None:
+            task = await self._learn(request.key, context)
+        else:
+            task, pod_uid = row
+            # Read from the committed store: a pod the reconciler deletes was committed as seen
+            # first, which is what a restarted launcher relies on when it asks before re-creating.
+            task.pod_uid = pod_uid
         return pb.GetTaskResponse(task=task)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: Context) -> pb.ListTasksResponse:
