@@ -49,10 +49,9 @@ def parse_pod_document(text: str, field: str) -> dict[str, Any]:
     doc = yamldoc.load(text, field, max_bytes=MAX_DOC_BYTES)
     if not isinstance(doc, dict):
         raise InvalidField(field, "must be a mapping (a v1 Pod), not " + podschema.describe(doc))
-    if doc.get("kind", "Pod") != "Pod":
-        raise InvalidField(f"{field}.kind", f"must be Pod (got {str(doc.get('kind'))[:40]!r})")
-    if doc.get("apiVersion", "v1") != "v1":
-        raise InvalidField(f"{field}.apiVersion", f"must be v1 (got {str(doc.get('apiVersion'))[:40]!r})")
+    for name, only in (("kind", "Pod"), ("apiVersion", "v1")):
+        if doc.get(name) not in (None, only):  # null: unset
+            raise InvalidField(f"{field}.{name}", f"must be {only} (got {str(doc[name])[:40]!r})")
     podschema.check_pod(doc, field)
     return doc
 

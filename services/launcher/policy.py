@@ -279,8 +279,8 @@ class _Checker:
             )
 
     def _volume(self, path: Path_, volume: dict[str, Any]) -> Iterator[Violation]:
-        for source in volume:
-            if source == "name":
+        for source, value in volume.items():
+            if source == "name" or value is None:  # null: unset, as in Kubernetes
                 continue
             if source == "hostPath":
                 if not self.rules.allow_host_path:
@@ -288,7 +288,7 @@ class _Checker:
             elif source not in self.rules.allowed_volume_types:
                 yield Violation((*path, source), f"{source} volumes are not allowed by the pod policy")
             elif source == "projected" and not self.rules.allow_token_automount:
-                for i, projection in enumerate(volume[source].get("sources") or []):
+                for i, projection in enumerate(value.get("sources") or []):
                     if projection.get("serviceAccountToken") is not None:
                         yield Violation(
                             (*path, source, "sources", f"[{i}]", "serviceAccountToken"),

@@ -68,7 +68,7 @@ _POLICY_BAIT: dict[str, list[Any]] = {
     "runAsUser": [0],
     "runAsNonRoot": [False],
     "allowPrivilegeEscalation": [True],
-    "namespace": ["shepherd", "kube-system", "Not_A_Name"],
+    "namespace": ["shepherd", "shepherd", "kube-system", "Not_A_Name"],
     "type": ["Unconfined", "RuntimeDefault", "Localhost"],
     "add": [["SYS_ADMIN"], ["NET_BIND_SERVICE"]],
     "drop": [["ALL"], []],
@@ -118,17 +118,19 @@ def _from_schema(schema: podschema.Schema, depth: int = 0) -> st.SearchStrategy[
             )
             if name in _POLICY_BAIT:
                 strategy = st.one_of(strategy, st.sampled_from(_POLICY_BAIT[name]))
+            strategy = st.one_of(strategy, strategy, strategy, st.none())  # null: unset
             values[name] = strategy
         return st.fixed_dictionaries(values)
 
-    names = st.lists(st.one_of(st.sampled_from(sorted(fields)), _TYPOS), max_size=4, unique=True)
+    known = st.sampled_from(sorted(fields))
+    names = st.lists(st.one_of(*[known] * 12, _TYPOS), max_size=4, unique=True)
     if "name" in fields and schema.kind in ("Container", "Volume"):
         names = names.map(lambda n: ["name", *[x for x in n if x != "name"]])
     return names.flatmap(build)
 
 
 _BASE = st.fixed_dictionaries(
-    {"name": st.sampled_from(["base", "side", "init-x", "Bad Name"])},
+    {"name": st.sampled_from(["base", "base", "side", "init-x", "Bad Name"])},
     optional={
         "image": st.sampled_from(["busybox", ""]),
         "command": st.sampled_from(_POLICY_BAIT["command"]),

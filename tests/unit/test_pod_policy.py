@@ -224,6 +224,16 @@ def test_the_command_allow_list_covers_what_really_runs(
     assert denied(admission(allowed=("run-task", "python")), request(override, command)) == [field]
 
 
+def test_null_values_mean_unset() -> None:
+    override = (
+        "spec: {hostNetwork: null, serviceAccountName: null, securityContext: null,"
+        " volumes: [{name: v, hostPath: null, projected: null, emptyDir: {}}],"
+        " containers: [{name: base, securityContext: {privileged: null, capabilities: null}}]}"
+    )
+    pod = admission().admit(request(override))
+    assert pod["spec"]["serviceAccountName"] == "shepherd-worker"
+
+
 def test_allowed_commands_pass_in_every_container() -> None:
     override = "spec: {containers: [{name: side, image: x, command: [python, -m, side]}]}"
     admission(allowed=("run-task", "python")).admit(request(override, ("run-task", "--x")))
