@@ -105,8 +105,9 @@ class LauncherServiceServicer:
 
     def RenderPod(self, request, context):
         """RenderPod answers with the final pod a LaunchTask with this request would create, and the pod
-        policy's verdict on it, without storing or creating anything. Errors: as LaunchTask, except
-        that a policy violation is not an error here but listed in the answer.
+        policy's verdict on it, without storing or creating anything. Errors: as LaunchTask (fields
+        named under "launch."), except that policy violations are not an error here but listed in
+        the answer, and the launch queue plays no part.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,8 +54,9 @@ class LauncherServiceStub:
     """
     RenderPod: _grpc.UnaryUnaryMultiCallable[_launcher_service_pb2.RenderPodRequest, _launcher_service_pb2.RenderPodResponse]
     """RenderPod answers with the final pod a LaunchTask with this request would create, and the pod
-    policy's verdict on it, without storing or creating anything. Errors: as LaunchTask, except
-    that a policy violation is not an error here but listed in the answer.
+    policy's verdict on it, without storing or creating anything. Errors: as LaunchTask (fields
+    named under "launch."), except that policy violations are not an error here but listed in
+    the answer, and the launch queue plays no part.
     """
     GetLaunch: _grpc.UnaryUnaryMultiCallable[_launcher_service_pb2.GetLaunchRequest, _launcher_service_pb2.GetLaunchResponse]
     """GetLaunch returns what the launcher knows about a task. Errors: INVALID_ARGUMENT (bad key),
@@ -104,8 +105,9 @@ class LauncherServiceAsyncStub(LauncherServiceStub):
     """
     RenderPod: _aio.UnaryUnaryMultiCallable[_launcher_service_pb2.RenderPodRequest, _launcher_service_pb2.RenderPodResponse]  # type: ignore[assignment]
     """RenderPod answers with the final pod a LaunchTask with this request would create, and the pod
-    policy's verdict on it, without storing or creating anything. Errors: as LaunchTask, except
-    that a policy violation is not an error here but listed in the answer.
+    policy's verdict on it, without storing or creating anything. Errors: as LaunchTask (fields
+    named under "launch."), except that policy violations are not an error here but listed in
+    the answer, and the launch queue plays no part.
     """
     GetLaunch: _aio.UnaryUnaryMultiCallable[_launcher_service_pb2.GetLaunchRequest, _launcher_service_pb2.GetLaunchResponse]  # type: ignore[assignment]
     """GetLaunch returns what the launcher knows about a task. Errors: INVALID_ARGUMENT (bad key),
@@ -169,8 +171,9 @@ class LauncherServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_launcher_service_pb2.RenderPodResponse, _abc.Awaitable[_launcher_service_pb2.RenderPodResponse]]:
         """RenderPod answers with the final pod a LaunchTask with this request would create, and the pod
-        policy's verdict on it, without storing or creating anything. Errors: as LaunchTask, except
-        that a policy violation is not an error here but listed in the answer.
+        policy's verdict on it, without storing or creating anything. Errors: as LaunchTask (fields
+        named under "launch."), except that policy violations are not an error here but listed in
+        the answer, and the launch queue plays no part.
         """
 
     @_abc_1.abstractmethod
