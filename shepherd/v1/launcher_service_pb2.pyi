@@ -412,7 +412,7 @@ class GetLaunchRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def key(self) -> _task_pb2.TaskKey:
-        """The task try. Required."""
+        """The task try. Required, with the limits of LaunchTaskRequest.key."""
 
     def __init__(
         self,
@@ -460,7 +460,7 @@ class CancelLaunchRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def key(self) -> _task_pb2.TaskKey:
-        """The task try. Required."""
+        """The task try. Required, with the limits of LaunchTaskRequest.key."""
 
     def __init__(
         self,
@@ -515,7 +515,7 @@ class RelaunchTaskRequest(_message.Message):
     """The launch attempt whose pod was lost (>= 1); the new pod gets attempt from_attempt + 1."""
     @_builtins.property
     def key(self) -> _task_pb2.TaskKey:
-        """The task try. Required."""
+        """The task try. Required, with the limits of LaunchTaskRequest.key."""
 
     def __init__(
         self,
