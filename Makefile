@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 NODE_STAMP := node_modules/.installed-$(shell sha1sum package.json | cut -c1-12)
 
-.PHONY: run serve test lint unit integration venv tools binaries cluster-up cluster-down cluster-status protos bench clean
+.PHONY: run serve test lint unit integration fuzz venv tools binaries cluster-up cluster-down cluster-status protos bench clean
 
 ## run: start the control plane and the three services, and run the demo workload (TASKS=300).
 TASKS ?= 300
@@ -35,6 +35,11 @@ unit: venv tools
 
 integration: venv tools
 	$(BIN)/pytest tests/integration
+
+## fuzz: the fuzz test with more requests per RPC than `make test` sends (FUZZ_EXAMPLES=20000).
+FUZZ_EXAMPLES ?= 20000
+fuzz: venv tools
+	SHEPHERD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/integration/test_fuzz.py
 
 venv: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml

@@ -7,6 +7,7 @@ carries a google.rpc.RetryInfo saying when to try again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -15,15 +16,36 @@ from grpc_status import rpc_status
 
 from shepherd.validation import InvalidField
 
+# Status messages and details travel in trailing metadata, which peers cap (8 KiB by default): a
+# field path or problem quoting a huge input must not turn a precise refusal into a broken call.
+MAX_FIELD_LEN = 512
+MAX_PROBLEM_LEN = 1024
+MAX_VIOLATIONS = 8
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 async def abort_invalid(context: grpc.aio.ServicerContext[object, object], error: InvalidField) -> NoReturn:
-    detail = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.problem)
-        ]
-    )
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error))
-    status.details.add().Pack(detail)
+    await abort_fields(context, code_pb2.INVALID_ARGUMENT, [error])
+
+
+async def abort_fields(
+    context: grpc.aio.ServicerContext[object, object], code: int, errors: Sequence[InvalidField]
+) -> NoReturn:
+    """Abort with `code` (a google.rpc.Code) and a BadRequest naming each field; the message is the
+    first error's."""
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=_short(e.field, MAX_FIELD_LEN), description=_short(e.problem, MAX_PROBLEM_LEN)
+        )
+        for e in errors[:MAX_VIOLATIONS]
+    ]
+    first = violations[0]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    status = status_pb2.Status(code=code, message=f"{first.field}: {first.description}{more}")
+    status.details.add().Pack(error_details_pb2.BadRequest(field_violations=violations))
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable: abort_with_status raises")
 

@@ -12,12 +12,15 @@ Open RPCs (health, reflection) skip all of it. The wrapped handler is built once
 reused, and what it needs to know about its method (open? rate-limited? streaming?) is decided
 then: per call, the checks are a few dict lookups.
 
-Then a request whose enum fields hold numbers their enums do not define is refused
-(validation.check_enums) before any handler sees it: done here, no handler can forget a field.
+Then the request itself: bytes that do not decode as the method's message are INVALID_ARGUMENT
+(left to grpc, the decoder's exception becomes UNKNOWN), and so are enum fields holding numbers
+their enums do not define (validation.check_enums). Done here, for every method of every service,
+no handler can forget a field.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 import uuid
@@ -108,28 +111,79 @@ def _bind(request_id: str, rpc: str, caller: str | None = None) -> None:
         structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc, caller=caller)
 
 
-async def _check_enums(request: Any, context: Any) -> None:
+class _Undecodable:
+    """Stands in for a request whose bytes did not decode, so the call is refused properly."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    decode = deserializer
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except Exception as err:  # DecodeError, or anything else a decoder raises on bad bytes
+            return _Undecodable(str(err)[:200])
+
+    return tolerant
+
+
+async def _check_request(request: Any, context: Any, rpc: str) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {rpc} message: {request.problem}"
+        )
     try:
         check_enums(request)
     except InvalidField as err:
         await abort_invalid(context, err)
 
 
+async def _admit(guard: Guard, guarded: bool, request: Any, context: Any, rpc: str) -> str | None:
+    """Bind the call's log context and check its caller and request; the identity of a guarded call."""
+    request_id = _request_id(context)
+    if not guarded:
+        _bind(request_id, rpc)
+        await _check_request(request, context, rpc)
+        return None
+    identity = await guard.admit(context, rpc)
+    _bind(request_id, rpc, identity)
+    await _check_request(request, context, rpc)
+    return identity
+
+
+@contextlib.asynccontextmanager
+async def _stream_slot(guard: Guard, identity: str | None, context: Any) -> AsyncIterator[None]:
+    """Hold one of the caller's stream slots for the life of a server stream (none when open)."""
+    if identity is None:
+        yield
+        return
+    refused = guard.streams.acquire(identity)
+    if refused is not None:
+        await abort_exhausted(context, refused)
+    try:
+        yield
+    finally:
+        guard.streams.release(identity)
+
+
 def _wrap(handler: grpc.RpcMethodHandler, rpc: str, guard: Guard) -> grpc.RpcMethodHandler:
     guarded = not guard.policy.is_open(rpc)
     cost = LAUNCH_COST.get(rpc)
+    decode = _tolerant(handler.request_deserializer)
     if handler.unary_unary:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: Any) -> Any:
-            request_id = _request_id(context)
-            if not guarded:
-                _bind(request_id, rpc)
-                await _check_enums(request, context)
+            identity = await _admit(guard, guarded, request, context, rpc)
+            if identity is None:
                 return await inner_uu(request, context)
-            identity = await guard.admit(context, rpc)
-            _bind(request_id, rpc, identity)
-            await _check_enums(request, context)
             if guard.inflight_unary >= guard.max_inflight_unary:
                 await abort_exhausted(
                     context, f"{guard.inflight_unary} calls in flight (at most {guard.max_inflight_unary})"
@@ -149,86 +203,64 @@ def _wrap(handler: grpc.RpcMethodHandler, rpc: str, guard: Guard) -> grpc.RpcMet
             finally:
                 guard.inflight_unary -= 1
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(unary_unary, decode, handler.response_serializer)
     if handler.unary_stream:
         inner_us = handler.unary_stream
 
         async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            request_id = _request_id(context)
-            if not guarded:
-                _bind(request_id, rpc)
-                await _check_enums(request, context)
+            identity = await _admit(guard, guarded, request, context, rpc)
+            async with _stream_slot(guard, identity, context):
                 async for item in inner_us(request, context):
                     yield item
-                return
-            identity = await guard.admit(context, rpc)
-            _bind(request_id, rpc, identity)
-            await _check_enums(request, context)
-            refused = guard.streams.acquire(identity)
-            if refused is not None:
-                await abort_exhausted(context, refused)
-            try:
-                async for item in inner_us(request, context):
-                    yield item
-            finally:
-                guard.streams.release(identity)
 
         async def unary_stream_writer(request: Any, context: Any) -> None:
-            request_id = _request_id(context)
-            if not guarded:
-                _bind(request_id, rpc)
-                await _check_enums(request, context)
+            identity = await _admit(guard, guarded, request, context, rpc)
+            async with _stream_slot(guard, identity, context):
                 await inner_us(request, context)
-                return
-            identity = await guard.admit(context, rpc)
-            _bind(request_id, rpc, identity)
-            await _check_enums(request, context)
-            refused = guard.streams.acquire(identity)
-            if refused is not None:
-                await abort_exhausted(context, refused)
-            try:
-                await inner_us(request, context)
-            finally:
-                guard.streams.release(identity)
 
         # A streaming handler either yields its messages (ours) or writes them with context.write()
         # and returns nothing (grpc_health's Watch): the wrapper must be of the same kind, since
         # grpc.aio tells them apart by the function it is given.
         wrapper = unary_stream if inspect.isasyncgenfunction(inner_us) else unary_stream_writer
-        return grpc.unary_stream_rpc_method_handler(
-            wrapper, handler.request_deserializer, handler.response_serializer
-        )
-    if not guarded:
-        return handler  # reflection's bidirectional stream: open, nothing to bind per message
-    return _denied_unless_admitted(handler, rpc, guard)
+        return grpc.unary_stream_rpc_method_handler(wrapper, decode, handler.response_serializer)
+    return _client_streaming(handler, rpc, guard, guarded, decode)
 
 
-def _denied_unless_admitted(handler: grpc.RpcMethodHandler, rpc: str, guard: Guard) -> grpc.RpcMethodHandler:
-    """Client-streaming methods (none of Shepherd's own): authenticated and authorized, not bounded."""
+def _client_streaming(
+    handler: grpc.RpcMethodHandler,
+    rpc: str,
+    guard: Guard,
+    guarded: bool,
+    decode: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler:
+    """Client-streaming methods (none of Shepherd's own; server reflection is one): authenticated
+    and authorized unless open, every message checked, not bounded."""
+
+    async def start(context: Any) -> None:
+        request_id = _request_id(context)
+        _bind(request_id, rpc, await guard.admit(context, rpc) if guarded else None)
+
+    async def checked(requests: Any, context: Any) -> AsyncIterator[Any]:
+        async for request in requests:
+            await _check_request(request, context, rpc)
+            yield request
+
     if handler.stream_unary:
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: Any, context: Any) -> Any:
-            request_id = _request_id(context)
-            _bind(request_id, rpc, await guard.admit(context, rpc))
-            return await inner_su(requests, context)
+            await start(context)
+            return await inner_su(checked(requests, context), context)
 
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(stream_unary, decode, handler.response_serializer)
     inner_ss = handler.stream_stream
 
     async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-        request_id = _request_id(context)
-        _bind(request_id, rpc, await guard.admit(context, rpc))
-        async for item in inner_ss(requests, context):
+        await start(context)
+        async for item in inner_ss(checked(requests, context), context):
             yield item
 
-    return grpc.stream_stream_rpc_method_handler(
-        stream_stream, handler.request_deserializer, handler.response_serializer
-    )
+    return grpc.stream_stream_rpc_method_handler(stream_stream, decode, handler.response_serializer)
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

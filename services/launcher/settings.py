@@ -60,7 +60,18 @@ class LauncherSettings(StoreSettings):
     )
     allowed_commands: str = Field(
         default="",
-        description="Comma-separated executables a task's command may start with; empty allows any.",
+        description="Comma-separated executables worker pods may run; empty allows any. Checked on the "
+        "final pod: every container's and init container's command[0] (args[0] when it sets no command; "
+        "one that sets neither is refused), and every exec probe's and lifecycle hook's command[0].",
+    )
+    worker_service_account: str = Field(
+        default="shepherd-worker",
+        description="The ServiceAccount worker pods run as (never one of the services' own).",
+    )
+    pod_policy: Path | None = Field(
+        default=None,
+        description="YAML file relaxing the pod policy, for all templates or per template; unset: the "
+        "restricted Pod Security Standard (see README.md, Security).",
     )
 
     @property

@@ -18,6 +18,8 @@ import orjson
 from shepherd.kube.config import KubeConnection
 from shepherd.kube.errors import BACKOFF_BASE_S, ApiError, backoff_s
 
+_STRICT = {"fieldValidation": "Strict"}
+
 
 class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone): the caller must re-list."""
@@ -86,8 +88,9 @@ class KubeClient:
         return status
 
     async def create_pod(self, namespace: str, pod: Mapping[str, Any]) -> None:
-        """Create a pod. The created object is not parsed: the watcher reports it anyway."""
-        await self._request("POST", _pods_path(namespace), body=orjson.dumps(pod))
+        """Create a pod. The created object is not parsed: the watcher reports it anyway. Strict field
+        validation: an unknown or duplicate field fails the create (400) instead of being dropped."""
+        await self._request("POST", _pods_path(namespace), params=_STRICT, body=orjson.dumps(pod))
 
     async def pod_exists(self, namespace: str, name: str) -> bool:
         """Whether a pod of that name exists now. Without a resourceVersion the API server reads
