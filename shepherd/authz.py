@@ -59,6 +59,7 @@ def default_policy(trust_domain: str, namespace: str = "shepherd") -> list[Rule]
                 f"{_LAUNCHER}/LaunchTask",
                 f"{_LAUNCHER}/BatchLaunchTasks",
                 f"{_LAUNCHER}/GetLaunch",
+                f"{_LAUNCHER}/RenderPod",
                 f"{_RECONCILER}/WatchTaskStates",
                 f"{_RECONCILER}/GetTask",
                 f"{_RECONCILER}/ListTasks",
