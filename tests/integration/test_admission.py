@@ -268,6 +268,9 @@ async def test_a_batch_refuses_junk_items_one_by_one(client: SchedulerClient) ->
     assert (await client.final(good.key)).state == task_pb2.TASK_STATE_SUCCEEDED
 
 
+RECONCILER_ONLY = {"CancelLaunch", "RelaunchTask", "WatchLaunchEvents"}
+
+
 def _methods() -> list[tuple[str, str, bool]]:
     """(service, /full/method, server-streaming) for every RPC of the three services."""
     found = []
@@ -293,7 +296,11 @@ async def call_raw(channel: grpc.aio.Channel, method: str, streaming: bool, body
 async def test_undecodable_bytes_are_invalid_argument_on_every_rpc(stack: ServiceStack) -> None:
     garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, longer than the message
     for service, method, streaming in _methods():
-        async with channels.aio_channel(stack.address(service)) as channel:
+        # As a caller the default policy lets in: authorization comes first, then the bytes.
+        reconciler_only = service == "watcher" or method.rsplit("/", 1)[1] in RECONCILER_ONLY
+        async with stack.channel(
+            service, identity="reconciler" if reconciler_only else "scheduler"
+        ) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call_raw(channel, method, streaming, garbage)
         assert err.value.code() == INVALID, (method, err.value.code(), err.value.details())

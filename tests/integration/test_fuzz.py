@@ -64,7 +64,7 @@ def fuzz_stack(cluster: ClusterInfo, tmp_path_factory: pytest.TempPathFactory) -
         dataclasses.replace(cluster, kubeconfigs=kubeconfigs),
         workdir,
         executor_id=f"fuzz-{uuid.uuid4().hex[:8]}",
-        flags={"launcher": [*durable, "--create-max-retries", "0"], "reconciler": durable},
+        flags={"launcher": [*durable, "--task-queued-timeout-s", "5"], "reconciler": durable},
     )
     stack.start()
     yield stack

@@ -74,6 +74,16 @@ def wide_cluster(tmp_path: Path, cluster: ClusterInfo) -> Iterator[ClusterInfo]:
     for doc in variant("all-namespaces"):
         admin.apply(doc)
     admin.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "anywhere"}})
+    # Worker pods run as the worker ServiceAccount wherever they land: with every namespace
+    # watched, the operator creates it in each namespace tasks use (see the variant's comment).
+    admin.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "shepherd-worker", "namespace": "anywhere"},
+            "automountServiceAccountToken": False,
+        }
+    )
     yield info
     spare.down()
 
