@@ -7,6 +7,7 @@ ServiceAccount kubeconfig, talking to each other over gRPC on loopback.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -44,6 +45,7 @@ class ServiceStack:
     workdir: Path
     executor_id: str = "shepherd"
     flags: dict[str, list[str]] = field(default_factory=dict)  # extra flags per service
+    env: dict[str, dict[str, str]] = field(default_factory=dict)  # extra environment per service
     log_json: bool = True
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -109,7 +111,7 @@ class ServiceStack:
             self.ports.setdefault(name, free_port())
         for name in names:
             log = self.log_path(name).open("ab")
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env.get(name, {})}
             self.procs[name] = subprocess.Popen(
                 self.command(name), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
@@ -151,8 +153,23 @@ class ServiceStack:
                 proc.wait()
         return proc.returncode
 
-    def restart(self, name: str, *, sig: int = signal.SIGTERM) -> None:
+    async def exited(self, name: str, *, within_s: float = 60.0) -> int:
+        """Wait (without blocking the event loop) until the service exits by itself; its exit code.
+        StackError if it is still running after `within_s`."""
+        proc = self.procs[name]
+        deadline = time.monotonic() + within_s
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise StackError(f"{name} was still running after {within_s:.0f}s:\n{self.tail(name)}")
+            await asyncio.sleep(0.1)
+        del self.procs[name]
+        return proc.returncode
+
+    def restart(self, name: str, *, sig: int = signal.SIGTERM, env: dict[str, str] | None = None) -> None:
+        """Stop the service and start it again, with `env` (if given) as its extra environment."""
         self.stop(name, sig=sig)
+        if env is not None:
+            self.env[name] = env
         self.start((name,))
 
     def stop_all(self) -> None:

@@ -18,6 +18,7 @@ ENV = "SHEPHERD_FAILPOINTS"
 # Every failure point in the code base, and what failing it simulates.
 NAMES: dict[str, str] = {
     "sqlite.commit": "a SQLite COMMIT fails (disk error) in either stateful service",
+    "creator.worker": "a pod-creator worker fails between launches (a bug), taking the pod creator down",
 }
 
 

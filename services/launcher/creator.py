@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from services.launcher.store import LaunchStore, stamp_created, stamp_failed
-from shepherd import podmeta
+from shepherd import failpoints, podmeta
 from shepherd.kube import ApiError, KubeClient, is_transient
 from shepherd.kube.client import sleep_backoff
 from shepherd.kube.errors import Retries
@@ -78,6 +78,7 @@ class PodCreator:
             launch, pod, name = await self._queue.get()
             if self._wanted.get(name) != launch.attempt:
                 continue  # cancelled, or relaunched, since it was queued
+            failpoints.hit("creator.worker")
             self._inflight.add(name)
             try:
                 await self._create(launch, pod, name)
