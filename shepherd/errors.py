@@ -1,11 +1,14 @@
 """Turning domain failures into gRPC statuses that mean what google.rpc says they mean.
 
 INVALID_ARGUMENT carries a google.rpc.BadRequest detail naming the field, so clients in any
-language can point at it without parsing the message.
+language can point at it without parsing the message. UNAVAILABLE (the service cannot do it now,
+e.g. its store cannot write, and a retry may succeed) carries a google.rpc.RetryInfo saying when
+to try again.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import NoReturn
 
 import grpc
@@ -22,6 +25,17 @@ async def abort_invalid(context: grpc.aio.ServicerContext[object, object], error
         ]
     )
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error))
+    status.details.add().Pack(detail)
+    await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("unreachable: abort_with_status raises")
+
+
+async def abort_unavailable(
+    context: grpc.aio.ServicerContext[object, object], message: str, *, retry_after_s: float = 1.0
+) -> NoReturn:
+    detail = error_details_pb2.RetryInfo()
+    detail.retry_delay.FromTimedelta(timedelta(seconds=retry_after_s))
+    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message)
     status.details.add().Pack(detail)
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable: abort_with_status raises")

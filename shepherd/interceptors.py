@@ -8,6 +8,7 @@ wrapped handler is built once per method and reused: wrapping per call costs CPU
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,6 +41,18 @@ def _wrap(handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream and not inspect.isasyncgenfunction(handler.unary_stream):
+        # A streaming handler that writes through context.write() instead of yielding, such as
+        # grpc.health.v1's Watch: awaited, not iterated (iterating it broke every Watch call).
+        inner_uw = handler.unary_stream
+
+        async def unary_stream_writer(request: Any, context: Any) -> None:
+            _bind(context, rpc)
+            await inner_uw(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream_writer, handler.request_deserializer, handler.response_serializer
         )
     if handler.unary_stream:
         inner_us = handler.unary_stream

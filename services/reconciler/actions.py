@@ -3,7 +3,8 @@
 Each action was recorded (once per pod UID) in the same transaction as the transition that caused
 it, so it is neither forgotten by a crash nor repeated by a replayed event: one delete call per
 pod, against Airflow's two or three. Deletes carry the pod's UID as a precondition, so a newer pod
-that reuses the name is never deleted by mistake.
+that reuses the name is never deleted by mistake. The marks that an action is done are what keep
+a restart from carrying it out again, so a mark the store cannot take is kept and written again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from shepherd.kube import ApiError, KubeClient
 from shepherd.kube.client import sleep_backoff
 from shepherd.kube.errors import Retries
 from shepherd.logging import get_logger
+from shepherd.sqlite import StoreUnavailable
 
 
 @dataclass
@@ -55,13 +57,24 @@ class PodActions:
                 group.create_task(self._worker(), name=f"pod-actions-{i}")
 
     async def _record_done(self) -> None:
-        """Batch the 'done' marks: one commit for many finished actions."""
+        """Batch the 'done' marks: one commit for many finished actions. Marks the store cannot
+        take are written again, with backoff, until it takes them (they bear repeating)."""
+        failures = 0
         while True:
             await self._flush.wait()
             self._flush.clear()
             done, self._done = self._done, []
-            if done:
+            if not done:
+                continue
+            try:
                 await self.store.finish_actions(done)
+            except StoreUnavailable:
+                self._done[:0] = done
+                self._flush.set()
+                failures += 1
+                await sleep_backoff(failures, cap_s=5.0)
+                continue
+            failures = 0
 
     async def _worker(self) -> None:
         while True:

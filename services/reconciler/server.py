@@ -1,8 +1,12 @@
-"""ReconcilerService over gRPC: queries and streams read the store; changes go through the engine."""
+"""ReconcilerService over gRPC: queries and streams read the store; changes go through the engine.
+
+Crash-only: a failed engine commit (the store cannot write) stops the service and its restart
+replays from the committed cursors (see engine.py). A CancelTask caught in such a batch is
+answered UNAVAILABLE, with RetryInfo.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
@@ -17,11 +21,13 @@ from services.reconciler.store import TaskStore, decode_page_token
 from services.reconciler.streams import consume_launcher, consume_watcher
 from services.reconciler.sweep import sweep_pending
 from shepherd import channels, podmeta
-from shepherd.errors import abort_invalid
+from shepherd.errors import abort_invalid, abort_unavailable
 from shepherd.eventlog import CursorOutOfRange, follow
-from shepherd.grpcserver import Context, GrpcServer, run
+from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import ApiError, KubeClient, load_connection
 from shepherd.logging import configure, get_logger
+from shepherd.sqlite import StoreUnavailable
+from shepherd.supervisor import Supervisor
 from shepherd.v1 import launcher_service_pb2_grpc
 from shepherd.v1 import reconciler_service_pb2 as pb
 from shepherd.v1 import reconciler_service_pb2_grpc as pb_grpc
@@ -100,6 +106,8 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             task, _ = await self._engine.cancel(request.key, request.reason)
         except UnknownTask as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        except StoreUnavailable as err:
+            await abort_unavailable(context, str(err))
         # Keep the pod from ever being created if it does not exist yet; a pod created anyway is
         # deleted when the watcher reports it, because its task is REVOKED.
         await self._launcher.cancel(request.key)
@@ -194,26 +202,28 @@ async def serve(settings: ReconcilerSettings) -> None:
         ReconcilerServicer(settings, store, engine, launcher, kube, adopt_dead), server.server
     )
     await server.start()
-    tasks = [
-        asyncio.create_task(engine.run(), name="engine"),
-        asyncio.create_task(engine.run_pending_timer(), name="pending-timer"),
-        asyncio.create_task(actions.run(), name="pod-actions"),
-        asyncio.create_task(launcher.run(), name="launcher-calls"),
-        asyncio.create_task(
-            sweep_pending(
-                kube,
-                engine,
-                executor_id=settings.executor_id,
-                namespaces=settings.namespaces,
-                timeout_s=settings.pending_timeout_s,
-                interval_s=settings.pending_check_interval_s,
-                batch=settings.pending_check_batch_size,
-            ),
-            name="pending-sweep",
+    supervisor = Supervisor(server)
+    supervisor.spawn(engine.run(), name="engine")
+    supervisor.spawn(engine.run_pending_timer(), name="pending-timer")
+    supervisor.spawn(actions.run(), name="pod-actions")
+    supervisor.spawn(launcher.run(), name="launcher-calls")
+    supervisor.spawn(
+        sweep_pending(
+            kube,
+            engine,
+            executor_id=settings.executor_id,
+            namespaces=settings.namespaces,
+            timeout_s=settings.pending_timeout_s,
+            interval_s=settings.pending_check_interval_s,
+            batch=settings.pending_check_batch_size,
         ),
-        asyncio.create_task(consume_launcher(settings.launcher_address, engine), name="launcher-stream"),
-        asyncio.create_task(consume_watcher(settings.watcher_address, engine), name="watcher-stream"),
-    ]
+        name="pending-sweep",
+    )
+    supervisor.spawn(consume_launcher(settings.launcher_address, engine), name="launcher-stream")
+    supervisor.spawn(consume_watcher(settings.watcher_address, engine), name="watcher-stream")
+    supervisor.spawn(
+        store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"
+    )
 
     async def mark_ready() -> None:
         # Ready means in sync: the watcher's snapshot of current pods has been applied, so no
@@ -224,18 +234,15 @@ async def serve(settings: ReconcilerSettings) -> None:
         await server.set_serving(True)
         log.info("ready", active_tasks=engine.active_tasks, executor_id=settings.executor_id)
 
-    tasks.append(asyncio.create_task(mark_ready(), name="readiness"))
-    await server.wait_for_stop_signal()
-    await server.drain(settings.shutdown_grace_s)
+    supervisor.spawn(mark_ready(), name="readiness", finishes=True)
     # Events read but not committed are not lost: their cursors were not committed either, so they
     # are read again after restart. Committed transitions are all in the store.
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await supervisor.run_until_stopped(settings.shutdown_grace_s)
     await launcher_channel.close()
     await store.close()
     await kube.close()
     log.info("stopped", engine=vars(engine.stats), actions=vars(actions.stats))
+    supervisor.raise_if_failed()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
