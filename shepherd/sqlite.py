@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -75,6 +76,19 @@ def is_store_fault(error: BaseException) -> bool:
     return code is not None and code & 0xFF in _STORE_FAULT_CODES
 
 
+def explain(path: str, error: BaseException) -> str:
+    """SQLite's own words for a store fault, plus what the filesystem says when those are vague
+    ("unable to open database file", "disk I/O error" on a volume that went read-only)."""
+    cause = str(error) or type(error).__name__
+    directory = Path(path).parent
+    with contextlib.suppress(OSError):
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"{cause} (read-only file system)"
+        if not os.access(directory, os.W_OK):
+            return f"{cause} (its directory is not writable)"
+    return cause
+
+
 def _probe(conn: sqlite3.Connection) -> None:
     conn.execute(_PROBE_SQL, (time.time(),))
 
@@ -101,7 +115,7 @@ class Database:
             self.reader.execute("PRAGMA query_only=ON")
         except (sqlite3.Error, OSError) as err:
             self._executor.shutdown(wait=False)
-            raise StoreUnavailable(self.path, err, doing="be used") from err
+            raise StoreUnavailable(self.path, explain(self.path, err), doing="be used") from err
         self.writable = True  # whether the last transaction committed
         self._health = AppendSignal()  # notified when `writable` changes, or the commit loop dies
         self._dead: BaseException | None = None  # why the commit loop stopped, if it did
@@ -261,7 +275,7 @@ class Database:
             with contextlib.suppress(sqlite3.Error):
                 self._abandon()
             if is_store_fault(err):
-                raise StoreUnavailable(self.path, err) from err
+                raise StoreUnavailable(self.path, explain(self.path, err)) from err
             raise
 
     def _abandon(self) -> None:

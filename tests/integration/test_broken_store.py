@@ -8,6 +8,7 @@ These tests mount filesystems, so they need root."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -160,7 +161,7 @@ async def test_a_volume_gone_read_only_stops_the_launcher_and_a_restart_on_the_r
                     volume.fail()
                     gate.open = True
                     await until_health(stack, "launcher", health_pb2.HealthCheckResponse.NOT_SERVING)
-                    await refused_as_unavailable(client, store, "disk I/O error")
+                    await refused_as_unavailable(client, store, "read-only file system")
 
                     await asyncio.to_thread(stack.stop, "launcher")
                     # Started again on the read-only volume, it does not pretend to serve.
@@ -207,9 +208,10 @@ def unusable_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
     with tmpfs(tmp_path / "vol", size="2m") as volume:
         path = volume / "store.db"
         if request.param == "read-only":
-            sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").close()
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
             remount(volume, "ro")
-            yield path, "read"  # SQLite says "readonly database" or "read-only file system"
+            yield path, "read-only file system"
         else:
             fill(volume)
             yield path, "database or disk is full"
