@@ -88,6 +88,7 @@ class Ext4Volume:
 @contextlib.contextmanager
 def ext4_volume(directory: Path, *, size_mb: int = 32) -> Iterator[Ext4Volume]:
     """A fresh ext4 volume mounted at `directory`/mnt for the block."""
+    directory.mkdir(parents=True, exist_ok=True)
     volume = Ext4Volume(directory / "ext4.img", directory / "mnt")
     with volume.image.open("wb") as image:
         image.truncate(size_mb << 20)

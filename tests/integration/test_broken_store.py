@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import podmeta
+from shepherd import channels, podmeta
 from shepherd.taskstates import TERMINAL
 from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import task_pb2
@@ -41,7 +41,7 @@ ACCEPTED = 6
 
 
 async def health(stack: ServiceStack, name: str) -> int:
-    async with grpc.aio.insecure_channel(stack.address(name)) as channel:
+    async with channels.aio_channel(stack.address(name)) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         return int(reply.status)
 

@@ -12,10 +12,11 @@ import pytest
 
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import failpoints, podmeta
+from shepherd import channels, failpoints, podmeta
 from shepherd.taskstates import TERMINAL
 from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import task_pb2
+from shepherd.v1.launcher_service_pb2_grpc import LauncherServiceStub
 from tests.helpers import core_api, eventually, task_key, unique_name
 from tests.helpers.audit import deletes_by_pod, pods_created
 from tests.helpers.scheduler import SchedulerClient
@@ -137,8 +138,8 @@ async def test_a_reconciler_whose_batch_commit_fails_exits_and_its_restart_loses
     run = unique_name("crash-reconciler")
     keys = [task_key(dag_id="crash", task_id=f"t{i}", run_id=run) for i in range(TASKS)]
     try:
-        async with stack.scheduler_stubs() as (launcher, _):
-            reply = await launcher.BatchLaunchTasks(
+        async with channels.aio_channel(stack.address("launcher")) as channel:
+            reply = await LauncherServiceStub(channel).BatchLaunchTasks(
                 lpb.BatchLaunchTasksRequest(requests=[launch_request(key, i) for i, key in enumerate(keys)]),
                 timeout=30,
             )
