@@ -202,7 +202,7 @@ class Database:
                 continue
             started = time.monotonic()
             try:
-                results, appended = await loop.run_in_executor(
+                results, appended, wrote = await loop.run_in_executor(
                     self._executor, self._run_batch, [fn for fn, _ in batch]
                 )
             except Exception as err:  # the loop must outlive a failed batch, or every later write hangs
@@ -212,7 +212,8 @@ class Database:
                     get_logger(component="sqlite", path=self.path).error("write batch failed", error=str(err))
                 results, appended = [(False, err) for _ in batch], []
             else:
-                self._set_writable(True)
+                if wrote:  # a transaction that changed nothing commits even on a read-only disk
+                    self._set_writable(True)
             for log, entries in appended:
                 log._publish(entries)  # before the writers resume: what they committed is readable
             elapsed = time.monotonic() - started
@@ -266,11 +267,14 @@ class Database:
 
     def _run_batch(
         self, fns: list[Callable[[sqlite3.Connection], Any]]
-    ) -> tuple[list[tuple[bool, Any]], list[tuple[TableLog[Any], list[tuple[int, Any]]]]]:
-        """Writer thread: _transaction, leaving no transaction open and nothing staged if it fails.
-        A failure of the store itself (see is_store_fault) is raised as StoreUnavailable."""
+    ) -> tuple[list[tuple[bool, Any]], list[tuple[TableLog[Any], list[tuple[int, Any]]]], bool]:
+        """Writer thread: _transaction, leaving no transaction open and nothing staged if it fails,
+        and whether it changed any row. A failure of the store itself (see is_store_fault) is
+        raised as StoreUnavailable."""
+        changes = self._writer.total_changes
         try:
-            return self._transaction(fns)
+            results, appended = self._transaction(fns)
+            return results, appended, self._writer.total_changes != changes
         except Exception as err:
             with contextlib.suppress(sqlite3.Error):
                 self._abandon()

@@ -25,6 +25,7 @@ from controlplane.stack import ServiceStack
 from shepherd import channels, podmeta
 from shepherd.taskstates import TERMINAL
 from shepherd.v1 import launcher_service_pb2 as lpb
+from shepherd.v1 import reconciler_service_pb2 as rpb
 from shepherd.v1 import task_pb2
 from tests.helpers import task_key, unique_name
 from tests.helpers.audit import pods_created
@@ -38,6 +39,10 @@ pytestmark = [
 ]
 S = task_pb2
 ACCEPTED = 6
+SHORT = {"sim.shepherd.dev/run-time": "1s"}
+# Pods that are still there when a restarted launcher replays their launches (which settles them
+# by the create's 409 AlreadyExists); they are cancelled at the end.
+FOREVER = {"sim.shepherd.dev/outcome": "run-forever"}
 
 
 async def health(stack: ServiceStack, name: str) -> int:
@@ -82,24 +87,25 @@ def gated_stack(cluster: ClusterInfo, tmp_path: Path, gate: Gate, store_dir: Pat
     return stack
 
 
-async def accept_while_gate_is_closed(client: SchedulerClient, run: str) -> list[task_pb2.TaskKey]:
+async def accept_while_gate_is_closed(
+    client: SchedulerClient, run: str, life: dict[str, str] = SHORT
+) -> list[task_pb2.TaskKey]:
     keys = [task_key(dag_id="store", task_id=f"t{i}", run_id=run) for i in range(ACCEPTED)]
-    replies = await asyncio.gather(
-        *(client.launch(key, annotations={"sim.shepherd.dev/run-time": "1s"}) for key in keys)
-    )
+    replies = await asyncio.gather(*(client.launch(key, annotations=life) for key in keys))
     assert {r.launch.state for r in replies} == {lpb.LAUNCH_STATE_ACCEPTED}
     return keys
 
 
-async def refused_as_unavailable(client: SchedulerClient, store: Path, cause: str) -> None:
-    """A new launch is answered UNAVAILABLE, naming the store's path and the cause, with RetryInfo."""
+async def refused_as_unavailable(client: SchedulerClient, store: Path, *causes: str) -> None:
+    """A new launch is answered UNAVAILABLE, naming the store's path and the cause (one of
+    `causes`), with RetryInfo."""
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await client.launch(task_key(dag_id="store", task_id=unique_name("refused")))
     err = refused.value
     assert err.code() == grpc.StatusCode.UNAVAILABLE, err
     details = err.details() or ""
     assert str(store) in details, details
-    assert cause in details, details
+    assert any(cause in details for cause in causes), details
     status = rpc_status.from_call(err)
     assert status is not None
     retry = error_details_pb2.RetryInfo()
@@ -107,16 +113,32 @@ async def refused_as_unavailable(client: SchedulerClient, store: Path, cause: st
     assert retry.retry_delay.ToTimedelta().total_seconds() > 0
 
 
-async def check_settled(client: SchedulerClient, keys: list[task_pb2.TaskKey], cluster: ClusterInfo) -> None:
-    """Every accepted launch was recorded CREATED, its task succeeded exactly once, one pod each."""
-    for key in keys:
-        launch = (await client.launcher.GetLaunch(lpb.GetLaunchRequest(key=key), timeout=10)).launch
-        assert launch.state == lpb.LAUNCH_STATE_CREATED, lpb.LaunchState.Name(launch.state)
+async def check_settled(
+    client: SchedulerClient, keys: list[task_pb2.TaskKey], *, cancel: bool = False
+) -> None:
+    """Every accepted launch gets recorded CREATED and its task ends exactly once (succeeded, or
+    revoked if `cancel`), with one pod each."""
+
+    async def recorded(key: task_pb2.TaskKey) -> None:
+        while True:
+            launch = (await client.launcher.GetLaunch(lpb.GetLaunchRequest(key=key), timeout=10)).launch
+            assert launch.state in (lpb.LAUNCH_STATE_ACCEPTED, lpb.LAUNCH_STATE_CREATED), launch
+            if launch.state == lpb.LAUNCH_STATE_CREATED:
+                return
+            await asyncio.sleep(0.2)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(recorded(key) for key in keys)), 120)
+    except TimeoutError:
+        raise AssertionError("an accepted launch's outcome was never recorded") from None
+    if cancel:
+        for key in keys:
+            await client.reconciler.CancelTask(rpb.CancelTaskRequest(key=key), timeout=30)
     tasks = await asyncio.gather(*(client.final(key, timeout=120) for key in keys))
     sentinel = task_key(dag_id="store", task_id=unique_name("sentinel"), run_id=keys[0].run_id)
-    await client.launch(sentinel, annotations={"sim.shepherd.dev/run-time": "1s"})
+    await client.launch(sentinel, annotations=SHORT)
     await client.final(sentinel, timeout=120)  # barrier: later transitions would have been seen
-    assert {t.state for t in tasks} == {S.TASK_STATE_SUCCEEDED}
+    assert {t.state for t in tasks} == {S.TASK_STATE_REVOKED if cancel else S.TASK_STATE_SUCCEEDED}
     for key in keys:
         assert sum(s in TERMINAL for s in client.states(key)) == 1, client.states(key)
     pods = {podmeta.pod_name(key) for key in keys}
@@ -142,7 +164,7 @@ async def test_a_full_disk_makes_the_launcher_unavailable_and_every_outcome_is_w
 
                     ballast.unlink()
                     await until_health(stack, "launcher", health_pb2.HealthCheckResponse.SERVING)
-                    await check_settled(client, keys, cluster)
+                    await check_settled(client, keys)
             finally:
                 stack.stop_all()
 
@@ -157,11 +179,14 @@ async def test_a_volume_gone_read_only_stops_the_launcher_and_a_restart_on_the_r
             store = volume.path / "launcher.db"
             try:
                 async with SchedulerClient.connect(stack) as client:
-                    keys = await accept_while_gate_is_closed(client, unique_name("ro"))
+                    keys = await accept_while_gate_is_closed(client, unique_name("ro"), FOREVER)
                     volume.fail()
                     gate.open = True
                     await until_health(stack, "launcher", health_pb2.HealthCheckResponse.NOT_SERVING)
-                    await refused_as_unavailable(client, store, "read-only file system")
+                    # ext4 reports the emergency read-only state to SQLite as an I/O error.
+                    await refused_as_unavailable(
+                        client, store, "disk I/O error", "read-only file system", "readonly"
+                    )
 
                     await asyncio.to_thread(stack.stop, "launcher")
                     # Started again on the read-only volume, it does not pretend to serve.
@@ -172,7 +197,7 @@ async def test_a_volume_gone_read_only_stops_the_launcher_and_a_restart_on_the_r
 
                     await asyncio.to_thread(volume.repair)
                     await asyncio.to_thread(stack.start, ("launcher",))
-                    await check_settled(client, keys, cluster)
+                    await check_settled(client, keys, cancel=True)
             finally:
                 stack.stop_all()
 

@@ -37,6 +37,8 @@ async def test_a_failed_commit_is_retryable_names_the_path_and_keeps_nothing(tmp
     assert str(tmp_path / "s.db") in str(failed.value)
     assert "sqlite.commit" in str(failed.value)
     assert not db.writable
+    await db.write(lambda _: None)  # commits even on a read-only disk: proves nothing
+    assert not db.writable
     await db.write(lambda conn: conn.execute("INSERT INTO t VALUES (2)"))
     assert db.writable
     assert db.reader.execute("SELECT x FROM t").fetchall() == [(2,)]
