@@ -9,12 +9,16 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 NODE_STAMP := node_modules/.installed-$(shell sha1sum package.json | cut -c1-12)
 
-.PHONY: run test lint unit integration venv tools binaries cluster-up cluster-down cluster-status protos bench clean
+.PHONY: run serve test lint unit integration fuzz venv tools binaries cluster-up cluster-down cluster-status protos bench clean
 
 ## run: start the control plane and the three services, and run the demo workload (TASKS=300).
 TASKS ?= 300
 run: venv tools
 	$(BIN)/python -m demo --tasks $(TASKS)
+
+## serve: the three services in the foreground until Ctrl-C (`shepherd serve`; SERVE_ARGS for flags).
+serve: venv tools
+	$(BIN)/shepherd serve $(SERVE_ARGS)
 
 ## test: lint, type-check, then every unit, contract and integration test (starts the control plane).
 test: lint
@@ -31,6 +35,11 @@ unit: venv tools
 
 integration: venv tools
 	$(BIN)/pytest tests/integration
+
+## fuzz: the fuzz test with more requests per RPC than `make test` sends (FUZZ_EXAMPLES=20000).
+FUZZ_EXAMPLES ?= 20000
+fuzz: venv tools
+	SHEPHERD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/integration/test_fuzz.py
 
 venv: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml

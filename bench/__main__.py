@@ -56,8 +56,14 @@ async def run(args: argparse.Namespace) -> Report:
             f"\n== launch rate: {args.pods} pods, raw client vs Shepherd, {args.rounds} rounds each",
             flush=True,
         )
-        # Every launch of a round may wait in the launcher's queue at once: none is refused.
-        rate_flags = {"launcher": [*FLAGS["launcher"], "--queue-limit", str(max(10_000, args.pods))]}
+        # Every launch of a round may wait in the launcher's queue at once, and the one scheduler
+        # identity may launch as fast as it can: none is refused.
+        rate_flags = {
+            "launcher": [
+                *FLAGS["launcher"],
+                *("--queue-limit", str(max(10_000, args.pods)), "--launch-rate", "0"),
+            ]
+        }
         rate = await launch_rate.measure(workdir, args.pods, args.rounds, args.batch, rate_flags)
         report.figures["launch_rate"] = rate
         print(

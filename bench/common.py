@@ -67,7 +67,7 @@ def stack_meter(stack: ServiceStack) -> CpuMeter:
         {
             **{
                 name: pid
-                for name in ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
+                for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
                 if (pid := control_plane.pid(name)) is not None
             },
             **{name: proc.pid for name, proc in stack.procs.items()},

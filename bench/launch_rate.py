@@ -181,10 +181,11 @@ async def through_shepherd(
     method, data = _ghz_request(run, batch)
     calls = max(1, count // max(batch, 1))
     ghz = str(ClusterSettings().bin_dir / "ghz")
+    scheduler = stack.identities["scheduler"]  # mutual TLS, as the scheduler the default policy knows
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         ghz,
-        "--insecure",
+        *("--cacert", str(scheduler.ca), "--cert", str(scheduler.cert), "--key", str(scheduler.key)),
         "--call",
         method,
         "-d",

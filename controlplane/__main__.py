@@ -1,4 +1,6 @@
-"""Command line for the local control plane: `python -m controlplane up|down|status|env`."""
+"""Command line for the local control plane: `python -m controlplane up|down|status|env`, and
+`python -m controlplane issue-cert <namespace>/<name>` for a client certificate of Shepherd's gRPC
+ports (a scheduler: namespace `schedulers`)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,28 @@ import sys
 from dataclasses import asdict
 
 from controlplane.cluster import Cluster, ClusterError
+from controlplane.identities import GrpcAuthority
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controlplane", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("command", choices=["up", "down", "status", "env", "issue-cert"])
+    parser.add_argument(
+        "identity", nargs="?", help="issue-cert: the ServiceAccount <namespace>/<name> to issue for"
+    )
     args = parser.parse_args(argv)
     cluster = Cluster()
+    if args.command == "issue-cert":
+        namespace, _, name = (args.identity or "").partition("/")
+        if not namespace or not name:
+            parser.error("issue-cert needs <namespace>/<name>, e.g. schedulers/airflow")
+        try:
+            issued = GrpcAuthority(cluster.settings.state_dir).client(namespace, name)
+        except ValueError as err:
+            parser.error(str(err))
+        print(f"identity {issued.spiffe_id}")
+        print(f"  --cacert {issued.ca} --cert {issued.cert} --key {issued.key}")
+        return 0
     try:
         if args.command == "up":
             info = cluster.up()

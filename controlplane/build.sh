@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the real control-plane binaries (kube-apiserver, kube-scheduler, etcd, kwok) and the gRPC
+# Builds the real control-plane binaries (kube-apiserver, kube-scheduler, kube-controller-manager,
+# etcd, kwok), the real node's kubelet and pause process, and the gRPC
 # tools (ghz, grpcurl) from the Go module proxy, into a cache outside the checkout keyed by version.
 #
 # Why a script and not `go install`: k8s.io/kubernetes and etcd's server module carry replace
@@ -54,11 +55,16 @@ with_progress() {
   wait "$pid"
 }
 
-build_kubernetes() {
-  local out="$BIN/kubernetes-v$K8S_VERSION"
-  if [[ -x "$out/kube-apiserver" && -x "$out/kube-scheduler" ]]; then return; fi
+# Everything built from the Kubernetes wrapper module. A binary already in the cache is never
+# rebuilt or replaced, so adding a tool here leaves the binaries running clusters use untouched.
+K8S_TOOLS=(kube-apiserver kube-scheduler kube-controller-manager kubelet)
+
+# prepare_k8s_wrapper DIR: the throw-away wrapper module, made once per release (a marker says it is
+# complete); its replace lines come from the release's own go.mod.
+prepare_k8s_wrapper() {
+  local w=$1
+  if [[ "$(cat "$w/.prepared" 2>/dev/null)" == "${K8S_TOOLS[*]}" ]]; then return; fi
   step "kubernetes v$K8S_VERSION: preparing wrapper module (first build only, ~10-20 min on 2 cores)"
-  local w="$SRC/kubernetes-v$K8S_VERSION"
   rm -rf "$w"; mkdir -p "$w"; cd "$w"
   go mod init local.shepherd/k8sbin >/dev/null 2>&1
   local gomod
@@ -74,18 +80,48 @@ build_kubernetes() {
   local gd; gd=$(sed -n 's/^godebug default=\(.*\)$/\1/p' "$gomod")
   [[ -n "$gd" ]] && go mod edit -godebug="default=$gd"
   step "kubernetes v$K8S_VERSION: resolving modules"
-  run_logged k8s-get go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" \
-                                  "k8s.io/kubernetes/cmd/kube-scheduler@v$K8S_VERSION"
+  local tools=()
+  for t in "${K8S_TOOLS[@]}"; do tools+=("k8s.io/kubernetes/cmd/$t@v$K8S_VERSION"); done
+  run_logged k8s-get go get -tool "${tools[@]}"
+  echo "${K8S_TOOLS[*]}" > .prepared
+}
+
+build_kubernetes() {
+  local out="$BIN/kubernetes-v$K8S_VERSION"
+  local missing=() t
+  for t in "${K8S_TOOLS[@]}"; do [[ -x "$out/$t" ]] || missing+=("$t"); done
+  if (( ${#missing[@]} == 0 )); then return; fi
+  local w="$SRC/kubernetes-v$K8S_VERSION"
+  prepare_k8s_wrapper "$w"
+  cd "$w"
+  local minor_patch=${K8S_VERSION#1.}
   local minor=${minor_patch%%.*}
   local ld="-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION \
     -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor \
     -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 \
     -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-  step "kubernetes v$K8S_VERSION: compiling kube-apiserver and kube-scheduler"
-  mkdir -p "$out.tmp"
-  with_progress "kube-apiserver+kube-scheduler" run_logged k8s-build \
-    go build -p "$JOBS" -trimpath -ldflags "$ld" -o "$out.tmp/" \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-scheduler
+  local pkgs=()
+  for t in "${missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$t"); done
+  step "kubernetes v$K8S_VERSION: compiling ${missing[*]}"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp" "$out"
+  with_progress "${missing[*]}" run_logged k8s-build \
+    go build -p "$JOBS" -trimpath -ldflags "$ld" -o "$out.tmp/" "${pkgs[@]}"
+  # One rename per binary: what is already in $out (and maybe running) stays as it is.
+  for t in "${missing[@]}"; do mv "$out.tmp/$t" "$out/$t"; done
+  rm -rf "$out.tmp"
+}
+
+# The real node's sandbox ("pause") process: controlplane/pause.go, built static,
+# cached by the hash of its source.
+build_pause() {
+  local src="$here/pause.go"
+  local key; key=$(sha256sum "$src" | cut -c1-12)
+  local out="$BIN/pause-$key"
+  PAUSE_DIR=$out
+  if [[ -x "$out/pause" ]]; then return; fi
+  step "pause ($key): building"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  (cd "$out.tmp" && run_logged pause-build go build -trimpath -ldflags "-s -w" -o pause "$src")
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
@@ -114,18 +150,27 @@ go_install() {
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
+# Two builds at once (a test starting a spare cluster while `make binaries` runs) would share the
+# wrapper module directory; take turns.
+exec 9>"$CACHE/build.lock"
+flock 9
+
 start=$SECONDS
 build_etcd
 go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok kwok
 go_install ghz "$GHZ_VERSION" github.com/bojand/ghz/cmd/ghz ghz
 go_install grpcurl "$GRPCURL_VERSION" github.com/fullstorydev/grpcurl/cmd/grpcurl grpcurl
 build_kubernetes
+build_pause
 
 # A stable directory of symlinks, so callers need not know the version layout.
 cur="$BIN/current"
 mkdir -p "$cur"
 ln -sf "$BIN/kubernetes-v$K8S_VERSION/kube-apiserver" "$cur/kube-apiserver"
 ln -sf "$BIN/kubernetes-v$K8S_VERSION/kube-scheduler" "$cur/kube-scheduler"
+ln -sf "$BIN/kubernetes-v$K8S_VERSION/kube-controller-manager" "$cur/kube-controller-manager"
+ln -sf "$BIN/kubernetes-v$K8S_VERSION/kubelet" "$cur/kubelet"
+ln -sf "$PAUSE_DIR/pause" "$cur/pause"
 ln -sf "$BIN/etcd-v$ETCD_VERSION/etcd" "$cur/etcd"
 ln -sf "$BIN/etcd-v$ETCD_VERSION/etcdctl" "$cur/etcdctl"
 ln -sf "$BIN/kwok-$KWOK_VERSION/kwok" "$cur/kwok"

@@ -2,7 +2,8 @@
 
 Order matters: etcd, then kube-apiserver (ready when /readyz says ok), then the objects the
 services need (namespace, RBAC from deploy/, fake nodes, one token per ServiceAccount), then
-kube-scheduler and kwok, which need the API server to be there.
+kube-controller-manager, kube-scheduler and kwok, which need the API server to be there, and last
+the real node (containerd + kubelet), where the machine can run one.
 """
 
 from __future__ import annotations
@@ -21,17 +22,30 @@ from pathlib import Path
 
 import yaml
 
+from controlplane.identities import GrpcAuthority
 from controlplane.kubeapi import AdminClient, ApiError
 from controlplane.pki import Authority
 from controlplane.processes import Daemon, ProcessError, Supervisor
+from controlplane.realnode import (
+    NodeCredentials,
+    RealNode,
+    RealNodeError,
+    RealNodeUnavailable,
+    node_ip,
+    unavailable_reason,
+    unmount_under,
+)
 from controlplane.settings import ClusterSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE_NAMESPACE = "shepherd"
 SERVICE_IDENTITIES = ("launcher", "watcher", "reconciler")
 # Start order; stopping goes the other way so clients leave before their servers.
-DAEMONS = ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
-STOP_ORDER = tuple(reversed(DAEMONS))
+DAEMONS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+NODE_DAEMONS = ("containerd", "kubelet")  # the real node's, where the machine runs one
+STOP_ORDER = tuple(reversed((*DAEMONS, *NODE_DAEMONS)))
+# The API server authenticates to kubelets as this user, and this binding lets it read logs and exec.
+_KUBELET_CLIENT = "kube-apiserver-kubelet-client"
 _AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 
 
@@ -49,6 +63,8 @@ class ClusterInfo:
     kubeconfigs: dict[str, str]
     namespace: str
     state_dir: str
+    real_node: str | None = None  # the real node's name, when it runs
+    real_node_unavailable: str | None = None  # else why not, and what would fix it
 
 
 def _log(msg: str) -> None:
@@ -63,6 +79,8 @@ class Cluster:
         self.supervisor = Supervisor(self.settings.state_dir)
         self.pki_dir = self.settings.state_dir / "pki"
         self.info_file = self.settings.state_dir / "cluster.json"
+        self.node = RealNode(self.settings, self.supervisor)
+        self._node_unavailable: str | None = None
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -73,8 +91,11 @@ class Cluster:
             _log(f"reusing the running cluster at {s.apiserver_url}")
             self._apply_manifests(self._admin())  # idempotent: picks up edits to deploy/
             self._issue_service_kubeconfigs(self._admin(), only_if_stale=True)
+            GrpcAuthority(s.state_dir).ensure()
             return self.info()
         self._ensure_binaries()
+        if self.node.teardown(None):
+            _log("restored the host from a real node an earlier run left behind")
         leftovers = self.supervisor.stop_all(STOP_ORDER)
         if leftovers:
             _log(f"stopped {len(leftovers)} process(es) left by an earlier run")
@@ -82,6 +103,7 @@ class Cluster:
         started = time.monotonic()
         authority = Authority(self.pki_dir)
         self._write_kubeconfig_files(authority)
+        kubelet_client = authority.issue(_KUBELET_CLIENT, common_name=_KUBELET_CLIENT)
         bins = s.bin_dir
         self._start(
             Daemon(
@@ -113,10 +135,14 @@ class Cluster:
                     f"--service-account-signing-key-file={sa.key}",
                     "--service-cluster-ip-range=10.96.0.0/16",
                     "--authorization-mode=Node,RBAC",
-                    # No kube-controller-manager runs here: nothing would create the `default`
-                    # ServiceAccount the first plugin insists on, nor lift the not-ready taint the
-                    # second puts on new nodes (kwok reports the nodes Ready itself).
-                    "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
+                    # A kubelet may only change its own Node and the pods bound to it.
+                    "--enable-admission-plugins=NodeRestriction",
+                    # Logs and exec go to kubelets with the API server's own certificate, and
+                    # their serving certificates are checked against the cluster CA.
+                    f"--kubelet-client-certificate={kubelet_client.cert}",
+                    f"--kubelet-client-key={kubelet_client.key}",
+                    f"--kubelet-certificate-authority={authority.ca.cert}",
+                    "--kubelet-preferred-address-types=InternalIP,Hostname",
                     "--allow-privileged=true",
                     # Load tests must measure Shepherd, not the API server's fairness queues.
                     "--max-requests-inflight=0",
@@ -138,6 +164,33 @@ class Cluster:
         )
         admin = self._admin()
         self._bootstrap(admin)
+        self._start(
+            Daemon(
+                "kube-controller-manager",
+                [
+                    str(bins / "kube-controller-manager"),
+                    f"--kubeconfig={s.kubeconfig_dir / 'kube-controller-manager.kubeconfig'}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={s.controller_manager_port}",
+                    f"--cert-dir={self.pki_dir / 'controller-manager'}",
+                    "--leader-elect=false",
+                    # Each controller acts under its own ServiceAccount, as on a real cluster.
+                    "--use-service-account-credentials=true",
+                    f"--service-account-private-key-file={sa.key}",
+                    f"--root-ca-file={authority.ca.cert}",
+                    "--kube-api-qps=200",
+                    "--kube-api-burst=400",
+                    # kwok renews the fake nodes' status every 20-45 s; give it room before a
+                    # node counts as lost and its pods are evicted.
+                    "--node-monitor-grace-period=2m",
+                ],
+                s.controller_manager_port,
+            ),
+            lambda: self._https_ok(f"https://127.0.0.1:{s.controller_manager_port}/healthz"),
+        )
+        # With the ServiceAccount admission plugin on, no pod can be created in a namespace
+        # before the controller-manager has given it its `default` ServiceAccount.
+        self._wait("default ServiceAccounts", self._service_accounts_ready)
         self._start(
             Daemon(
                 "kube-scheduler",
@@ -170,6 +223,8 @@ class Cluster:
             lambda: self._http_ok(f"http://127.0.0.1:{s.kwok_port}/healthz"),
         )
         self._wait("fake nodes Ready", self._nodes_ready)
+        GrpcAuthority(s.state_dir).ensure()  # the certificates of Shepherd's own gRPC ports
+        self._start_real_node(authority, admin)
         info = self.info(refresh=True)
         _log(
             f"cluster up in {time.monotonic() - started:.1f}s: kube-apiserver {info.version} at {info.server}"
@@ -194,17 +249,45 @@ class Cluster:
     def restart(self, name: str) -> None:
         """Restart one daemon (e.g. "kube-apiserver") in place and wait until it is ready again."""
         self.supervisor.restart(name)
+        self._wait_ready(name)
+
+    def stop_daemon(self, name: str) -> None:
+        """Stop one daemon (e.g. "kube-apiserver": an outage), leaving the others running."""
+        self.supervisor.stop(name)
+
+    def start_daemon(self, name: str) -> None:
+        """Start a daemon stop_daemon stopped, and wait until it is ready again."""
+        self.supervisor.start_again(name)
+        self._wait_ready(name)
+
+    def _wait_ready(self, name: str) -> None:
         ready = {"kube-apiserver": self._apiserver_ready, "etcd": self._etcd_ready}.get(name, lambda: True)
         self._wait(name, ready, daemon=name)
 
     def down(self) -> None:
-        """Stop every process of this cluster and remove its state (the build cache stays)."""
+        """Stop every process of this cluster, restore what its real node changed on the host,
+        and remove its state (the build cache stays)."""
+        self.node.teardown(self._admin() if self._apiserver_ready() else None)
         stopped = self.supervisor.stop_all(STOP_ORDER)
         self._wipe_state()
         _log(f"cluster down: stopped {len(stopped)} process(es), removed {self.settings.state_dir}")
 
+    def stop_real_node(self) -> None:
+        """Give up the machine's real node (its pods deleted, the host restored) while the rest of
+        the cluster keeps running, so another cluster can have it."""
+        self.node.teardown(self._admin())
+        self._node_unavailable = "the real node was stopped (Cluster.stop_real_node)"
+        self.info(refresh=True)
+
+    def start_real_node(self) -> ClusterInfo:
+        """Start the real node of a running cluster again (after stop_real_node)."""
+        self._start_real_node(Authority(self.pki_dir), self._admin())
+        return self.info(refresh=True)
+
     def healthy(self) -> bool:
         if not self.info_file.exists() or any(self.supervisor.pid(n) is None for n in DAEMONS):
+            return False
+        if self.info().real_node and any(self.supervisor.pid(n) is None for n in NODE_DAEMONS):
             return False
         return self._apiserver_ready()
 
@@ -220,14 +303,60 @@ class Cluster:
             kubeconfigs={n: str(s.kubeconfig_dir / f"{n}.kubeconfig") for n in SERVICE_IDENTITIES},
             namespace=SERVICE_NAMESPACE,
             state_dir=str(s.state_dir),
+            real_node=None if self._node_unavailable else s.real_node_name,
+            real_node_unavailable=self._node_unavailable,
         )
         self.info_file.write_text(json.dumps(asdict(info), indent=2))
         return info
 
     # ---- start-up steps ---------------------------------------------------------------------
 
+    def _start_real_node(self, authority: Authority, admin: AdminClient) -> None:
+        """Start the real node where the machine can run one; else say why and go on without it."""
+        s = self.settings
+        self._node_unavailable = unavailable_reason(s)
+        ip = node_ip()
+        if self._node_unavailable is None and ip is not None:
+            serving = authority.issue(
+                "kubelet-serving",
+                common_name=s.real_node_name,
+                server_hosts=[ip, s.real_node_name, "localhost", "127.0.0.1"],
+            )
+            credentials = NodeCredentials(
+                kubeconfig=s.kubeconfig_dir / "kubelet.kubeconfig",
+                ca_cert=authority.ca.cert,
+                serving_cert=serving.cert,
+                serving_key=serving.key,
+            )
+            try:
+                self.node.start(ip, credentials, admin, self._wait)
+            except RealNodeUnavailable as exc:
+                self._node_unavailable = str(exc)
+            except (RealNodeError, ProcessError, OSError, subprocess.SubprocessError) as exc:
+                self._stop_everything(drain=False)
+                raise ClusterError(f"the real node failed to start: {exc}") from exc
+        if self._node_unavailable is not None:
+            _log(f"no real node: {self._node_unavailable}")
+        else:
+            _log(f"real node {s.real_node_name} Ready (kubelet on {ip}:{s.kubelet_port})")
+
+    def _stop_everything(self, *, drain: bool) -> None:
+        """Stop the real node (pods first, through the API, when `drain`) and restore the host,
+        then every other process of this cluster."""
+        admin = self._admin() if drain and self._apiserver_ready() else None
+        self.node.teardown(admin)
+        self.supervisor.stop_all(STOP_ORDER)
+
     def _ensure_binaries(self) -> None:
-        needed = ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
+        needed = (
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kwok",
+            "kubelet",
+            "pause",
+        )
         if all((self.settings.bin_dir / n).exists() for n in needed):
             return
         _log("binaries missing: building them with controlplane/build.sh (the first time takes a while)")
@@ -236,6 +365,8 @@ class Cluster:
             raise ClusterError("building the control-plane binaries failed; see the messages above.")
 
     def _wipe_state(self) -> None:
+        # Never let rmtree reach into something still mounted below the state directory.
+        unmount_under(self.settings.state_dir)
         for path in (self.settings.state_dir, self.settings.etcd_data_dir):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -243,7 +374,7 @@ class Cluster:
         try:
             self.supervisor.start(daemon)
         except ProcessError as exc:
-            self.supervisor.stop_all(STOP_ORDER)
+            self._stop_everything(drain=False)
             raise ClusterError(str(exc)) from exc
         self._wait(daemon.name, ready, daemon=daemon.name)
 
@@ -251,7 +382,7 @@ class Cluster:
         deadline = time.monotonic() + self.settings.start_timeout_s
         while time.monotonic() < deadline:
             if daemon is not None and (tail := self.supervisor.exited_early(daemon)) is not None:
-                self.supervisor.stop_all(STOP_ORDER)
+                self._stop_everything(drain=False)
                 raise ClusterError(f"{daemon} exited during start-up. Last lines of its log:\n{tail}")
             try:
                 if ready():
@@ -259,7 +390,7 @@ class Cluster:
             except (OSError, ApiError, ssl.SSLError, ValueError):
                 pass
             time.sleep(0.2)
-        self.supervisor.stop_all(STOP_ORDER)
+        self._stop_everything(drain=False)
         raise ClusterError(
             f"{what} was not ready within {self.settings.start_timeout_s:.0f}s; "
             f"logs are in {self.supervisor.log_dir}"
@@ -376,7 +507,9 @@ class Cluster:
         return path
 
     def _nodes_ready(self) -> bool:
-        nodes = self._admin().request("GET", "/api/v1/nodes")["items"]
+        """Every fake node Ready, and the controller-manager has lifted the not-ready taint that
+        new nodes get, so pods can be scheduled onto them."""
+        nodes = self._admin().request("GET", "/api/v1/nodes", query={"labelSelector": "type=kwok"})["items"]
         ready = [
             n
             for n in nodes
@@ -384,8 +517,16 @@ class Cluster:
                 c["type"] == "Ready" and c["status"] == "True"
                 for c in n.get("status", {}).get("conditions", [])
             )
+            and not any(t["key"] == "node.kubernetes.io/not-ready" for t in n["spec"].get("taints", []))
         ]
         return len(ready) >= self.settings.nodes
+
+    def _service_accounts_ready(self) -> bool:
+        admin = self._admin()
+        for namespace in ("default", SERVICE_NAMESPACE):
+            admin.request("GET", f"/api/v1/namespaces/{namespace}/serviceaccounts/default")
+            admin.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/kube-root-ca.crt")
+        return True
 
     # ---- identities and objects -------------------------------------------------------------
 
@@ -395,6 +536,9 @@ class Cluster:
         identities = {
             "admin": ("shepherd-admin", "system:masters"),
             "kube-scheduler": ("system:kube-scheduler", None),
+            "kube-controller-manager": ("system:kube-controller-manager", None),
+            # The real node's kubelet: the Node authorizer and NodeRestriction know it by this name.
+            "kubelet": (f"system:node:{self.settings.real_node_name}", "system:nodes"),
             # kwok plays every kubelet, so it writes node and pod status cluster-wide.
             "kwok": ("kwok-controller", "system:masters"),
         }
@@ -434,6 +578,21 @@ class Cluster:
     def _bootstrap(self, admin: AdminClient) -> None:
         """Namespace, per-service RBAC (deploy/), fake nodes, and a kubeconfig per service identity."""
         self._apply_manifests(admin)
+        admin.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": "shepherd:kube-apiserver-kubelet-client"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": "system:kubelet-api-admin",
+                },
+                "subjects": [
+                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": _KUBELET_CLIENT}
+                ],
+            }
+        )
         s = self.settings
         for i in range(s.nodes):
             resources = {"cpu": s.node_cpu, "memory": s.node_memory, "pods": str(s.node_pods)}

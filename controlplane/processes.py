@@ -1,9 +1,10 @@
 """Start, find and stop the control-plane daemons without leaving anything behind.
 
 Each daemon runs in its own session (so a Ctrl-C in the terminal that started it does not kill
-the cluster) and has a pid file. A pid is trusted only if that process's command line still
-mentions our state directory, so a recycled pid never makes us kill a stranger, and processes
-of a crashed earlier run are found and stopped even when their pid files are gone.
+the cluster) and has a pid file beside the command line it was started with. Only those pids are
+ever signalled, and only while the process's command line is still exactly that one: a recycled
+pid is left alone, and so is any process that merely names our state directory (a user's
+`tail -f` of a daemon's log, a tool working in a sibling directory with the same prefix).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class ProcessError(RuntimeError):
 class Daemon:
     name: str
     argv: Sequence[str]
-    port: int
+    port: int | None  # None: the daemon listens on no TCP port (containerd's socket is a file)
+    host: str = "127.0.0.1"
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -41,20 +43,13 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def _cmdline(pid: int) -> str:
+def _argv(pid: int) -> list[str] | None:
+    """The process's command line, or None if there is no such process."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return ""
-
-
-def owned_pids(marker: str) -> list[int]:
-    """Every live process whose command line mentions `marker` (our state directory)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid() and marker in _cmdline(int(entry.name)):
-            pids.append(int(entry.name))
-    return pids
+        return None
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]]
 
 
 class Supervisor:
@@ -72,19 +67,21 @@ class Supervisor:
         return self.run_dir / f"{name}.pid"
 
     def pid(self, name: str) -> int | None:
-        """The pid of a running daemon we started, or None."""
+        """The pid of a running daemon we started, or None: the pid file's process, if it still
+        runs the command line recorded beside it."""
         try:
             pid = int(self._pidfile(name).read_text())
-        except (OSError, ValueError):
+            argv = json.loads((self.run_dir / f"{name}.json").read_text())["argv"]
+        except (OSError, ValueError, KeyError):
             return None
-        return pid if str(self.state_dir) in _cmdline(pid) else None
+        return pid if _argv(pid) == argv else None
 
     def start(self, daemon: Daemon) -> int:
-        if not port_is_free(daemon.port):
+        if daemon.port is not None and not port_is_free(daemon.port, daemon.host):
             raise ProcessError(
-                f"{daemon.name} cannot start: port {daemon.port} on 127.0.0.1 is already taken by another "
-                f"process. Stop it (see `ss -ltnp 'sport = :{daemon.port}'`) or choose another port with "
-                f"the matching SHEPHERD_CLUSTER_*_PORT variable."
+                f"{daemon.name} cannot start: port {daemon.port} on {daemon.host} is already taken by "
+                f"another process. Stop it (see `ss -ltnp 'sport = :{daemon.port}'`) or choose another "
+                f"port with the matching SHEPHERD_CLUSTER_*_PORT variable."
             )
         binary = Path(daemon.argv[0])
         if not binary.exists():
@@ -104,20 +101,31 @@ class Supervisor:
         self._children[daemon.name] = proc
         self._pidfile(daemon.name).write_text(str(proc.pid))
         (self.run_dir / f"{daemon.name}.json").write_text(
-            json.dumps({"argv": list(daemon.argv), "port": daemon.port})
+            json.dumps({"argv": list(daemon.argv), "port": daemon.port, "host": daemon.host})
         )
         return proc.pid
 
     def restart(self, name: str, timeout: float = 15.0) -> int:
         """Stop one daemon and start it again with the command line it was started with."""
-        spec = json.loads((self.run_dir / f"{name}.json").read_text())
+        self.stop(name, timeout)
+        return self.start_again(name, timeout)
+
+    def stop(self, name: str, timeout: float = 15.0) -> None:
+        """Stop one daemon, leaving the others running; start_again brings it back."""
         pid = self.pid(name)
         if pid is not None:
             _terminate([pid], timeout)
+
+    def start_again(self, name: str, timeout: float = 15.0) -> int:
+        """Start a stopped daemon with the command line it was last started with."""
+        spec = json.loads((self.run_dir / f"{name}.json").read_text())
         deadline = time.monotonic() + timeout
-        while not port_is_free(spec["port"]) and time.monotonic() < deadline:
+        host = spec.get("host", "127.0.0.1")
+        while (
+            spec["port"] is not None and not port_is_free(spec["port"], host) and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
-        return self.start(Daemon(name, spec["argv"], spec["port"]))
+        return self.start(Daemon(name, spec["argv"], spec["port"], host))
 
     def exited_early(self, name: str) -> str | None:
         """If the daemon already died, the tail of its log, so start-up can explain why."""
@@ -130,17 +138,18 @@ class Supervisor:
         return "\n".join(tail)
 
     def stop_all(self, order: Sequence[str] = (), timeout: float = 15.0) -> list[int]:
-        """Stop every process that belongs to this state directory: the named daemons one by one in
-        `order` (clients before the servers they hold connections to, so none waits on the other),
-        then any leftovers of a crashed run. SIGTERM first, SIGKILL after `timeout`."""
+        """Stop every daemon this state directory has a pid file for: those named in `order` one by
+        one (clients before the servers they hold connections to, so none waits on the other),
+        then any others. SIGTERM first, SIGKILL after `timeout`. Nothing else is touched."""
+        names = [*order]
+        if self.run_dir.exists():
+            names += sorted(p.stem for p in self.run_dir.glob("*.pid") if p.stem not in names)
         stopped: list[int] = []
-        for name in order:
+        for name in names:
             pid = self.pid(name)
             if pid is not None:
                 _terminate([pid], timeout)
                 stopped.append(pid)
-        leftovers = owned_pids(str(self.state_dir))
-        _terminate(leftovers, timeout)
         for child in self._children.values():
             if child.poll() is None:
                 child.kill()
@@ -148,7 +157,7 @@ class Supervisor:
         self._children.clear()
         for pidfile in self.run_dir.glob("*.pid") if self.run_dir.exists() else []:
             pidfile.unlink(missing_ok=True)
-        return stopped + leftovers
+        return stopped
 
 
 def _terminate(pids: list[int], timeout: float) -> None:

@@ -43,6 +43,28 @@ class ClusterSettings(BaseSettings):
     apiserver_port: int = Field(default=6443, ge=1, le=65535, description="kube-apiserver TLS port.")
     scheduler_port: int = Field(default=10259, ge=1, le=65535, description="kube-scheduler health port.")
     kwok_port: int = Field(default=10247, ge=1, le=65535, description="kwok health/metrics port.")
+    controller_manager_port: int = Field(
+        default=10257, ge=1, le=65535, description="kube-controller-manager health port (loopback)."
+    )
+    real_node: bool = Field(
+        default=True,
+        description="Start one real node (kubelet + containerd) beside the kwok nodes. It needs root and "
+        "Linux namespaces; where the machine cannot run it, start-up says why and goes on without it. "
+        "Only one cluster on a machine can have it.",
+    )
+    real_node_name: str = Field(default="real-node-0", description="Name of the real node.")
+    kubelet_port: int = Field(
+        default=10250, ge=1, le=65535, description="The real node's kubelet API port (on the node IP)."
+    )
+    kubelet_healthz_port: int = Field(
+        default=10248, ge=1, le=65535, description="The real node's kubelet health port (loopback)."
+    )
+    real_node_bridge: str = Field(
+        default="shepherd0", max_length=15, description="Linux bridge the real node's pods are attached to."
+    )
+    real_node_pod_cidr: str = Field(
+        default="10.89.0.0/24", description="Pod addresses on the real node (host-local IPAM on the bridge)."
+    )
     nodes: int = Field(default=4, ge=1, le=100, description="Number of fake kwok nodes.")
     # Big enough that 5,000 benchmark pods of the default template (100m CPU, 128Mi) fit, while a
     # request of 100000 CPUs still cannot be placed anywhere.
@@ -71,6 +93,16 @@ class ClusterSettings(BaseSettings):
     @property
     def kubeconfig_dir(self) -> Path:
         return self.state_dir / "kubeconfigs"
+
+    @property
+    def node_dir(self) -> Path:
+        """The real node's kubelet and containerd state (unmounted and removed by `down`)."""
+        return self.state_dir / "node"
+
+    @property
+    def image_cache_dir(self) -> Path:
+        """Image tars built for the real node, keyed by their content."""
+        return self.cache_dir / "images"
 
     @property
     def admin_kubeconfig(self) -> Path:

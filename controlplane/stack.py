@@ -2,7 +2,9 @@
 
 The demo, the benchmark and the integration tests all use this one runner, so they exercise the
 services exactly as `python -m services.<name>` runs them: separate processes, their own
-ServiceAccount kubeconfig, talking to each other over gRPC on loopback.
+ServiceAccount kubeconfig, talking to each other over gRPC on loopback with mutual TLS and the
+default authorization policy, each presenting the certificate the control plane issued it
+(controlplane/identities.py). Clients get theirs from `credentials(identity)`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.cluster import ClusterInfo
+from controlplane.identities import GrpcAuthority, IssuedIdentity
 from shepherd import channels
+from shepherd.settings import ClientAuth
 from shepherd.v1 import launcher_service_pb2_grpc, reconciler_service_pb2_grpc
 
 SERVICES = ("launcher", "watcher", "reconciler")
@@ -49,9 +54,52 @@ class ServiceStack:
     log_json: bool = True
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # False: plaintext on loopback with no authentication (the services warn about it).
+    secure: bool = True
+    # TOKEN: TLS, and every caller (the services too) presents a ServiceAccount token from
+    # `token_path(identity)`; the services' own are written from their kubeconfigs at start.
+    client_auth: ClientAuth = ClientAuth.CERTIFICATE
+    identities: dict[str, IssuedIdentity] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.secure:
+            self.identities = self.authority.ensure()
+
+    @property
+    def authority(self) -> GrpcAuthority:
+        return GrpcAuthority(Path(self.cluster.state_dir))
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
+
+    def credentials(self, identity: str = "scheduler") -> channels.ClientCredentials:
+        """What a client acting as `identity` presents: a service's name, or "scheduler"."""
+        if not self.secure:
+            return channels.PLAINTEXT
+        if self.client_auth is ClientAuth.TOKEN:
+            return channels.ClientCredentials(ca=self.authority.ca, token_file=self.token_path(identity))
+        return self.identities[identity].credentials()
+
+    def grpcurl_flags(self, identity: str = "scheduler") -> list[str]:
+        """grpcurl's (and, with `--` for `-`, ghz's) flags for calling as `identity`."""
+        if not self.secure:
+            return ["-plaintext"]
+        issued = self.identities[identity]
+        return ["-cacert", str(issued.ca), "-cert", str(issued.cert), "-key", str(issued.key)]
+
+    def token_path(self, identity: str) -> Path:
+        return self.workdir / f"{identity}.token"
+
+    def _write_service_token(self, name: str) -> None:
+        """The bearer token a service presents in token mode: its own ServiceAccount token."""
+        doc = yaml.safe_load(Path(self.cluster.kubeconfigs[name]).read_text())
+        path = self.token_path(name)
+        path.touch(mode=0o600)
+        path.write_text(doc["users"][0]["user"]["token"])
+
+    def channel(self, service: str, identity: str = "scheduler") -> grpc.aio.Channel:
+        """An asyncio channel to one of the services, as `identity`."""
+        return channels.aio_channel(self.address(service), self.credentials(identity))
 
     @contextlib.asynccontextmanager
     async def scheduler_stubs(
@@ -62,10 +110,7 @@ class ServiceStack:
         ]
     ]:
         """What a scheduler talks to: the launcher and the reconciler, over one channel each."""
-        async with (
-            channels.aio_channel(self.address("launcher")) as lch,
-            channels.aio_channel(self.address("reconciler")) as rch,
-        ):
+        async with self.channel("launcher") as lch, self.channel("reconciler") as rch:
             yield (
                 launcher_service_pb2_grpc.LauncherServiceStub(lch),
                 reconciler_service_pb2_grpc.ReconcilerServiceStub(rch),
@@ -94,8 +139,15 @@ class ServiceStack:
         ]
         if not self.log_json:
             argv.append("--no-log-json")
+        if self.secure:
+            argv += self.identities[name].server_flags()
+        if self.secure and self.client_auth is ClientAuth.TOKEN:
+            self._write_service_token(name)
+            argv += ["--client-auth", "token", "--client-token-file", str(self.token_path(name))]
         if name != "watcher":
             argv += ["--store-path", str(self.workdir / f"{name}.db")]
+        if name == "launcher":
+            argv += ["--reconciler-address", self.address("reconciler")]
         if name == "reconciler":
             argv += [
                 "--launcher-address",
@@ -107,7 +159,7 @@ class ServiceStack:
 
     def start(self, names: tuple[str, ...] = SERVICES, *, timeout: float = 60.0, wait: bool = True) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for name in ("launcher", "watcher"):  # the reconciler needs their addresses
+        for name in SERVICES:  # each needs the others' addresses
             self.ports.setdefault(name, free_port())
         for name in names:
             log = self.log_path(name).open("ab")
@@ -120,8 +172,13 @@ class ServiceStack:
             self.wait_serving(name, timeout=timeout)
 
     def wait_serving(self, name: str, *, timeout: float = 60.0) -> None:
+        self.wait_health(name, health_pb2.HealthCheckResponse.SERVING, timeout=timeout)
+
+    def wait_health(self, name: str, status: int, *, timeout: float = 60.0) -> None:
+        """Wait until the service's health check answers `status` (e.g. NOT_SERVING: a launcher
+        whose API server is unreachable is up, and says it cannot serve)."""
         deadline = time.monotonic() + timeout
-        with channels.sync_channel(self.address(name)) as channel:
+        with channels.sync_channel(self.address(name), self.credentials()) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 proc = self.procs.get(name)
@@ -129,12 +186,13 @@ class ServiceStack:
                     raise StackError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    if reply.status == status:
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.1)
-        raise StackError(f"{name} was not SERVING within {timeout:.0f}s:\n{self.tail(name)}")
+        wanted = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        raise StackError(f"{name} was not {wanted} within {timeout:.0f}s:\n{self.tail(name)}")
 
     def tail(self, name: str, lines: int = 20) -> str:
         path = self.log_path(name)

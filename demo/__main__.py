@@ -11,7 +11,7 @@ from pathlib import Path
 
 from controlplane import Cluster
 from controlplane.stack import ServiceStack
-from demo.workload import Demo
+from demo.workload import REAL_TASKS, Demo
 
 
 def main() -> int:
@@ -36,9 +36,20 @@ def main() -> int:
     stack.start()
     for name in ("launcher", "watcher", "reconciler"):
         print(f"  {name:<10} {stack.address(name)}  as ServiceAccount {info.namespace}/{name}")
-    print(f"\n== demo: {args.tasks} tasks", flush=True)
+    print(f"  mutual TLS, default policy; the demo calls as {stack.identities['scheduler'].spiffe_id}")
+    if info.real_node:
+        real = f" (+{REAL_TASKS} real containers on node {info.real_node})"
+    else:
+        real = f" (no real node: {info.real_node_unavailable})"
+    print(f"\n== demo: {args.tasks} tasks{real}", flush=True)
     try:
-        demo = Demo(stack.address("launcher"), stack.address("reconciler"), tasks=args.tasks)
+        demo = Demo(
+            stack.address("launcher"),
+            stack.address("reconciler"),
+            tasks=args.tasks,
+            credentials=stack.credentials("scheduler"),
+            real_node=info.real_node is not None,
+        )
         unexpected = asyncio.run(demo.run())
     finally:
         stack.stop_all()

@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import grpc
+
 from shepherd import channels, podmeta
 from shepherd.taskstates import TERMINAL, state_name
 from shepherd.v1 import (
@@ -33,6 +35,25 @@ MIX: dict[str, tuple[float, str]] = {
 }
 
 
+# Tasks that run for real on the local cluster's real node (a kubelet with containerd), when it
+# has one: a short script that reports its progress and exits with its own code. Their number is
+# fixed, not a share, because real containers start in about a second each on two cores.
+REAL_TASKS = 4
+REAL_SCRIPT = (
+    'for step in 1 2 3; do echo "step $step of 3: working"; sleep 1; done; '
+    'echo "done, exiting with code $0"; exit "$0"'
+)
+EXPECTED = {
+    "success": "succeeded",
+    "failure": "failed",
+    "image-pull-error": "failed",
+    "unschedulable": "failed",
+    "cancelled": "revoked",
+    "real-success": "succeeded",
+    "real-failure": "failed",
+}
+
+
 @dataclass
 class Tracked:
     kind: str
@@ -49,12 +70,19 @@ class Demo:
     launcher_address: str
     reconciler_address: str
     tasks: int = 300
+    credentials: channels.ClientCredentials | None = None
+    real_node: bool = False  # the cluster has a real node: some tasks run real containers there
     concurrency: int = 32
     seed: int = 7
     tracked: dict[str, Tracked] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     _final_count: int = 0
     _finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def total(self) -> int:
+        """Every task the demo launches: the mix, plus the real ones when there is a real node."""
+        return self.tasks + (REAL_TASKS if self.real_node else 0)
 
     def plan(self) -> list[tuple[str, str, task_pb2.TaskKey]]:
         rng = random.Random(self.seed)
@@ -69,12 +97,23 @@ class Demo:
                 dag_id="shepherd_demo", task_id=f"{kind}_{i:04d}", run_id=run_id, try_number=1, map_index=-1
             )
             planned.append((kind, override, key))
+        if self.real_node:
+            for i in range(REAL_TASKS):
+                kind = "real-failure" if i == REAL_TASKS - 1 else "real-success"
+                key = task_pb2.TaskKey(
+                    dag_id="shepherd_demo",
+                    task_id=f"{kind}_{i:04d}",
+                    run_id=run_id,
+                    try_number=1,
+                    map_index=-1,
+                )
+                planned.append((kind, "", key))
         return planned
 
     async def run(self) -> int:
         async with (
-            channels.aio_channel(self.launcher_address) as lch,
-            channels.aio_channel(self.reconciler_address) as rch,
+            channels.aio_channel(self.launcher_address, self.credentials) as lch,
+            channels.aio_channel(self.reconciler_address, self.credentials) as rch,
         ):
             launcher = launcher_service_pb2_grpc.LauncherServiceStub(lch)
             reconciler = reconciler_service_pb2_grpc.ReconcilerServiceStub(rch)
@@ -90,8 +129,27 @@ class Demo:
             for task in (follower, progress, canceller):
                 task.cancel()
             await asyncio.gather(follower, progress, canceller, return_exceptions=True)
-        self._render_progress(final=True)
-        return self.summary()
+            self._render_progress(final=True)
+            unexpected = self.summary()
+            await self._print_real_log(reconciler)
+        return unexpected
+
+    async def _print_real_log(self, reconciler: reconciler_service_pb2_grpc.ReconcilerServiceStub) -> None:
+        """The tail of a real task's log, read back through GetTaskLogs (its failed pod is kept)."""
+        real = [t for t in self.tracked.values() if t.kind == "real-failure"]
+        if not real:
+            return
+        entry = real[0]
+        name = f"{entry.key.dag_id}/{entry.key.task_id}/{entry.key.run_id}"
+        print(f"\nLog of a real task ({name}, via GetTaskLogs)")
+        try:
+            async for chunk in reconciler.GetTaskLogs(
+                reconciler_service_pb2.GetTaskLogsRequest(key=entry.key, tail_lines=10), timeout=30
+            ):
+                for line in chunk.data.decode(errors="replace").splitlines():
+                    print(f"  | {line}")
+        except grpc.aio.AioRpcError as err:
+            print(f"  (not available: {err.code().name}: {err.details()})")
 
     async def _launch_all(self, launcher: launcher_service_pb2_grpc.LauncherServiceStub) -> None:
         gate = asyncio.Semaphore(self.concurrency)
@@ -100,12 +158,16 @@ class Demo:
             async with gate:
                 entry = Tracked(kind, key, launched_at=time.monotonic())
                 self.tracked[podmeta.key_string(key)] = entry
-                await launcher.LaunchTask(
-                    launcher_service_pb2.LaunchTaskRequest(
+                if kind.startswith("real-"):
+                    exit_code = "3" if kind == "real-failure" else "0"
+                    request = launcher_service_pb2.LaunchTaskRequest(
+                        key=key, command=["sh", "-c", REAL_SCRIPT, exit_code], template_name="real"
+                    )
+                else:
+                    request = launcher_service_pb2.LaunchTaskRequest(
                         key=key, command=["python", "-m", "worker", kind], pod_override_yaml=override
-                    ),
-                    timeout=30,
-                )
+                    )
+                await launcher.LaunchTask(request, timeout=30)
 
         await asyncio.gather(*(one(*item) for item in self.plan()))
 
@@ -129,7 +191,7 @@ class Demo:
             entry.final_at = now
             entry.reason = task.failure.reason
             self._final_count += 1
-            if self._final_count == self.tasks:
+            if self._final_count == self.total:
                 self._finished.set()
 
     async def _cancel_when_running(
@@ -163,7 +225,7 @@ class Demo:
             for name in ("queued", "running", "succeeded", "failed", "revoked", "up_for_reschedule")
             if counts[name]
         )
-        line = f"[{time.monotonic() - self.started:6.1f}s] launched {len(self.tracked)}/{self.tasks}  {parts}"
+        line = f"[{time.monotonic() - self.started:6.1f}s] launched {len(self.tracked)}/{self.total}  {parts}"
         if sys.stdout.isatty():
             print("\r" + line.ljust(110), end="\n" if final else "", flush=True)
         else:
@@ -171,21 +233,17 @@ class Demo:
 
     def summary(self) -> int:
         """Print the final summary; return the number of tasks that ended other than expected."""
-        expected = {
-            "success": "succeeded",
-            "failure": "failed",
-            "image-pull-error": "failed",
-            "unschedulable": "failed",
-            "cancelled": "revoked",
-        }
+        expected = EXPECTED
         print("\nFinal states")
         by_state = Counter(state_name(t.state) for t in self.tracked.values())
         for name, count in by_state.most_common():
             print(f"  {name:<18} {count:5d}")
         print("\nBy scenario (expected final state)")
         unexpected = 0
-        for kind in MIX:
+        for kind in EXPECTED:
             group = [t for t in self.tracked.values() if t.kind == kind]
+            if not group and kind.startswith("real-"):
+                continue
             ok = sum(state_name(t.state) == expected[kind] for t in group)
             unexpected += len(group) - ok
             reasons = Counter(t.reason for t in group if t.reason)

@@ -1,8 +1,11 @@
 """The gRPC plumbing every service shares, so each service's server.py stays about its RPCs.
 
-- grpc.aio server with the request-context interceptor and keepalive settings that survive
-  meshes and idle load balancers;
-- the standard grpc.health.v1 service, NOT_SERVING until the service says it is ready;
+- grpc.aio server with keepalive settings that survive meshes and idle load balancers, secured
+  as the settings say (shepherd.security: mutual TLS by default), and the interceptor that
+  identifies each caller, applies the authorization policy and the resource bounds;
+- the service's own client channels present the same identity (shepherd.channels.configure);
+- the standard grpc.health.v1 service, NOT_SERVING until the service says it is ready, also on
+  an optional plaintext port of its own for the kubelet's gRPC probes (which cannot do TLS);
 - server reflection, so grpcurl and ghz need no .proto files;
 - SIGTERM/SIGINT: health flips to NOT_SERVING, new RPCs are refused, running ones get
   `shutdown_grace_s` to finish, then the service's own shutdown runs;
@@ -22,13 +25,16 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from shepherd import failpoints
-from shepherd.interceptors import RequestContextInterceptor
+from shepherd import authz, channels, failpoints, security
+from shepherd.authn import Authenticator, CertificateAuthenticator, MeshAuthenticator, TokenAuthenticator
+from shepherd.interceptors import Guard, RequestContextInterceptor
+from shepherd.limits import LaunchRate, StreamSlots
 from shepherd.logging import get_logger
+from shepherd.settings import ServiceSettings
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import ServiceFailed
 
@@ -37,15 +43,16 @@ Context: TypeAlias = Any
 
 # Keepalive: ping idle connections so half-open ones (a vanished peer, a NAT that forgot us) are
 # found within a minute; allow clients to ping as often as every 10 s without being cut off.
-_OPTIONS = [
+_KEEPALIVE = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
 ]
+# Answers may be larger than requests (a page of 1,000 tasks, a log tail); Shepherd's own clients
+# accept as much (shepherd.channels).
+_MAX_SEND_BYTES = channels.MAX_MESSAGE_BYTES
 
 
 # Young-generation collections every 20,000 allocations instead of 700: each request allocates
@@ -54,11 +61,18 @@ _OPTIONS = [
 _GC_THRESHOLDS = (20_000, 10, 10)
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run a service's main coroutine on uvloop (grpc.aio supports it; it costs less CPU per RPC)."""
+def run(main: Coroutine[Any, Any, None], settings: ServiceSettings) -> None:
+    """Run a service's main coroutine on uvloop (grpc.aio supports it; it costs less CPU per RPC),
+    its client channels presenting the identity its settings give it."""
     import uvloop
 
     failpoints.configure()  # fault tests arm named failure points through the environment
+    try:
+        channels.configure(security.transport(settings).client)
+    except security.TransportError as err:
+        main.close()
+        get_logger(component="grpc").error("refusing to start", reason=str(err))
+        raise SystemExit(2) from None
     gc.set_threshold(*_GC_THRESHOLDS)
     try:
         uvloop.run(main)
@@ -74,6 +88,7 @@ class Readiness(enum.Enum):
 
     STARTED = enum.auto()  # start-up is done (the watcher's first list, the reconciler in sync...)
     STORE = enum.auto()  # the service's store can write
+    API = enum.auto()  # the Kubernetes API server answers (the launcher: it can do nothing without)
 
 
 class _MethodAwarePool:
@@ -99,29 +114,128 @@ class _MethodAwarePool:
         return getattr(self._pool, name)
 
 
+# grpcio-reflection serves only v1alpha; grpcurl, ghz and newer clients ask for v1 first. The two
+# protos differ in their package alone (same messages, same field numbers), so one servicer
+# answers both, and the v1 file is registered in the pool so `describe` resolves it too.
+_REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _register_reflection_v1_descriptor() -> None:
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(_REFLECTION_V1)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    for message in proto.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):  # proto2: assigning "" would mark a scalar as typed
+                field.type_name = field.type_name.replace(old, new)
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(old, new)
+        method.output_type = method.output_type.replace(old, new)
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    proto.options.Clear()
+    pool.Add(proto)
+
+
+def _enable_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    _register_reflection_v1_descriptor()
+    servicer = reflection.aio.ReflectionServicer(
+        [*service_names, _REFLECTION_V1, reflection.SERVICE_NAME], pool=_MethodAwarePool()
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
+
+
+def _authenticator(settings: ServiceSettings, mode: security.Mode) -> Authenticator | None:
+    if mode is security.Mode.MTLS:
+        return CertificateAuthenticator()
+    if mode is security.Mode.TOKEN:
+        return TokenAuthenticator(
+            settings.kubeconfig, settings.trust_domain, authz.split_list(settings.token_audiences)
+        )
+    if mode is security.Mode.MESH:
+        return MeshAuthenticator()
+    return None
+
+
+def _guard(settings: ServiceSettings, mode: security.Mode) -> Guard:
+    rules = (
+        authz.load_policy(settings.auth_policy)
+        if settings.auth_policy is not None
+        else authz.default_policy(settings.trust_domain)
+    )
+    return Guard(
+        authenticator=_authenticator(settings, mode),
+        policy=authz.Policy(rules, authz.split_list(settings.open_rpcs)),
+        streams=StreamSlots(settings.max_streams_per_identity, settings.max_streams),
+        max_inflight_unary=settings.max_inflight_unary,
+        launch_rate=LaunchRate(settings.launch_rate, settings.launch_burst),
+    )
+
+
 class GrpcServer:
     """One service's server: create, register servicers, start, set_serving, run_until_signal."""
 
-    def __init__(self, *, host: str, port: int, service_names: Sequence[str]) -> None:
-        self.server = grpc.aio.server(interceptors=[RequestContextInterceptor()], options=_OPTIONS)
+    def __init__(self, settings: ServiceSettings, *, service_names: Sequence[str]) -> None:
+        self.transport = security.transport(settings)
+        self.guard = _guard(settings, self.transport.mode)
+        options = [
+            *_KEEPALIVE,
+            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+            ("grpc.max_send_message_length", _MAX_SEND_BYTES),
+        ]
+        self.server = grpc.aio.server(interceptors=[RequestContextInterceptor(self.guard)], options=options)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
         self._unmet = {Readiness.STARTED}
         self._frozen = False
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
-            self.server,
-            pool=_MethodAwarePool(),
-        )
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        _enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])
+        address = f"{settings.host}:{settings.port}"
+        if self.transport.server_credentials is not None:
+            self.port = self.server.add_secure_port(address, self.transport.server_credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        # The kubelet's gRPC probes cannot do TLS: health alone, in plaintext, on a port of its own.
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        if settings.health_port:
+            self.health_server = grpc.aio.server(options=_KEEPALIVE)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
         self._stop = asyncio.Event()
         self._log = get_logger(component="grpc")
 
     async def start(self) -> None:
         await self.set_serving(False)
         await self.server.start()
-        self._log.info("listening", port=self.port, services=self.service_names)
+        if self.health_server is not None:
+            await self.health_server.start()
+        for warning in self.transport.warnings:
+            self._log.warning(warning)
+        self._log.info(
+            "listening",
+            port=self.port,
+            services=self.service_names,
+            transport=self.transport.mode.value,
+            health_port=self.health_port or None,
+            policy_rules=[rule.name for rule in self.guard.policy.rules]
+            if self.transport.authenticates
+            else None,
+        )
 
     async def set_serving(self, serving: bool, *, condition: Readiness = Readiness.STARTED) -> None:
         """Report whether `condition` holds; health is SERVING while all of them do."""
@@ -155,4 +269,8 @@ class GrpcServer:
     async def drain(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        if self.guard.authenticator is not None:
+            await self.guard.authenticator.close()
         self._log.info("drained")

@@ -33,6 +33,10 @@ ANNOTATION_TRY_NUMBER = PREFIX + "try-number"
 ANNOTATION_MAP_INDEX = PREFIX + "map-index"
 ANNOTATION_LAUNCH_ATTEMPT = PREFIX + "launch-attempt"
 
+# The container that runs the task. Its exit decides the task's outcome, whatever other containers
+# (sidecars: a mesh proxy, a log shipper) keep doing.
+BASE_CONTAINER = "base"
+
 MAX_NAME = 63
 MAX_LABEL = 63
 _HASH_LEN = 10

@@ -3,17 +3,23 @@ Kubernetes. Each service subclasses this and adds its own documented fields.
 
 Values come from flags (`--port 50051`), then the environment (`SHEPHERD_PORT=50051`), then the
 defaults; a bad value stops the process at start-up with the field's name.
+
+The transport settings are secure by default: without certificate files the gRPC port may only be
+plaintext on a loopback address, and anything else is an explicit choice (`--insecure`, or
+`--client-auth mesh` when a service mesh does mutual TLS).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, Self, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shepherd.eventlog import MESSAGE_INTERVAL_S
@@ -24,6 +30,28 @@ S = TypeVar("S", bound="ServiceSettings")
 def state_dir() -> Path:
     """Where a service keeps its SQLite file by default (XDG state directory); use a volume in a cluster."""
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "shepherd"
+
+
+class ClientAuth(StrEnum):
+    """How a service learns who is calling it."""
+
+    CERTIFICATE = "certificate"  # mutual TLS: the caller's certificate (SPIFFE URI SAN, else its CN)
+    TOKEN = "token"  # TLS, and a bearer token checked with the Kubernetes TokenReview API
+    MESH = "mesh"  # a mesh sidecar does mutual TLS; its x-forwarded-client-cert header names the caller
+
+
+DEFAULT_OPEN_RPCS = (
+    "grpc.health.v1.Health/*,grpc.reflection.v1alpha.ServerReflection/*,grpc.reflection.v1.ServerReflection/*"
+)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 _EXECUTOR_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
@@ -73,6 +101,100 @@ class ServiceSettings(BaseSettings):
         "spell goes out at once. Each message wakes both processes, which costs far more CPU than the "
         "events in it, so a longer interval trades up to that much latency per hop for less CPU.",
     )
+
+    # ---- transport security, identity, authorization (see README, "Security") ----------------
+    tls_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate this service serves and presents to the other services (mutual TLS).",
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
+    tls_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that callers' and the other services' certificates must chain to.",
+    )
+    client_auth: ClientAuth = Field(
+        default=ClientAuth.CERTIFICATE,
+        description="How callers are identified: 'certificate' (mutual TLS), 'token' (TLS plus a bearer "
+        "token checked with the TokenReview API, for clients that cannot hold certificates), or 'mesh' "
+        "(plaintext behind a mesh sidecar doing mutual TLS; the caller is read from the sidecar's "
+        "x-forwarded-client-cert header, so only use it with the mesh's mTLS set to STRICT).",
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Serve plaintext without authentication on any address (a warning is logged). "
+        "Without certificate files plaintext is otherwise only allowed on a loopback host.",
+    )
+    trust_domain: str = Field(
+        default="cluster.local",
+        description="SPIFFE trust domain a ServiceAccount token's user is mapped into "
+        "(spiffe://<trust_domain>/ns/<namespace>/sa/<name>), and of the default policy's identities.",
+    )
+    token_audiences: str = Field(
+        default="",
+        description="client_auth=token: comma-separated audiences a caller's token must carry; empty "
+        "accepts tokens for the API server's own audiences.",
+    )
+    client_token_file: Path | None = Field(
+        default=None,
+        description="client_auth=token: the bearer token this service presents to the other services; "
+        "unset uses the in-cluster ServiceAccount token.",
+    )
+    auth_policy: Path | None = Field(
+        default=None,
+        description="YAML file saying which identities may call which RPCs; unset: the default policy "
+        "(schedulers: spiffe://<trust_domain>/ns/schedulers/sa/*; the services by their ServiceAccounts).",
+    )
+    open_rpcs: str = Field(
+        default=DEFAULT_OPEN_RPCS,
+        description="Comma-separated RPCs (package.Service/Method, '*' allowed) any authenticated "
+        "or not caller may use: health and reflection by default.",
+    )
+    health_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Also serve grpc.health.v1 alone, in plaintext, on this port (for the kubelet's "
+        "gRPC probes, which cannot do TLS); 0: no such port.",
+    )
+    # ---- bounded resources ---------------------------------------------------------------------
+    max_receive_message_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=64 * 1024,
+        le=64 * 1024 * 1024,
+        description="Largest request message accepted; larger ones get RESOURCE_EXHAUSTED.",
+    )
+    max_streams_per_identity: int = Field(
+        default=64, ge=1, description="Open server streams (Watch*, GetTaskLogs) one caller may hold."
+    )
+    max_streams: int = Field(default=1024, ge=1, description="Open server streams of all callers together.")
+    max_inflight_unary: int = Field(
+        default=1024, ge=1, description="Unary calls being served at once; beyond it RESOURCE_EXHAUSTED."
+    )
+    launch_rate: float = Field(
+        default=500.0,
+        ge=0,
+        description="Launches per second one caller may make on average (LaunchTask, and each task of "
+        "BatchLaunchTasks); beyond it RESOURCE_EXHAUSTED with a google.rpc.RetryInfo. 0: no limit.",
+    )
+    launch_burst: int = Field(
+        default=5000, ge=1, description="Launches one caller may make at once before launch_rate applies."
+    )
+
+    @model_validator(mode="after")
+    def _transport_is_explicit(self) -> Self:
+        files = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca}
+        given = [name for name, path in files.items() if path is not None]
+        plaintext = self.insecure or self.client_auth is ClientAuth.MESH
+        if plaintext and given:
+            raise ValueError(f"{', '.join(given)}: no certificate files with insecure or client_auth=mesh")
+        if not plaintext and given and len(given) != len(files):
+            missing = sorted(set(files) - set(given))
+            raise ValueError(f"{', '.join(missing)}: tls_cert, tls_key and tls_ca go together")
+        if self.client_auth is ClientAuth.TOKEN and not given:
+            raise ValueError("client_auth=token: bearer tokens need TLS; give tls_cert, tls_key and tls_ca")
+        # Plaintext on a host that is not loopback is refused when the server starts
+        # (shepherd.security.transport), so settings used for anything else need no certificates.
+        return self
 
     @field_validator("executor_id")
     @classmethod

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
 from typing import Any
 
 import orjson
-import yaml
 
+from services.launcher import podschema, yamldoc
 from shepherd import podmeta
 from shepherd.v1 import task_pb2
 from shepherd.validation import InvalidField
 
 MAX_DOC_BYTES = 256 * 1024
-MAIN_CONTAINER = "base"
+MAIN_CONTAINER = podmeta.BASE_CONTAINER
 _CONCAT_BY: dict[str, str] = {
     "env": "name",
     "envFrom": "",
@@ -34,19 +33,6 @@ _RESERVED_PREFIX = podmeta.PREFIX
 _CONTAINER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it
-
-
-def _load(text: str) -> Any:
-    """JSON through orjson, anything else through (C) YAML: both are valid pod documents."""
-    if text.lstrip().startswith("{"):
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass  # YAML flow style also starts with "{": let the YAML parser decide
-    return yaml.load(text, Loader=_YamlLoader)
-
-
 def _clone(value: Any) -> Any:
     """A deep copy of JSON-shaped data, several times faster than copy.deepcopy."""
     return orjson.loads(orjson.dumps(value))
@@ -54,29 +40,19 @@ def _clone(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def parse_pod_document(text: str, field: str) -> dict[str, Any]:
-    """A YAML or JSON v1 Pod (whole or partial) as a dict; INVALID_ARGUMENT naming `field` otherwise.
+    """A YAML or JSON v1 Pod (whole or partial) as a dict; INVALID_ARGUMENT naming the field otherwise.
 
-    Schedulers send the same few overrides over and over, so parsed documents are cached by their
-    text: the result is shared and must not be modified (build_pod copies what it merges)."""
-    if len(text.encode()) > MAX_DOC_BYTES:
-        raise InvalidField(field, f"must be at most {MAX_DOC_BYTES} bytes")
-    try:
-        doc = _load(text)
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise InvalidField(field, f"is not valid YAML or JSON{at}: {getattr(err, 'problem', err)}") from err
+    Read with limits (yamldoc) and checked against the Pod schema (podschema), so an unknown or
+    misspelt field, or a value of the wrong type, is refused by its path. Schedulers send the same
+    few overrides over and over, so parsed documents are cached by their text: the result is shared
+    and must not be modified (build_pod copies what it merges)."""
+    doc = yamldoc.load(text, field, max_bytes=MAX_DOC_BYTES)
     if not isinstance(doc, dict):
-        raise InvalidField(field, "must be a mapping (a v1 Pod), not " + type(doc).__name__)
-    if doc.get("kind", "Pod") != "Pod":
-        raise InvalidField(f"{field}.kind", f"must be Pod (got {doc.get('kind')!r})")
-    for section in ("metadata", "spec"):
-        if section in doc and not isinstance(doc[section], dict):
-            raise InvalidField(f"{field}.{section}", "must be a mapping")
-    spec = doc.get("spec") or {}
-    for list_field in ("containers", "initContainers", "volumes"):
-        if list_field in spec and not isinstance(spec[list_field], list):
-            raise InvalidField(f"{field}.spec.{list_field}", "must be a list")
+        raise InvalidField(field, "must be a mapping (a v1 Pod), not " + podschema.describe(doc))
+    for name, only in (("kind", "Pod"), ("apiVersion", "v1")):
+        if doc.get(name) not in (None, only):  # null: unset
+            raise InvalidField(f"{field}.{name}", f"must be {only} (got {str(doc[name])[:40]!r})")
+    podschema.check_pod(doc, field)
     return doc
 
 
@@ -174,9 +150,32 @@ def build_pod(
     executor_id: str,
     namespace: str,
     attempt: int = 1,
-    namespace_allowed: Callable[[str], bool] = lambda _: True,
 ) -> dict[str, Any]:
     """The complete pod for one launch attempt; INVALID_ARGUMENT when the result is not runnable."""
+    pod = merge_pod(
+        template,
+        key,
+        command,
+        override=override,
+        executor_id=executor_id,
+        namespace=namespace,
+        attempt=attempt,
+    )
+    check_runnable(pod)
+    return pod
+
+
+def merge_pod(
+    template: dict[str, Any],
+    key: task_pb2.TaskKey,
+    command: list[str],
+    *,
+    override: dict[str, Any] | None,
+    executor_id: str,
+    namespace: str,
+    attempt: int = 1,
+) -> dict[str, Any]:
+    """The three layers merged, with the pod's identity re-asserted, before any check."""
     generated = generated_pod(key, command, executor_id=executor_id, namespace=namespace, attempt=attempt)
     identity = generated["metadata"]
     name, labels, annotations = identity["name"], dict(identity["labels"]), dict(identity["annotations"])
@@ -188,20 +187,16 @@ def build_pod(
     pod["metadata"]["name"] = name
     pod["metadata"]["labels"].update(labels)
     pod["metadata"]["annotations"].update(annotations)
-    _check_runnable(pod, namespace_allowed)
     return pod
 
 
-def _check_runnable(pod: dict[str, Any], namespace_allowed: Callable[[str], bool]) -> None:
+def check_runnable(pod: dict[str, Any]) -> None:
+    """INVALID_ARGUMENT when the merged pod could not run whatever the policy says: a bad namespace
+    name, a container without a valid name or an image. (Which namespaces are allowed is policy.)"""
     namespace = pod["metadata"].get("namespace", "")
     if not podmeta.is_dns_label(str(namespace)):
         raise InvalidField(
-            "pod_override_yaml.metadata.namespace", f"{namespace!r} is not a valid namespace name"
-        )
-    if not namespace_allowed(namespace):
-        raise InvalidField(
-            "pod_override_yaml.metadata.namespace",
-            f"{namespace!r} is not one of the namespaces this executor watches",
+            "pod_override_yaml.metadata.namespace", f"{str(namespace)[:64]!r} is not a valid namespace name"
         )
     containers = pod["spec"].get("containers") or []
     for i, container in enumerate([*(pod["spec"].get("initContainers") or []), *containers]):

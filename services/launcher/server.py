@@ -11,27 +11,30 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
+import orjson
+from google.rpc import code_pb2
 
+from services.launcher.admission import Admission, PolicyDenied
 from services.launcher.creator import PodCreator
-from services.launcher.podspec import build_pod, check_override, parse_pod_document
+from services.launcher.policy import PodPolicy
+from services.launcher.reconciler_client import ReconcilerClient
 from services.launcher.settings import LauncherSettings
 from services.launcher.store import Accepted, LaunchStore, stamp_cancelled
 from services.launcher.templates import TemplateCatalog, UnknownTemplate
-from shepherd import podmeta
-from shepherd.errors import abort_invalid, abort_unavailable
+from shepherd import channels, podmeta
+from shepherd.errors import MAX_FIELD_LEN, MAX_PROBLEM_LEN, abort_fields, abort_invalid, abort_unavailable
 from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import KubeClient, load_connection
+from shepherd.kube.reachability import ApiReachability
 from shepherd.logging import configure, get_logger
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor
 from shepherd.v1 import launcher_service_pb2 as pb
 from shepherd.v1 import launcher_service_pb2_grpc as pb_grpc
-from shepherd.validation import InvalidField, check_key, check_text
+from shepherd.validation import InvalidField, check_key
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LauncherService"].full_name
-MAX_COMMAND_ARGS = 256
-MAX_ARG_LEN = 32 * 1024
 MAX_BATCH = 1000
 
 
@@ -46,10 +49,16 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         self._settings = settings
         self._store = store
         self._creator = creator
-        self._templates = templates
-        self._allowed_executables = settings.allowed_executables  # parsed once, not per launch
-        namespaces = settings.namespaces
-        self._namespace_allowed = (lambda _: True) if namespaces is None else (lambda ns: ns in namespaces)
+        policy = PodPolicy.load(
+            settings.pod_policy,
+            worker_service_account=settings.worker_service_account,
+            allowed_commands=sorted(settings.allowed_executables),
+            namespaces=settings.namespaces,
+            template_names=templates.names,
+        )
+        self._admission = Admission(
+            templates, policy, executor_id=settings.executor_id, namespace=settings.namespace
+        )
         self._log = get_logger(component="launch")  # one logger for the per-task lines, not one per line
         self._accepting: set[asyncio.Future[list[Accepted]]] = set()
 
@@ -60,7 +69,9 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
             (outcome,) = await self._launch([request], [""])
         except StoreUnavailable as err:
             await abort_unavailable(context, str(err))
-        if isinstance(outcome, InvalidField):
+        if isinstance(outcome, PolicyDenied):
+            await abort_fields(context, code_pb2.PERMISSION_DENIED, outcome.violations)
+        elif isinstance(outcome, InvalidField):
             await abort_invalid(context, outcome)
         elif isinstance(outcome, UnknownTemplate):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(outcome))
@@ -84,6 +95,24 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
             results=[
                 _batch_result(outcome, prefix) for outcome, prefix in zip(outcomes, prefixes, strict=True)
             ]
+        )
+
+    async def RenderPod(self, request: pb.RenderPodRequest, context: Context) -> pb.RenderPodResponse:
+        launch = request.launch
+        try:
+            check_key(launch.key, "launch.key", present=request.HasField("launch") and launch.HasField("key"))
+            rendered = self._admission.render(launch)
+        except InvalidField as err:
+            await abort_invalid(context, _prefixed(err, "launch."))
+        except UnknownTemplate as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        return pb.RenderPodResponse(
+            pod_json=orjson.dumps(rendered.pod).decode(),
+            allowed=not rendered.violations,
+            violations=[
+                pb.PolicyViolation(field=v.field, description=v.problem) for v in rendered.violations
+            ],
+            template_name=rendered.template,
         )
 
     async def GetLaunch(self, request: pb.GetLaunchRequest, context: Context) -> pb.GetLaunchResponse:
@@ -241,36 +270,7 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         return accepted
 
     def _build(self, request: pb.LaunchTaskRequest) -> dict[str, Any]:
-        command = list(request.command)
-        if not 1 <= len(command) <= MAX_COMMAND_ARGS:
-            raise InvalidField("command", f"must have 1 to {MAX_COMMAND_ARGS} arguments (got {len(command)})")
-        for i, arg in enumerate(command):
-            check_text(arg, f"command[{i}]", max_len=MAX_ARG_LEN)
-        allowed = self._allowed_executables
-        if allowed and command[0] not in allowed:
-            raise InvalidField(
-                "command[0]", f"{command[0]!r} is not an allowed command (allowed: {sorted(allowed)})"
-            )
-        if request.template_name and request.template_yaml:
-            raise InvalidField("template_yaml", "give template_name or template_yaml, not both")
-        if request.template_yaml:
-            template = parse_pod_document(request.template_yaml, "template_yaml")
-        else:
-            check_text(request.template_name, "template_name", max_len=253, required=False)
-            template = self._templates.get(request.template_name)
-        override = None
-        if request.pod_override_yaml:
-            override = parse_pod_document(request.pod_override_yaml, "pod_override_yaml")
-            check_override(override, "pod_override_yaml")
-        return build_pod(
-            template,
-            request.key,
-            command,
-            override=override,
-            executor_id=self._settings.executor_id,
-            namespace=self._settings.namespace,
-            namespace_allowed=self._namespace_allowed,
-        )
+        return self._admission.admit(request)
 
 
 Outcome = pb.LaunchTaskResponse | InvalidField | UnknownTemplate | QueueFull
@@ -278,19 +278,26 @@ Outcome = pb.LaunchTaskResponse | InvalidField | UnknownTemplate | QueueFull
 
 def _prefixed(err: InvalidField, prefix: str) -> InvalidField:
     """The error with its field named from the top of the request (inside a batch: requests[i].)."""
+    if isinstance(err, PolicyDenied):
+        return PolicyDenied([_prefixed(v, prefix) for v in err.violations])
     return err if err.field.startswith(prefix) else InvalidField(prefix + err.field, err.problem)
 
 
 def _batch_result(outcome: Outcome, prefix: str) -> pb.BatchLaunchResult:
     if isinstance(outcome, pb.LaunchTaskResponse):
         return pb.BatchLaunchResult(response=outcome)
-    if isinstance(outcome, InvalidField):
+    if isinstance(outcome, PolicyDenied):
+        code, field = grpc.StatusCode.PERMISSION_DENIED, outcome.field
+    elif isinstance(outcome, InvalidField):
         code, field = grpc.StatusCode.INVALID_ARGUMENT, outcome.field
     elif isinstance(outcome, UnknownTemplate):
         code, field = grpc.StatusCode.NOT_FOUND, f"{prefix}template_name"
     else:
         code, field = grpc.StatusCode.RESOURCE_EXHAUSTED, ""
-    return pb.BatchLaunchResult(error=pb.LaunchError(code=code.value[0], message=str(outcome), field=field))
+    message = str(outcome)[:MAX_PROBLEM_LEN]
+    return pb.BatchLaunchResult(
+        error=pb.LaunchError(code=code.value[0], message=message, field=field[:MAX_FIELD_LEN])
+    )
 
 
 async def serve(settings: LauncherSettings) -> None:
@@ -298,30 +305,42 @@ async def serve(settings: LauncherSettings) -> None:
     templates = TemplateCatalog(settings.templates_dir, settings.default_template)
     store = LaunchStore(settings.store_path, synchronous=settings.store_synchronous)
     kube = KubeClient(load_connection(settings.kubeconfig), max_connections=settings.create_concurrency + 8)
+    reconciler_channel = channels.aio_channel(settings.reconciler_address)
+    server = GrpcServer(settings, service_names=[SERVICE_NAME])
+    # Health follows the API server: SERVING once it answers, NOT_SERVING while it does not.
+    api = ApiReachability(
+        kube,
+        on_change=lambda ok: server.set_serving(ok, condition=Readiness.API),
+        probe_interval_s=settings.api_probe_interval_s,
+    )
     creator = PodCreator(
         kube=kube,
         store=store,
         concurrency=settings.create_concurrency,
-        max_retries=settings.create_max_retries,
+        queued_timeout_s=settings.task_queued_timeout_s,
         backoff_cap_s=settings.create_backoff_cap_s,
+        api=api,
+        reconciler=ReconcilerClient(reconciler_channel),
     )
     replay = store.pending()
     for launch, pod in replay:
-        creator.submit(launch, pod)
-    server = GrpcServer(host=settings.host, port=settings.port, service_names=[SERVICE_NAME])
+        creator.submit(launch, pod, replayed=True)
     pb_grpc.add_LauncherServiceServicer_to_server(
         LauncherServicer(settings, store, creator, templates), server.server
     )
     await server.start()
+    await server.set_serving(False, condition=Readiness.API)  # until the first answer says
+    await server.set_serving(True)
     supervisor = Supervisor(server)
     supervisor.spawn(creator.run(), name="pod-creator")
+    supervisor.spawn(api.run(), name="api-reachability")
     supervisor.spawn(
         store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"
     )
-    await server.set_serving(True)
     log.info("ready", replayed=len(replay), templates=templates.names, executor_id=settings.executor_id)
     # Accepted launches not yet created stay ACCEPTED in the store and are replayed on next start.
     await supervisor.run_until_stopped(settings.shutdown_grace_s)
+    await reconciler_channel.close()
     await store.close()
     await kube.close()
     log.info("stopped", stats=vars(creator.stats))
@@ -331,4 +350,4 @@ async def serve(settings: LauncherSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = LauncherSettings.load(argv)
     configure("launcher", settings.log_level, json=settings.log_json)
-    run(serve(settings))
+    run(serve(settings), settings)

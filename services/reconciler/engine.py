@@ -1,11 +1,12 @@
 """Applying events to tasks, in batches, through one applier so no two changes race.
 
 Launch events (from the launcher), pod events (from the watcher) and commands (cancel) enter one
-queue. The applier takes whatever is waiting (up to `batch_size`), runs each item through the
-state machine against its task, and commits the batch's task rows, transitions, pod actions and
-stream cursors in one transaction. Only then are the new pod actions handed to the action runner
-and the transitions visible to WatchTaskStates. Per event the work is O(1): a dict lookup, a
-pure decision, and a share of one commit.
+queue. The applier takes whatever is waiting (up to `batch_size`), asks the state machine what
+each item means for its task (every decision is made there; this module keeps the books: which
+pod belongs to which task, deadlines, attempts), and commits the batch's task rows, transitions,
+pod actions and stream cursors in one transaction. Only then are the new pod actions handed to
+the action runner and the transitions visible to WatchTaskStates. Per event the work is O(1): a
+dict lookup, a pure decision, and a share of one commit.
 
 A commit that fails (the store cannot write) ends `run` with its error, and the service stops
 (crash-only; see shepherd/supervisor.py). Memory had already moved on, but nothing of the batch
@@ -27,7 +28,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.reconciler.statemachine import TERMINAL, PodAction, Policy, decide, moves_forward
+from services.reconciler.statemachine import (
+    TERMINAL,
+    Decision,
+    PodAction,
+    Policy,
+    after_loss,
+    decide,
+    decide_adoption,
+    decide_cancel,
+    decide_launch,
+    decide_pending_timeout,
+    decide_relaunch_refused,
+    decide_stale_pod,
+    decide_unseen,
+    decide_vanished,
+    moves_forward,
+)
 from services.reconciler.store import Batch, PodActionRow, TaskStore
 from shepherd import podmeta, timestamps
 from shepherd.logging import BoundLogger, get_logger
@@ -42,7 +59,11 @@ _TERMINAL_CACHE = 20_000  # finished tasks kept in memory to answer late events 
 _TASK_DEADLINE = "task:"  # deadline handles for tasks (not pods): created, but never seen
 
 
-class UnknownTask(LookupError):
+class Refused(Exception):
+    """A command the engine declines for an ordinary reason (the caller answers it): not an error."""
+
+
+class UnknownTask(Refused, LookupError):
     """No task with that key."""
 
 
@@ -51,6 +72,15 @@ class Tracked:
     task: task_pb2.Task
     pod_uid: str = ""
     pending_note: str = ""  # why the pod is still Pending (the scheduler's message), for timeouts
+
+
+@dataclass(frozen=True)
+class PodRef:
+    """The pod a decision's action is for."""
+
+    uid: str
+    namespace: str
+    name: str
 
 
 @dataclass(frozen=True)
@@ -90,7 +120,18 @@ class RelaunchRefused:
     why: str
 
 
-Item = LaunchItem | PodItem | SnapshotStart | CancelItem | PendingExpired | RelaunchRefused
+@dataclass(frozen=True)
+class KnownLaunch:
+    """A launch read from the launcher (GetLaunch) for a key the engine did not know yet: the
+    launcher answered LaunchTask before its event stream brought the launch here, and a caller
+    who got that answer must find the task. Applied like the stream's events, which it repeats."""
+
+    launch: Launch
+    done: asyncio.Future[task_pb2.Task | None]
+
+
+Item = LaunchItem | PodItem | SnapshotStart | CancelItem | PendingExpired | RelaunchRefused | KnownLaunch
+Answered = CancelItem | KnownLaunch  # items whose caller waits for the commit and a reply
 
 
 @dataclass
@@ -162,12 +203,28 @@ class Engine:
         await self._queue.put(CancelItem(key, reason, done))
         return await done
 
+    async def learn_launch(self, launch: Launch) -> task_pb2.Task | None:
+        """Apply a launch fetched from the launcher, as its stream events would be (idempotent,
+        forward-only); once committed, the task as it now stands (None if still unknown)."""
+        done: asyncio.Future[task_pb2.Task | None] = asyncio.get_running_loop().create_future()
+        await self._queue.put(KnownLaunch(launch, done))
+        return await done
+
     def expect_adoption(self, pod_uid: str) -> None:
         """The pod is about to be relabelled to us: its task is reported ADOPTED when it comes into view."""
         self._adopting.add(pod_uid)
 
     def forget_adoption(self, pod_uid: str) -> None:
         self._adopting.discard(pod_uid)
+
+    def is_finished(self, key: task_pb2.TaskKey) -> bool:
+        """Whether the task is known and terminal (read only: for the safety sweep)."""
+        name = podmeta.key_string(key)
+        tracked = self._active.get(name) or self._finished.get(name)
+        if tracked is not None:
+            return tracked.task.state in TERMINAL
+        row = self.store.get(name)
+        return row is not None and row[0].state in TERMINAL
 
     @property
     def active_tasks(self) -> int:
@@ -188,11 +245,13 @@ class Engine:
                 while len(items) < self.batch_size and not self._queue.empty():
                     items.append(self._queue.get_nowait())
                 batch = Batch()
-                replies: list[tuple[CancelItem, Any]] = []
+                replies: list[tuple[Answered, Any]] = []
                 self._prefetch(items)
                 for item in items:
                     try:
                         reply = self._apply(item, batch)
+                    except Refused as err:  # an ordinary refusal (e.g. cancel of an unknown key)
+                        reply = err
                     except Exception as err:  # a malformed event must not stop the reconciler
                         if is_store_fault(err):
                             raise  # but a store that cannot be read must: the event is not at fault
@@ -200,7 +259,7 @@ class Engine:
                             "could not apply an event; skipping it", item=type(item).__name__, error=str(err)
                         )
                         reply = err
-                    if isinstance(item, CancelItem):
+                    if isinstance(item, Answered):
                         replies.append((item, reply))
                 self._unstored.clear()
                 self.stats.batches += 1
@@ -218,7 +277,7 @@ class Engine:
                 await asyncio.sleep(0.01)
 
     async def _commit_then_dispatch(
-        self, batch: Batch, replies: list[tuple[CancelItem, Any]], previous: asyncio.Task[None] | None
+        self, batch: Batch, replies: list[tuple[Answered, Any]], previous: asyncio.Task[None] | None
     ) -> None:
         try:
             committed = await self.store.commit(batch) if batch else None
@@ -260,12 +319,10 @@ class Engine:
         elif isinstance(item, RelaunchRefused):
             key = podmeta.key_string(item.key)
             tracked = self._lookup(key)
-            if tracked is not None and tracked.task.state not in TERMINAL and not tracked.pod_uid:
-                failure = task_pb2.FailureDetails(
-                    reason="PodLostBeforeStart",
-                    message=f"the pod was lost and cannot be relaunched: {item.why}",
-                )
-                self._transition(key, tracked, task_pb2.TASK_STATE_UP_FOR_RESCHEDULE, batch, failure)
+            if tracked is not None and not tracked.pod_uid:
+                self._enact(key, tracked, decide_relaunch_refused(tracked.task.state, item.why), batch)
+        elif isinstance(item, KnownLaunch):
+            return self._apply_known_launch(item.launch, batch)
         else:
             return self._apply_cancel(item, batch)
         return None
@@ -359,20 +416,25 @@ class Engine:
         tracked = self._lookup(key)
         if tracked is None:
             tracked = self._new_task(launch.key, launch.namespace, launch.pod_name, launch.attempt)
+        fill_queued = not tracked.task.HasField("queued_time") and launch.HasField("accept_time")
+        if fill_queued:
+            # Also when the watcher's report of the pod made the task first: its launch event is
+            # the only source of the accept time.
             tracked.task.queued_time.CopyFrom(launch.accept_time)
-        target = {
-            launcher_service_pb2.LAUNCH_STATE_ACCEPTED: task_pb2.TASK_STATE_QUEUED,
-            launcher_service_pb2.LAUNCH_STATE_FAILED: task_pb2.TASK_STATE_FAILED,
-        }.get(launch.state)
         if launch.attempt > tracked.task.launch_attempts:
             # A relaunch: the task now waits for the new attempt's pod.
             tracked.task.launch_attempts = launch.attempt
             tracked.task.pod_name = launch.pod_name
             tracked.pod_uid = ""
             self._save(key, tracked, batch)
-        if target is not None and moves_forward(tracked.task.state, target):
-            failure = launch.failure if target == task_pb2.TASK_STATE_FAILED else None
-            self._transition(key, tracked, target, batch, failure)
+        elif fill_queued and tracked.task.state != task_pb2.TASK_STATE_UNSPECIFIED:
+            self._save(key, tracked, batch)
+        pod = (
+            PodRef(tracked.pod_uid, tracked.task.namespace, tracked.task.pod_name)
+            if tracked.pod_uid
+            else None
+        )
+        self._enact(key, tracked, decide_launch(tracked.task.state, launch), batch, pod)
         if (
             launch.state == launcher_service_pb2.LAUNCH_STATE_CREATED
             and not tracked.pod_uid
@@ -384,6 +446,28 @@ class Engine:
                 launch.create_time.ToNanoseconds() / 1e9 if launch.HasField("create_time") else time.time()
             )
             self._arm(_TASK_DEADLINE + key, created + self.pending_timeout_s, key)
+
+    def _apply_known_launch(self, launch: Launch, batch: Batch) -> task_pb2.Task | None:
+        if launch.state != launcher_service_pb2.LAUNCH_STATE_ACCEPTED:
+            # The stream reports the acceptance before any later state: replay it first, so the
+            # task exists (QUEUED) whatever the launch has reached since.
+            accepted = Launch(
+                key=launch.key,
+                state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED,
+                namespace=launch.namespace,
+                pod_name=launch.pod_name,
+                executor_id=launch.executor_id,
+                accept_time=launch.accept_time,
+                attempt=launch.attempt,
+            )
+            self._apply_launch(LaunchItem(0, accepted), batch)
+        self._apply_launch(LaunchItem(0, launch), batch)  # no cursor: the stream's position stays
+        tracked = self._lookup(podmeta.key_string(launch.key))
+        if tracked is None or tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
+            return None
+        task = task_pb2.Task()
+        task.CopyFrom(tracked.task)
+        return task
 
     def _apply_pod(self, event: PodEvent, batch: Batch) -> None:
         kind = event.type
@@ -400,11 +484,15 @@ class Engine:
         if tracked is None:
             tracked = self._new_task(event.task_key, event.namespace, event.pod_name, event.launch_attempt)
         deleted = kind == watcher_service_pb2.POD_EVENT_TYPE_DELETED
+        pod = (
+            PodRef(event.pod_uid, event.namespace, event.pod_name) if event.pod_uid and not deleted else None
+        )
         if event.pod_uid in self._adopting and not deleted:
             self._adopting.discard(event.pod_uid)
-            if tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
+            adopted = decide_adoption(tracked.task.state)
+            if adopted.state is not None:
                 tracked.pod_uid = event.pod_uid
-                self._transition(key, tracked, task_pb2.TASK_STATE_ADOPTED, batch)
+            self._enact(key, tracked, adopted, batch)
         if (
             event.launch_attempt > tracked.task.launch_attempts
             and tracked.task.state != task_pb2.TASK_STATE_UNSPECIFIED
@@ -412,44 +500,56 @@ class Engine:
             # The watcher can be ahead of the launcher's stream: this pod proves the new attempt exists.
             tracked.task.launch_attempts = event.launch_attempt
         if event.launch_attempt and event.launch_attempt < tracked.task.launch_attempts:
-            # A pod of an earlier launch attempt: it no longer speaks for the task, it only goes away.
-            if not deleted:
-                batch.actions.append(PodActionRow(event.pod_uid, event.namespace, event.pod_name, "delete"))
+            self._enact(key, tracked, decide_stale_pod(event), batch, pod)
             return
         if not deleted and tracked.pod_uid != event.pod_uid:
             tracked.pod_uid = event.pod_uid
             tracked.task.pod_name, tracked.task.namespace = event.pod_name, event.namespace
             if tracked.task.state != task_pb2.TASK_STATE_UNSPECIFIED:
                 self._save(key, tracked, batch)
-        decision = decide(tracked.task.state, event, self.policy)
+        acted = (
+            deleted
+            and event.gone == watcher_service_pb2.POD_GONE_UNSPECIFIED
+            and self._acted_on(event.pod_uid, batch)
+        )
+        decision = decide(tracked.task.state, event, self.policy, acted_on_pod=acted)
         self._track_pending(key, tracked, event, deleted)
         self._disarm(_TASK_DEADLINE + key)  # its pod is in view: the pod's own deadline applies now
-        if decision.lost_before_start and tracked.task.state not in TERMINAL:
-            self._lost(key, tracked, batch, decision.failure)
-        elif decision.state is not None and moves_forward(tracked.task.state, decision.state):
-            self._transition(key, tracked, decision.state, batch, decision.failure)
-        if decision.action is not PodAction.NONE and not deleted and event.pod_uid:
-            batch.actions.append(
-                PodActionRow(event.pod_uid, event.namespace, event.pod_name, decision.action.value)
-            )
+        self._enact(key, tracked, decision, batch, pod)
 
-    # ---- lost before start --------------------------------------------------------------------
+    def _acted_on(self, pod_uid: str, batch: Batch) -> bool:
+        """Whether this reconciler has deleted the pod or marked it done (a rare read: only for a
+        pod that went out of view when the watcher could not tell how)."""
+        return any(row.pod_uid == pod_uid for row in batch.actions) or self.store.acted_on(pod_uid)
 
-    def _lost(
-        self, key: str, tracked: Tracked, batch: Batch, failure: task_pb2.FailureDetails | None
+    # ---- applying decisions -------------------------------------------------------------------
+
+    def _enact(
+        self, key: str, tracked: Tracked, decision: Decision, batch: Batch, pod: PodRef | None = None
     ) -> None:
-        """The task's pod is gone and it never ran: relaunch it, or, out of budget, reschedule it."""
-        relaunched = tracked.task.launch_attempts - 1
-        if relaunched < self.launch_failure_retries:
+        """Apply one decision of the state machine: the transition if it moves the task forward,
+        a relaunch for a pod lost before it ran, and the pod action (recorded once per pod)."""
+        if decision.lost_before_start and tracked.task.state not in TERMINAL:
+            self._enact(
+                key,
+                tracked,
+                after_loss(tracked.task.launch_attempts, self.launch_failure_retries, decision.failure),
+                batch,
+            )
+        elif decision.relaunch and tracked.task.state not in TERMINAL:
             batch.relaunches.append((tracked.task.key, tracked.task.launch_attempts))
             tracked.pod_uid = ""
-            get_logger(component="engine", task_key=podmeta.log_key(key), pod=tracked.task.pod_name).info(
+            self._log.info(
                 "pod lost before it ran: relaunching",
+                task_key=podmeta.log_key(key),
+                pod=tracked.task.pod_name,
                 attempt=tracked.task.launch_attempts + 1,
-                reason=failure.reason if failure is not None else "",
+                reason=decision.failure.reason if decision.failure is not None else "",
             )
-            return
-        self._transition(key, tracked, task_pb2.TASK_STATE_UP_FOR_RESCHEDULE, batch, failure)
+        elif decision.state is not None and moves_forward(tracked.task.state, decision.state):
+            self._transition(key, tracked, decision.state, batch, decision.failure)
+        if decision.action is not PodAction.NONE and pod is not None:
+            batch.actions.append(PodActionRow(pod.uid, pod.namespace, pod.name, decision.action.value))
 
     # ---- pending timeout ---------------------------------------------------------------------
 
@@ -499,24 +599,20 @@ class Engine:
                 # Unseen proves nothing while we cannot see: look again one timeout later.
                 self._arm(item.pod_uid, time.time() + self.pending_timeout_s, item.key)
                 return
-            if tracked is not None and not tracked.pod_uid and tracked.task.state not in TERMINAL:
-                failure = task_pb2.FailureDetails(
-                    reason="PodLostBeforeStart",
-                    message=f"the pod was created but never seen within {self.pending_timeout_s:g}s",
+            if tracked is not None and not tracked.pod_uid:
+                self._enact(
+                    item.key, tracked, decide_unseen(tracked.task.state, self.pending_timeout_s), batch
                 )
-                self._lost(item.key, tracked, batch, failure)
             return
-        if tracked is None or tracked.pod_uid != item.pod_uid or tracked.task.state in TERMINAL:
+        if tracked is None or tracked.pod_uid != item.pod_uid:
             return
-        if tracked.task.state == task_pb2.TASK_STATE_RUNNING:
-            return
-        message = f"the pod stayed Pending for more than {self.pending_timeout_s:g}s"
-        if tracked.pending_note:
-            message += f" ({tracked.pending_note})"
-        failure = task_pb2.FailureDetails(reason="PendingTimeout", message=message, pod_phase="Pending")
-        self._transition(item.key, tracked, task_pb2.TASK_STATE_FAILED, batch, failure)
-        batch.actions.append(
-            PodActionRow(item.pod_uid, tracked.task.namespace, tracked.task.pod_name, "delete")
+        decision = decide_pending_timeout(tracked.task.state, self.pending_timeout_s, tracked.pending_note)
+        self._enact(
+            item.key,
+            tracked,
+            decision,
+            batch,
+            PodRef(item.pod_uid, tracked.task.namespace, tracked.task.pod_name),
         )
 
     def _finish_snapshot(self, batch: Batch) -> None:
@@ -526,28 +622,18 @@ class Engine:
         if seen is None:
             return
         for key, tracked in list(self._active.items()):
-            if not tracked.pod_uid or tracked.pod_uid in seen:
-                continue
-            if tracked.task.state == task_pb2.TASK_STATE_RUNNING:
-                failure = task_pb2.FailureDetails(
-                    reason="DeletedWhileRunning", message="the pod disappeared while it was running"
-                )
-                self._transition(key, tracked, task_pb2.TASK_STATE_FAILED, batch, failure)
-            else:
-                failure = task_pb2.FailureDetails(
-                    reason="PodLostBeforeStart", message="the pod disappeared before it started"
-                )
-                self._lost(key, tracked, batch, failure)
+            if tracked.pod_uid and tracked.pod_uid not in seen:
+                self._enact(key, tracked, decide_vanished(tracked.task.state), batch)
 
     def _apply_cancel(self, item: CancelItem, batch: Batch) -> tuple[task_pb2.Task, Tracked]:
         key = podmeta.key_string(item.key)
         tracked = self._lookup(key)
         if tracked is None or tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
             raise UnknownTask("key: no task with this key")
-        if tracked.task.state not in TERMINAL:
-            self._transition(key, tracked, task_pb2.TASK_STATE_REVOKED, batch)
-            if tracked.pod_uid:
-                batch.actions.append(
-                    PodActionRow(tracked.pod_uid, tracked.task.namespace, tracked.task.pod_name, "delete")
-                )
+        pod = (
+            PodRef(tracked.pod_uid, tracked.task.namespace, tracked.task.pod_name)
+            if tracked.pod_uid
+            else None
+        )
+        self._enact(key, tracked, decide_cancel(tracked.task.state), batch, pod)
         return tracked.task, tracked

@@ -14,12 +14,12 @@ import grpc
 from services.reconciler.actions import PodActions
 from services.reconciler.adoption import Adopted, adopt
 from services.reconciler.engine import Engine, UnknownTask
-from services.reconciler.launcher_calls import LauncherCalls
+from services.reconciler.launcher_calls import LauncherCalls, LauncherUnavailable
 from services.reconciler.settings import ReconcilerSettings
 from services.reconciler.statemachine import Policy
 from services.reconciler.store import TaskStore, decode_page_token
 from services.reconciler.streams import consume_launcher, consume_watcher
-from services.reconciler.sweep import sweep_pending
+from services.reconciler.sweep import sweep_finished, sweep_pending
 from shepherd import channels, podmeta
 from shepherd.errors import abort_invalid, abort_unavailable
 from shepherd.eventlog import CursorOutOfRange, follow
@@ -28,7 +28,7 @@ from shepherd.kube import ApiError, KubeClient, load_connection
 from shepherd.logging import configure, get_logger
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor
-from shepherd.v1 import launcher_service_pb2_grpc
+from shepherd.v1 import launcher_service_pb2_grpc, task_pb2
 from shepherd.v1 import reconciler_service_pb2 as pb
 from shepherd.v1 import reconciler_service_pb2_grpc as pb_grpc
 from shepherd.validation import InvalidField, check_key, check_text
@@ -74,9 +74,13 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             await abort_invalid(context, err)
         row = self._store.get(podmeta.key_string(request.key))
         if row is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with this key")
-        assert row is not None
-        return pb.GetTaskResponse(task=row[0])
+            task = await self._learn(request.key, context)
+        else:
+            task, pod_uid = row
+            # Read from the committed store: a pod the reconciler deletes was committed as seen
+            # first, which is what a restarted launcher relies on when it asks before re-creating.
+            task.pod_uid = pod_uid
+        return pb.GetTaskResponse(task=task)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: Context) -> pb.ListTasksResponse:
         try:
@@ -104,14 +108,38 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             await abort_invalid(context, err)
         try:
             task, _ = await self._engine.cancel(request.key, request.reason)
-        except UnknownTask as err:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
-        except StoreUnavailable as err:
+        except UnknownTask:
+            await self._learn(request.key, context)
+            try:
+                task, _ = await self._engine.cancel(request.key, request.reason)
+            except UnknownTask as err:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+            except StoreUnavailable as err:
+                await abort_unavailable(context, str(err))
+        except StoreUnavailable as err:  # its batch was not committed (the service is stopping)
             await abort_unavailable(context, str(err))
         # Keep the pod from ever being created if it does not exist yet; a pod created anyway is
         # deleted when the watcher reports it, because its task is REVOKED.
         await self._launcher.cancel(request.key)
         return pb.CancelTaskResponse(task=task)
+
+    async def _learn(self, key: task_pb2.TaskKey, context: Context) -> task_pb2.Task:
+        """A task not known here yet: the launcher may have accepted it (committed before its
+        LaunchTask answered) while its event is still on the way. Ask the launcher and apply
+        what it has, so whoever got that answer finds the task; only a key neither knows is
+        NOT_FOUND."""
+        try:
+            launch = await self._launcher.get_launch(key)
+        except LauncherUnavailable as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"key: not known here, and {err}")
+        try:
+            task = await self._engine.learn_launch(launch) if launch is not None else None
+        except StoreUnavailable as err:
+            await abort_unavailable(context, str(err))
+        if task is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with this key")
+        assert task is not None
+        return task
 
     async def AdoptTasks(self, request: pb.AdoptTasksRequest, context: Context) -> pb.AdoptTasksResponse:
         dead = list(request.dead_executor_ids)
@@ -147,7 +175,7 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             async for chunk in self._kube.pod_log(
                 task.namespace,
                 task.pod_name,
-                container="base",
+                container=podmeta.BASE_CONTAINER,
                 tail_lines=request.tail_lines or 100,
                 follow=request.follow,
             ):
@@ -167,7 +195,12 @@ async def serve(settings: ReconcilerSettings) -> None:
     log = get_logger(service="reconciler")
     store = TaskStore(settings.store_path, synchronous=settings.store_synchronous)
     kube = KubeClient(load_connection(settings.kubeconfig), max_connections=settings.action_concurrency + 8)
-    actions = PodActions(kube=kube, store=store, concurrency=settings.action_concurrency)
+    actions = PodActions(
+        kube=kube,
+        store=store,
+        concurrency=settings.action_concurrency,
+        backoff_cap_s=settings.action_retry_cap_s,
+    )
     policy = Policy(
         settings.delete_worker_pods, settings.delete_worker_pods_on_failure, settings.fatal_reasons
     )
@@ -197,7 +230,7 @@ async def serve(settings: ReconcilerSettings) -> None:
             namespaces=settings.namespaces,
         )
 
-    server = GrpcServer(host=settings.host, port=settings.port, service_names=[SERVICE_NAME])
+    server = GrpcServer(settings, service_names=[SERVICE_NAME])
     pb_grpc.add_ReconcilerServiceServicer_to_server(
         ReconcilerServicer(settings, store, engine, launcher, kube, adopt_dead), server.server
     )
@@ -218,6 +251,19 @@ async def serve(settings: ReconcilerSettings) -> None:
             batch=settings.pending_check_batch_size,
         ),
         name="pending-sweep",
+    )
+    supervisor.spawn(
+        sweep_finished(
+            kube,
+            engine,
+            store,
+            actions,
+            executor_id=settings.executor_id,
+            namespaces=settings.namespaces,
+            interval_s=settings.pending_check_interval_s,
+            batch=settings.pending_check_batch_size,
+        ),
+        name="cleanup-sweep",
     )
     supervisor.spawn(consume_launcher(settings.launcher_address, engine), name="launcher-stream")
     supervisor.spawn(consume_watcher(settings.watcher_address, engine), name="watcher-stream")
@@ -241,11 +287,11 @@ async def serve(settings: ReconcilerSettings) -> None:
     await launcher_channel.close()
     await store.close()
     await kube.close()
-    log.info("stopped", engine=vars(engine.stats), actions=vars(actions.stats))
+    log.info("stopped", engine=vars(engine.stats), actions=vars(actions.refresh_stats()))
     supervisor.raise_if_failed()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = ReconcilerSettings.load(argv)
     configure("reconciler", settings.log_level, json=settings.log_json)
-    run(serve(settings))
+    run(serve(settings), settings)

@@ -42,10 +42,11 @@ class ReconcilerSettings(StoreSettings):
         default=120.0,
         gt=0,
         le=24 * 3600,
-        description="How often the safety sweep lists Pending pods to catch a timeout the watch missed.",
+        description="How often the safety sweeps list a page of Pending pods (a timeout the watch missed) "
+        "and one of finished pods (a clean-up missed or dropped).",
     )
     pending_check_batch_size: int = Field(
-        default=100, ge=1, le=5000, description="Pending pods the safety sweep lists per tick (one page)."
+        default=100, ge=1, le=5000, description="Pods each safety sweep lists per tick (one page)."
     )
     launch_failure_retries: int = Field(
         default=1,
@@ -68,6 +69,14 @@ class ReconcilerSettings(StoreSettings):
         le=1024,
         description="Pod deletes/patches in flight at most. Timed-out pods expire in bursts (creation "
         "times have whole seconds); the API server queues the excess fairly per client.",
+    )
+    action_retry_cap_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Longest wait between two tries of a failing pod delete or mark-done. They are "
+        "retried until they go through (never dropped, so no pod leaks); a refusal that needs an "
+        "operator (e.g. RBAC) is asked again at this interval.",
     )
 
     @property

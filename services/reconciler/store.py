@@ -111,11 +111,21 @@ class TaskStore:
         ).fetchall()
         return [(task_pb2.Task.FromString(blob), uid) for blob, uid in rows]
 
+    def acted_on(self, pod_uid: str) -> bool:
+        """Whether an action (delete or mark done) was ever recorded for the pod."""
+        row = self.db.reader.execute("SELECT 1 FROM pod_actions WHERE pod_uid = ?", (pod_uid,)).fetchone()
+        return row is not None
+
     def pending_actions(self) -> list[PodActionRow]:
         rows = self.db.reader.execute(
             "SELECT pod_uid, namespace, name, action FROM pod_actions WHERE done = 0 ORDER BY rowid"
         ).fetchall()
         return [PodActionRow(*row) for row in rows]
+
+    def actions_done(self, uids: Sequence[str]) -> dict[str, bool]:
+        """For the pods among `uids` that have an action recorded: whether it was carried out."""
+        rows = self.db.rows_for_keys("SELECT pod_uid, done FROM pod_actions WHERE pod_uid IN ({})", uids)
+        return {uid: bool(done) for uid, done in rows}
 
     def list_tasks(
         self, *, page_size: int, after_key: str, state: int, dag_id: str
@@ -187,6 +197,20 @@ class TaskStore:
                 self.db.path, f"batch {number - 1} was not committed, so batch {number} is not"
             )
         return Committed(batch.changes, fresh)
+
+    async def reopen_action(self, uid: str) -> PodActionRow | None:
+        """Mark a recorded action not done again (its pod is still there, uncleaned), returning it."""
+
+        def write(conn: sqlite3.Connection) -> PodActionRow | None:
+            row = conn.execute(
+                "UPDATE pod_actions SET done = 0 WHERE pod_uid = ? AND done = 1 "
+                "RETURNING pod_uid, namespace, name, action",
+                (uid,),
+            ).fetchone()
+            return PodActionRow(*row) if row is not None else None
+
+        reopened: PodActionRow | None = await self.db.write(write)
+        return reopened
 
     async def finish_actions(self, uids: Sequence[str]) -> None:
         await self.db.write(

@@ -8,6 +8,13 @@ Per namespace (or once for all namespaces):
   5. on 410 Gone, re-list and diff against the cache: pods that changed during the gap get a
      synthetic MODIFIED, new ones a synthetic ADDED, vanished ones a synthetic DELETED.
 The resourceVersion never goes back to "0": that would replay history and throw progress away.
+
+Every DELETED event says how the pod went (PodEvent.gone), because "deleted" and "no longer
+matches the selector" (marked done, relabelled by an adopting executor) mean different things for
+its task, and a watch reports both as DELETED with the pod's last matching state. A pod whose
+deletion was requested is deleted; otherwise the pod is read by name: missing, or replaced by a
+pod with another UID, it was deleted; still there, it left the selector. A synthetic DELETED is a
+copy of the last state seen, so it is always read.
 """
 
 from __future__ import annotations
@@ -16,15 +23,20 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+
 from shepherd import timestamps
 from shepherd.eventlog import MemoryLog
-from shepherd.kube import KubeClient, WatchExpired, is_transient
+from shepherd.kube import ApiError, KubeClient, WatchExpired, is_transient
 from shepherd.kube.client import sleep_backoff
+from shepherd.kube.errors import Retries
 from shepherd.logging import get_logger
 from shepherd.podevents import pod_event
 from shepherd.v1 import watcher_service_pb2
 
 PodEvent = watcher_service_pb2.PodEvent
+W = watcher_service_pb2
+_GONE_READS = 16  # vanished pods read at once after a gap
 
 
 @dataclass
@@ -42,6 +54,7 @@ class InformerStats:
     silent_restarts: int = 0
     events: int = 0
     synthetic_events: int = 0
+    gone_reads: int = 0  # pods read by name to tell a deletion from leaving the selector
 
 
 @dataclass
@@ -54,6 +67,7 @@ class Informer:
     namespaces: list[str] | None  # None: every namespace
     watch_timeout_s: int = 300
     inactivity_timeout_s: float = 90.0
+    gone_read_retries: int = 8
     stats: InformerStats = field(default_factory=InformerStats)
     _cache: dict[str, _Known] = field(default_factory=dict)  # pod uid -> last known state
     _listed: set[str] = field(default_factory=set)
@@ -78,6 +92,36 @@ class Informer:
         event = pod_event(event_type, pod, synthetic=synthetic)
         timestamps.stamp_now(event.observe_time)
         self._record(event)
+
+    async def _emit_deleted(self, pod: dict[str, Any]) -> None:
+        event = pod_event("DELETED", pod)
+        timestamps.stamp_now(event.observe_time)
+        event.gone = await self._how_gone(event)
+        self._record(event)
+
+    async def _how_gone(self, event: PodEvent) -> W.PodGone.ValueType:
+        """Deleted, or only out of the selector? From the API server, never from a missing field."""
+        if event.HasField("deletion_time"):
+            return W.POD_GONE_DELETED  # a requested deletion is never taken back
+        retries = Retries(self.gone_read_retries)
+        while True:
+            try:
+                self.stats.gone_reads += 1
+                pod = await self.kube.get_pod(event.namespace, event.pod_name)
+                break
+            except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as err:
+                if retries.another(err):
+                    await sleep_backoff(retries.attempt, cap_s=5.0)
+                    continue
+                get_logger(component="informer", pod=event.pod_name, namespace=event.namespace).warning(
+                    "could not read a pod that went out of view; the consumer decides how it went",
+                    error=str(err),
+                )
+                return W.POD_GONE_UNSPECIFIED
+        meta = (pod or {}).get("metadata") or {}
+        if pod is None or meta.get("uid") != event.pod_uid or meta.get("deletionTimestamp"):
+            return W.POD_GONE_DELETED
+        return W.POD_GONE_LEFT_SELECTOR
 
     def _record(self, event: PodEvent) -> None:
         """Append to the log under the next cursor, count it, and keep the cache in step."""
@@ -105,14 +149,26 @@ class Informer:
                 self._emit("ADDED", pod, synthetic=after_gap)
             elif known.resource_version != meta.get("resourceVersion"):
                 self._emit("MODIFIED", pod, synthetic=after_gap)
+        vanished = []
         for uid, known in list(self._cache.items()):
             if uid not in seen and self._in_scope(namespace, known.event):
-                # The pod vanished while we were not watching: its deletion is reconstructed.
-                vanished = PodEvent()
-                vanished.CopyFrom(known.event)
-                vanished.type = watcher_service_pb2.POD_EVENT_TYPE_DELETED
-                vanished.synthetic = True
-                self._record(vanished)
+                # The pod vanished while we were not watching: reconstructed from its last known
+                # state, which cannot say whether it was deleted or relabelled: the pod is read.
+                event = PodEvent()
+                event.CopyFrom(known.event)
+                event.type = watcher_service_pb2.POD_EVENT_TYPE_DELETED
+                event.synthetic = True
+                timestamps.stamp_now(event.observe_time)
+                vanished.append(event)
+        gate = asyncio.Semaphore(_GONE_READS)
+
+        async def read(event: PodEvent) -> W.PodGone.ValueType:
+            async with gate:
+                return await self._how_gone(event)
+
+        for event, gone in zip(vanished, await asyncio.gather(*map(read, vanished)), strict=True):
+            event.gone = gone
+            self._record(event)
         return resource_version
 
     async def _run_scope(self, namespace: str | None) -> None:
@@ -139,7 +195,9 @@ class Informer:
                 ):
                     obj = raw.get("object") or {}
                     resource_version = (obj.get("metadata") or {}).get("resourceVersion") or resource_version
-                    if raw.get("type") != "BOOKMARK":
+                    if raw.get("type") == "DELETED":
+                        await self._emit_deleted(obj)
+                    elif raw.get("type") != "BOOKMARK":
                         self._emit(str(raw.get("type")), obj, synthetic=False)
                     failures = 0
             except WatchExpired:

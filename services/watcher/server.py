@@ -71,7 +71,7 @@ async def serve(settings: WatcherSettings) -> None:
         watch_timeout_s=settings.watch_timeout_s,
         inactivity_timeout_s=settings.inactivity_timeout_s,
     )
-    server = GrpcServer(host=settings.host, port=settings.port, service_names=[SERVICE_NAME])
+    server = GrpcServer(settings, service_names=[SERVICE_NAME])
     watcher_service_pb2_grpc.add_WatcherServiceServicer_to_server(
         WatcherServicer(informer, events, interval_s=settings.stream_interval_s), server.server
     )
@@ -95,4 +95,4 @@ async def serve(settings: WatcherSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = WatcherSettings.load(argv)
     configure("watcher", settings.log_level, json=settings.log_json)
-    run(serve(settings))
+    run(serve(settings), settings)

@@ -16,7 +16,9 @@ import aiohttp
 import orjson
 
 from shepherd.kube.config import KubeConnection
-from shepherd.kube.errors import ApiError
+from shepherd.kube.errors import BACKOFF_BASE_S, ApiError, backoff_s
+
+_STRICT = {"fieldValidation": "Strict"}
 
 
 class WatchExpired(Exception):
@@ -53,10 +55,16 @@ class KubeClient:
         params: Mapping[str, str] | None = None,
         body: bytes | None = None,
         content_type: str = "application/json",
+        client_timeout: aiohttp.ClientTimeout | None = None,
     ) -> bytes:
         headers = {"Accept": "application/json", "Content-Type": content_type, **self._conn.headers()}
         async with self._session.request(
-            method, self._conn.server + path, params=params, data=body, headers=headers, timeout=self._timeout
+            method,
+            self._conn.server + path,
+            params=params,
+            data=body,
+            headers=headers,
+            timeout=client_timeout or self._timeout,
         ) as resp:
             data = await resp.read()
             if resp.status >= 400:
@@ -66,9 +74,39 @@ class KubeClient:
     async def get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         return orjson.loads(await self._request("GET", path, params=params))
 
+    async def review_token(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        """The TokenReview API's verdict on a bearer token (its `status`). The answer echoes the
+        token in its spec, so only the status is returned."""
+        spec: dict[str, Any] = {"token": token}
+        if audiences:
+            spec["audiences"] = audiences
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        data = await self._request(
+            "POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=orjson.dumps(review)
+        )
+        status: dict[str, Any] = orjson.loads(data).get("status") or {}
+        return status
+
     async def create_pod(self, namespace: str, pod: Mapping[str, Any]) -> None:
-        """Create a pod. The created object is not parsed: the watcher reports it anyway."""
-        await self._request("POST", _pods_path(namespace), body=orjson.dumps(pod))
+        """Create a pod. The created object is not parsed: the watcher reports it anyway. Strict field
+        validation: an unknown or duplicate field fails the create (400) instead of being dropped."""
+        await self._request("POST", _pods_path(namespace), params=_STRICT, body=orjson.dumps(pod))
+
+    async def pod_exists(self, namespace: str, name: str) -> bool:
+        """Whether a pod of that name exists now. Without a resourceVersion the API server reads
+        etcd (a quorum read), not its watch cache, so a pod just created or deleted is not missed."""
+        try:
+            await self._request("GET", f"{_pods_path(namespace)}/{quote(name, safe='')}")
+        except ApiError as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    async def ready(self, *, timeout_s: float = 5.0) -> None:
+        """Return if the API server says it is ready (GET /readyz, which every authenticated
+        identity may read); raise ApiError or a connection error otherwise."""
+        await self._request("GET", "/readyz", client_timeout=aiohttp.ClientTimeout(total=timeout_s))
 
     async def list_pods(
         self,
@@ -146,6 +184,16 @@ class KubeClient:
                         )
                     yield event
 
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The pod as the API server has it now, or None when no pod has that name."""
+        try:
+            pod: dict[str, Any] = await self.get_json(f"{_pods_path(namespace)}/{quote(name, safe='')}")
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+        return pod
+
     async def patch_pod(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         data = await self._request(
             "PATCH",
@@ -197,10 +245,7 @@ class KubeClient:
 
 
 async def sleep_backoff(
-    attempt: int, *, base_s: float = 0.2, cap_s: float = 10.0, floor_s: float = 0.0
+    attempt: int, *, base_s: float = BACKOFF_BASE_S, cap_s: float = 10.0, floor_s: float = 0.0
 ) -> None:
-    """Capped exponential backoff with full jitter, never shorter than floor_s (e.g. Retry-After)."""
-    import random
-
-    delay = max(floor_s, random.uniform(0, min(cap_s, base_s * 2**attempt)))
-    await asyncio.sleep(delay)
+    """Capped exponential backoff with jitter (see errors.backoff_s), never shorter than floor_s."""
+    await asyncio.sleep(backoff_s(attempt, base_s=base_s, cap_s=cap_s, floor_s=floor_s))

@@ -127,23 +127,36 @@ class LaunchTaskRequest(_message.Message):
     TEMPLATE_YAML_FIELD_NUMBER: _builtins.int
     POD_OVERRIDE_YAML_FIELD_NUMBER: _builtins.int
     template_name: _builtins.str
-    """Name of a pod template the launcher is configured with. Empty means the default template.
-    Mutually exclusive with template_yaml.
+    """Name of a pod template the launcher is configured with, at most 253 characters. Empty means
+    the default template. Mutually exclusive with template_yaml.
     """
     template_yaml: _builtins.str
-    """A whole pod template as YAML or JSON (a v1 Pod). Mutually exclusive with template_name."""
+    """A whole pod template as YAML or JSON (a v1 Pod). Mutually exclusive with template_name.
+    Limits, as for pod_override_yaml: at most 262144 bytes, one document, nesting at most 32
+    deep, at most 20000 values, no anchors, aliases or tags, no duplicate keys, numbers at most
+    64 characters; only the Pod fields Shepherd accepts, each of its Kubernetes type (an unknown
+    or misspelt field is refused by name).
+    """
     pod_override_yaml: _builtins.str
-    """A partial v1 Pod as YAML or JSON, merged over the generated pod: scalars win, labels and
+    """A partial v1 Pod as YAML or JSON (at most 256 KiB), merged over the generated pod: scalars win, labels and
     annotations merge, env/volumes/volume mounts/init containers are appended. It may set
-    metadata.namespace to choose the task's namespace.
+    metadata.namespace to choose the task's namespace (one the executor uses), and may not set
+    the pod's name or labels and annotations under the shepherd.dev/ prefix. Limits as for
+    template_yaml.
     """
     @_builtins.property
     def key(self) -> _task_pb2.TaskKey:
-        """The task try. Required."""
+        """The task try. Required; dag_id, task_id and run_id 1 to 250 characters without control
+        characters, try_number 1 to 100000, map_index -1 or more.
+        """
 
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Arguments of the `base` container. Required, 1 to 256 items, each non-empty."""
+        """Arguments of the `base` container. Required, 1 to 256 items, each 1 to 32768 characters
+        without control characters. With an allow-list of commands, the executable the container
+        runs (command[0] of the final pod's `base` container, or this command's first item when
+        the template sets no command) must be on it.
+        """
 
     def __init__(
         self,
@@ -161,6 +174,96 @@ class LaunchTaskRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LaunchTaskRequest: _TypeAlias = LaunchTaskRequest  # noqa: Y015
+
+@_typing.final
+class RenderPodRequest(_message.Message):
+    """RenderPodRequest is a launch request to render, not to launch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAUNCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def launch(self) -> Global___LaunchTaskRequest:
+        """The launch as it would be sent to LaunchTask; every limit of LaunchTaskRequest applies."""
+
+    def __init__(
+        self,
+        *,
+        launch: Global___LaunchTaskRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenderPodRequest: _TypeAlias = RenderPodRequest  # noqa: Y015
+
+@_typing.final
+class PolicyViolation(_message.Message):
+    """PolicyViolation is one rule of the pod policy that a rendered pod breaks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """The request field the offending value came from and its path, e.g.
+    "pod_override_yaml.spec.hostNetwork", or "pod." and the path in the final pod.
+    """
+    description: _builtins.str
+    """Which rule, and how to comply."""
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyViolation: _TypeAlias = PolicyViolation  # noqa: Y015
+
+@_typing.final
+class RenderPodResponse(_message.Message):
+    """RenderPodResponse is the pod a launch would create, and whether the pod policy allows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_JSON_FIELD_NUMBER: _builtins.int
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    VIOLATIONS_FIELD_NUMBER: _builtins.int
+    TEMPLATE_NAME_FIELD_NUMBER: _builtins.int
+    pod_json: _builtins.str
+    """The final pod as JSON: exactly what LaunchTask would send to the API server."""
+    allowed: _builtins.bool
+    """True when the pod policy allows the pod (no violations)."""
+    template_name: _builtins.str
+    """The named template the pod was built from; empty for an inline template_yaml."""
+    @_builtins.property
+    def violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyViolation]:
+        """Every rule the pod breaks, in the pod's field order; LaunchTask would answer
+        PERMISSION_DENIED with these.
+        """
+
+    def __init__(
+        self,
+        *,
+        pod_json: _builtins.str = ...,
+        allowed: _builtins.bool = ...,
+        violations: _abc.Iterable[Global___PolicyViolation] | None = ...,
+        template_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "pod_json", b"pod_json", "template_name", b"template_name", "violations", b"violations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenderPodResponse: _TypeAlias = RenderPodResponse  # noqa: Y015
 
 @_typing.final
 class LaunchTaskResponse(_message.Message):
@@ -224,7 +327,9 @@ class LaunchError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     FIELD_FIELD_NUMBER: _builtins.int
     code: _builtins.int
-    """A google.rpc.Code number, e.g. 3 (INVALID_ARGUMENT) or 8 (RESOURCE_EXHAUSTED)."""
+    """A google.rpc.Code number, e.g. 3 (INVALID_ARGUMENT), 7 (PERMISSION_DENIED: the pod policy
+    forbids the pod) or 8 (RESOURCE_EXHAUSTED).
+    """
     message: _builtins.str
     """What went wrong."""
     field: _builtins.str
@@ -307,7 +412,7 @@ class GetLaunchRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def key(self) -> _task_pb2.TaskKey:
-        """The task try. Required."""
+        """The task try. Required, with the limits of LaunchTaskRequest.key."""
 
     def __init__(
         self,
@@ -355,7 +460,7 @@ class CancelLaunchRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def key(self) -> _task_pb2.TaskKey:
-        """The task try. Required."""
+        """The task try. Required, with the limits of LaunchTaskRequest.key."""
 
     def __init__(
         self,
@@ -410,7 +515,7 @@ class RelaunchTaskRequest(_message.Message):
     """The launch attempt whose pod was lost (>= 1); the new pod gets attempt from_attempt + 1."""
     @_builtins.property
     def key(self) -> _task_pb2.TaskKey:
-        """The task try. Required."""
+        """The task try. Required, with the limits of LaunchTaskRequest.key."""
 
     def __init__(
         self,

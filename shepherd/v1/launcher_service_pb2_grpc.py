@@ -28,6 +28,10 @@ if _version_not_supported:
 class LauncherServiceStub:
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     def __init__(self, channel):
@@ -45,6 +49,11 @@ class LauncherServiceStub:
                 '/shepherd.v1.LauncherService/BatchLaunchTasks',
                 request_serializer=shepherd_dot_v1_dot_launcher__service__pb2.BatchLaunchTasksRequest.SerializeToString,
                 response_deserializer=shepherd_dot_v1_dot_launcher__service__pb2.BatchLaunchTasksResponse.FromString,
+                _registered_method=True)
+        self.RenderPod = channel.unary_unary(
+                '/shepherd.v1.LauncherService/RenderPod',
+                request_serializer=shepherd_dot_v1_dot_launcher__service__pb2.RenderPodRequest.SerializeToString,
+                response_deserializer=shepherd_dot_v1_dot_launcher__service__pb2.RenderPodResponse.FromString,
                 _registered_method=True)
         self.GetLaunch = channel.unary_unary(
                 '/shepherd.v1.LauncherService/GetLaunch',
@@ -71,22 +80,42 @@ class LauncherServiceStub:
 class LauncherServiceServicer:
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     def LaunchTask(self, request, context):
         """LaunchTask accepts one task and creates its pod in the background.
         Idempotent: launching a key that was already accepted returns the existing launch and
-        creates nothing. Errors: INVALID_ARGUMENT (names the bad field: key, command, template,
-        override), NOT_FOUND (unknown template_name), RESOURCE_EXHAUSTED (the launch queue is full;
-        retry later, nothing was accepted), UNAVAILABLE (the launcher is shutting down).
+        creates nothing. The pod is built as template -> generated pod -> override, and the pod
+        policy is checked on that final pod before anything is stored. Errors, each with a
+        google.rpc.BadRequest naming the field: INVALID_ARGUMENT (a malformed key, command, template
+        or override, within the limits given on LaunchTaskRequest's fields), PERMISSION_DENIED (the
+        pod policy forbids the final pod; one field violation per rule broken, e.g.
+        "pod_override_yaml.spec.containers[base].securityContext.privileged"), NOT_FOUND (unknown
+        template_name), RESOURCE_EXHAUSTED (the launch queue is full; retry later, nothing was
+        accepted), UNAVAILABLE (the launcher is shutting down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def BatchLaunchTasks(self, request, context):
-        """BatchLaunchTasks accepts many tasks in one call. Each item succeeds or fails on its own;
-        the call itself fails only when the batch is empty or too large (INVALID_ARGUMENT).
+        """BatchLaunchTasks accepts 1 to 1000 tasks in one call. Each item succeeds or fails on its own,
+        with the same checks and codes as LaunchTask (the field named under "requests[i]."); the call
+        itself fails only when the batch is empty or too large (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenderPod(self, request, context):
+        """RenderPod answers with the final pod a LaunchTask with this request would create, and the pod
+        policy's verdict on it, without storing or creating anything. Errors: as LaunchTask (fields
+        named under "launch."), except that policy violations are not an error here but listed in
+        the answer, and the launch queue plays no part.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,6 +170,11 @@ def add_LauncherServiceServicer_to_server(servicer, server):
                     request_deserializer=shepherd_dot_v1_dot_launcher__service__pb2.BatchLaunchTasksRequest.FromString,
                     response_serializer=shepherd_dot_v1_dot_launcher__service__pb2.BatchLaunchTasksResponse.SerializeToString,
             ),
+            'RenderPod': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenderPod,
+                    request_deserializer=shepherd_dot_v1_dot_launcher__service__pb2.RenderPodRequest.FromString,
+                    response_serializer=shepherd_dot_v1_dot_launcher__service__pb2.RenderPodResponse.SerializeToString,
+            ),
             'GetLaunch': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLaunch,
                     request_deserializer=shepherd_dot_v1_dot_launcher__service__pb2.GetLaunchRequest.FromString,
@@ -172,6 +206,10 @@ def add_LauncherServiceServicer_to_server(servicer, server):
 class LauncherService:
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     @staticmethod
@@ -218,6 +256,33 @@ class LauncherService:
             '/shepherd.v1.LauncherService/BatchLaunchTasks',
             shepherd_dot_v1_dot_launcher__service__pb2.BatchLaunchTasksRequest.SerializeToString,
             shepherd_dot_v1_dot_launcher__service__pb2.BatchLaunchTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenderPod(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shepherd.v1.LauncherService/RenderPod',
+            shepherd_dot_v1_dot_launcher__service__pb2.RenderPodRequest.SerializeToString,
+            shepherd_dot_v1_dot_launcher__service__pb2.RenderPodResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,6 +29,10 @@ GRPC_VERSION: str
 class LauncherServiceStub:
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     @_typing.overload
@@ -38,13 +42,25 @@ class LauncherServiceStub:
     LaunchTask: _grpc.UnaryUnaryMultiCallable[_launcher_service_pb2.LaunchTaskRequest, _launcher_service_pb2.LaunchTaskResponse]
     """LaunchTask accepts one task and creates its pod in the background.
     Idempotent: launching a key that was already accepted returns the existing launch and
-    creates nothing. Errors: INVALID_ARGUMENT (names the bad field: key, command, template,
-    override), NOT_FOUND (unknown template_name), RESOURCE_EXHAUSTED (the launch queue is full;
-    retry later, nothing was accepted), UNAVAILABLE (the launcher is shutting down).
+    creates nothing. The pod is built as template -> generated pod -> override, and the pod
+    policy is checked on that final pod before anything is stored. Errors, each with a
+    google.rpc.BadRequest naming the field: INVALID_ARGUMENT (a malformed key, command, template
+    or override, within the limits given on LaunchTaskRequest's fields), PERMISSION_DENIED (the
+    pod policy forbids the final pod; one field violation per rule broken, e.g.
+    "pod_override_yaml.spec.containers[base].securityContext.privileged"), NOT_FOUND (unknown
+    template_name), RESOURCE_EXHAUSTED (the launch queue is full; retry later, nothing was
+    accepted), UNAVAILABLE (the launcher is shutting down).
     """
     BatchLaunchTasks: _grpc.UnaryUnaryMultiCallable[_launcher_service_pb2.BatchLaunchTasksRequest, _launcher_service_pb2.BatchLaunchTasksResponse]
-    """BatchLaunchTasks accepts many tasks in one call. Each item succeeds or fails on its own;
-    the call itself fails only when the batch is empty or too large (INVALID_ARGUMENT).
+    """BatchLaunchTasks accepts 1 to 1000 tasks in one call. Each item succeeds or fails on its own,
+    with the same checks and codes as LaunchTask (the field named under "requests[i]."); the call
+    itself fails only when the batch is empty or too large (INVALID_ARGUMENT).
+    """
+    RenderPod: _grpc.UnaryUnaryMultiCallable[_launcher_service_pb2.RenderPodRequest, _launcher_service_pb2.RenderPodResponse]
+    """RenderPod answers with the final pod a LaunchTask with this request would create, and the pod
+    policy's verdict on it, without storing or creating anything. Errors: as LaunchTask (fields
+    named under "launch."), except that policy violations are not an error here but listed in
+    the answer, and the launch queue plays no part.
     """
     GetLaunch: _grpc.UnaryUnaryMultiCallable[_launcher_service_pb2.GetLaunchRequest, _launcher_service_pb2.GetLaunchResponse]
     """GetLaunch returns what the launcher knows about a task. Errors: INVALID_ARGUMENT (bad key),
@@ -71,19 +87,35 @@ class LauncherServiceStub:
 class LauncherServiceAsyncStub(LauncherServiceStub):
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     LaunchTask: _aio.UnaryUnaryMultiCallable[_launcher_service_pb2.LaunchTaskRequest, _launcher_service_pb2.LaunchTaskResponse]  # type: ignore[assignment]
     """LaunchTask accepts one task and creates its pod in the background.
     Idempotent: launching a key that was already accepted returns the existing launch and
-    creates nothing. Errors: INVALID_ARGUMENT (names the bad field: key, command, template,
-    override), NOT_FOUND (unknown template_name), RESOURCE_EXHAUSTED (the launch queue is full;
-    retry later, nothing was accepted), UNAVAILABLE (the launcher is shutting down).
+    creates nothing. The pod is built as template -> generated pod -> override, and the pod
+    policy is checked on that final pod before anything is stored. Errors, each with a
+    google.rpc.BadRequest naming the field: INVALID_ARGUMENT (a malformed key, command, template
+    or override, within the limits given on LaunchTaskRequest's fields), PERMISSION_DENIED (the
+    pod policy forbids the final pod; one field violation per rule broken, e.g.
+    "pod_override_yaml.spec.containers[base].securityContext.privileged"), NOT_FOUND (unknown
+    template_name), RESOURCE_EXHAUSTED (the launch queue is full; retry later, nothing was
+    accepted), UNAVAILABLE (the launcher is shutting down).
     """
     BatchLaunchTasks: _aio.UnaryUnaryMultiCallable[_launcher_service_pb2.BatchLaunchTasksRequest, _launcher_service_pb2.BatchLaunchTasksResponse]  # type: ignore[assignment]
-    """BatchLaunchTasks accepts many tasks in one call. Each item succeeds or fails on its own;
-    the call itself fails only when the batch is empty or too large (INVALID_ARGUMENT).
+    """BatchLaunchTasks accepts 1 to 1000 tasks in one call. Each item succeeds or fails on its own,
+    with the same checks and codes as LaunchTask (the field named under "requests[i]."); the call
+    itself fails only when the batch is empty or too large (INVALID_ARGUMENT).
+    """
+    RenderPod: _aio.UnaryUnaryMultiCallable[_launcher_service_pb2.RenderPodRequest, _launcher_service_pb2.RenderPodResponse]  # type: ignore[assignment]
+    """RenderPod answers with the final pod a LaunchTask with this request would create, and the pod
+    policy's verdict on it, without storing or creating anything. Errors: as LaunchTask (fields
+    named under "launch."), except that policy violations are not an error here but listed in
+    the answer, and the launch queue plays no part.
     """
     GetLaunch: _aio.UnaryUnaryMultiCallable[_launcher_service_pb2.GetLaunchRequest, _launcher_service_pb2.GetLaunchResponse]  # type: ignore[assignment]
     """GetLaunch returns what the launcher knows about a task. Errors: INVALID_ARGUMENT (bad key),
@@ -109,6 +141,10 @@ class LauncherServiceAsyncStub(LauncherServiceStub):
 class LauncherServiceServicer(metaclass=_abc_1.ABCMeta):
     """LauncherService accepts tasks and creates their worker pods. A task it has answered OK for is
     stored durably before the answer, and its pod is created even if the launcher restarts.
+    Limits every service enforces (defaults; the operator may change them): requests of at most
+    4 MiB; per caller at most 64 open streams (1,024 in all) and 1,024 unary calls in flight; and per
+    caller at most 500 launches a second on average, 5,000 at once, each task of a batch counting.
+    Beyond a limit the call gets RESOURCE_EXHAUSTED (beyond the launch rate with a RetryInfo).
     """
 
     @_abc_1.abstractmethod
@@ -119,9 +155,14 @@ class LauncherServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_launcher_service_pb2.LaunchTaskResponse, _abc.Awaitable[_launcher_service_pb2.LaunchTaskResponse]]:
         """LaunchTask accepts one task and creates its pod in the background.
         Idempotent: launching a key that was already accepted returns the existing launch and
-        creates nothing. Errors: INVALID_ARGUMENT (names the bad field: key, command, template,
-        override), NOT_FOUND (unknown template_name), RESOURCE_EXHAUSTED (the launch queue is full;
-        retry later, nothing was accepted), UNAVAILABLE (the launcher is shutting down).
+        creates nothing. The pod is built as template -> generated pod -> override, and the pod
+        policy is checked on that final pod before anything is stored. Errors, each with a
+        google.rpc.BadRequest naming the field: INVALID_ARGUMENT (a malformed key, command, template
+        or override, within the limits given on LaunchTaskRequest's fields), PERMISSION_DENIED (the
+        pod policy forbids the final pod; one field violation per rule broken, e.g.
+        "pod_override_yaml.spec.containers[base].securityContext.privileged"), NOT_FOUND (unknown
+        template_name), RESOURCE_EXHAUSTED (the launch queue is full; retry later, nothing was
+        accepted), UNAVAILABLE (the launcher is shutting down).
         """
 
     @_abc_1.abstractmethod
@@ -130,8 +171,21 @@ class LauncherServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _launcher_service_pb2.BatchLaunchTasksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_launcher_service_pb2.BatchLaunchTasksResponse, _abc.Awaitable[_launcher_service_pb2.BatchLaunchTasksResponse]]:
-        """BatchLaunchTasks accepts many tasks in one call. Each item succeeds or fails on its own;
-        the call itself fails only when the batch is empty or too large (INVALID_ARGUMENT).
+        """BatchLaunchTasks accepts 1 to 1000 tasks in one call. Each item succeeds or fails on its own,
+        with the same checks and codes as LaunchTask (the field named under "requests[i]."); the call
+        itself fails only when the batch is empty or too large (INVALID_ARGUMENT).
+        """
+
+    @_abc_1.abstractmethod
+    def RenderPod(
+        self,
+        request: _launcher_service_pb2.RenderPodRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_launcher_service_pb2.RenderPodResponse, _abc.Awaitable[_launcher_service_pb2.RenderPodResponse]]:
+        """RenderPod answers with the final pod a LaunchTask with this request would create, and the pod
+        policy's verdict on it, without storing or creating anything. Errors: as LaunchTask (fields
+        named under "launch."), except that policy violations are not an error here but listed in
+        the answer, and the launch queue plays no part.
         """
 
     @_abc_1.abstractmethod

@@ -134,7 +134,7 @@ class ListTasksRequest(_message.Message):
     state: _task_pb2.TaskState.ValueType
     """Only tasks in this state; TASK_STATE_UNSPECIFIED means all states."""
     dag_id: _builtins.str
-    """Only tasks of this DAG; empty means all DAGs."""
+    """Only tasks of this DAG (at most 250 characters); empty means all DAGs."""
     def __init__(
         self,
         *,
@@ -240,7 +240,9 @@ class AdoptTasksRequest(_message.Message):
     DEAD_EXECUTOR_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def dead_executor_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Executor ids declared dead by the caller. Required, 1 to 100, none equal to this executor's id."""
+        """Executor ids declared dead by the caller. Required, 1 to 100 ids of at most 63 characters,
+        none equal to this executor's id.
+        """
 
     def __init__(
         self,

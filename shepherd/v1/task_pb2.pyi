@@ -142,7 +142,7 @@ class TaskKey(_message.Message):
     run_id: _builtins.str
     """DAG run. Required, at most 250 characters."""
     try_number: _builtins.int
-    """Attempt number, counting from 1. Required (>= 1)."""
+    """Attempt number, counting from 1. Required, 1 to 100,000."""
     map_index: _builtins.int
     """Index of a mapped task instance, or -1 when the task is not mapped. Must be >= -1."""
     def __init__(
@@ -225,7 +225,7 @@ class FailureDetails(_message.Message):
     API_STATUS_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Shepherd's machine-readable cause, e.g. "PodFailed", "FatalContainerState", "PendingTimeout",
-    "LaunchRejected", "DeletedWhileRunning", "PodLostBeforeStart".
+    "LaunchRejected", "QueuedTimeout", "DeletedWhileRunning", "PodLostBeforeStart".
     """
     message: _builtins.str
     """One human-readable sentence."""
@@ -276,6 +276,7 @@ class Task(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     LAUNCH_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    POD_UID_FIELD_NUMBER: _builtins.int
     state: Global___TaskState.ValueType
     """Current state."""
     namespace: _builtins.str
@@ -286,6 +287,12 @@ class Task(_message.Message):
     """Executor that owns the pod."""
     launch_attempts: _builtins.int
     """How many pods were launched for this try (relaunches after pre-start losses add one)."""
+    pod_uid: _builtins.str
+    """UID of the pod the reconciler has seen for the current launch attempt (`launch_attempts`);
+    empty while it has seen none. Set in GetTask answers. A restarted launcher reads it to tell a
+    launch whose pod was already created (and maybe has finished and been deleted since) from one
+    whose pod never was, so that it never creates a task's pod twice.
+    """
     @_builtins.property
     def key(self) -> Global___TaskKey:
         """Which task try this is."""
@@ -319,10 +326,11 @@ class Task(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         launch_attempts: _builtins.int = ...,
+        pod_uid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "failure", b"failure", "key", b"key", "queued_time", b"queued_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "executor_id", b"executor_id", "failure", b"failure", "key", b"key", "launch_attempts", b"launch_attempts", "namespace", b"namespace", "pod_name", b"pod_name", "queued_time", b"queued_time", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "executor_id", b"executor_id", "failure", b"failure", "key", b"key", "launch_attempts", b"launch_attempts", "namespace", b"namespace", "pod_name", b"pod_name", "pod_uid", b"pod_uid", "queued_time", b"queued_time", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,7 +34,9 @@ class _PodEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PodEvent
     POD_EVENT_TYPE_MODIFIED: _PodEventType.ValueType  # 2
     """The pod changed."""
     POD_EVENT_TYPE_DELETED: _PodEventType.ValueType  # 3
-    """The pod is gone (deleted, or no longer matches the executor's selector)."""
+    """The pod is out of view: deleted, or no longer matching the executor's selector. `gone` says
+    which.
+    """
     POD_EVENT_TYPE_SNAPSHOT: _PodEventType.ValueType  # 4
     """Part of a snapshot of current pods (sent when the request asked for one). Snapshot events
     carry the cursor the snapshot is consistent with.
@@ -54,7 +56,9 @@ POD_EVENT_TYPE_ADDED: PodEventType.ValueType  # 1
 POD_EVENT_TYPE_MODIFIED: PodEventType.ValueType  # 2
 """The pod changed."""
 POD_EVENT_TYPE_DELETED: PodEventType.ValueType  # 3
-"""The pod is gone (deleted, or no longer matches the executor's selector)."""
+"""The pod is out of view: deleted, or no longer matching the executor's selector. `gone` says
+which.
+"""
 POD_EVENT_TYPE_SNAPSHOT: PodEventType.ValueType  # 4
 """Part of a snapshot of current pods (sent when the request asked for one). Snapshot events
 carry the cursor the snapshot is consistent with.
@@ -64,6 +68,45 @@ POD_EVENT_TYPE_SNAPSHOT_COMPLETE: PodEventType.ValueType  # 5
 receive are gone. Live events with higher cursors follow.
 """
 Global___PodEventType: _TypeAlias = PodEventType  # noqa: Y015
+
+class _PodGone:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PodGoneEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PodGone.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POD_GONE_UNSPECIFIED: _PodGone.ValueType  # 0
+    """Not a DELETED event, or the watcher could not read the pod to find out (the consumer then
+    decides from what it knows itself, e.g. whether it marked the pod done).
+    """
+    POD_GONE_DELETED: _PodGone.ValueType  # 1
+    """The pod was deleted: its deletion was requested, or it no longer exists (or only a newer pod
+    with the same name and another UID does).
+    """
+    POD_GONE_LEFT_SELECTOR: _PodGone.ValueType  # 2
+    """The pod still exists but no longer matches the executor's selector: it was marked done, or
+    relabelled to an executor that adopted it.
+    """
+
+class PodGone(_PodGone, metaclass=_PodGoneEnumTypeWrapper):
+    """PodGone says why a pod went out of view, so that a relabelled pod is never taken for a deleted
+    one (or the other way round). The watcher finds out from the API server: a pod whose deletion
+    was requested is deleted; otherwise it reads the pod by name.
+    """
+
+POD_GONE_UNSPECIFIED: PodGone.ValueType  # 0
+"""Not a DELETED event, or the watcher could not read the pod to find out (the consumer then
+decides from what it knows itself, e.g. whether it marked the pod done).
+"""
+POD_GONE_DELETED: PodGone.ValueType  # 1
+"""The pod was deleted: its deletion was requested, or it no longer exists (or only a newer pod
+with the same name and another UID does).
+"""
+POD_GONE_LEFT_SELECTOR: PodGone.ValueType  # 2
+"""The pod still exists but no longer matches the executor's selector: it was marked done, or
+relabelled to an executor that adopted it.
+"""
+Global___PodGone: _TypeAlias = PodGone  # noqa: Y015
 
 @_typing.final
 class PodCondition(_message.Message):
@@ -145,6 +188,7 @@ class PodEvent(_message.Message):
     NODE_NAME_FIELD_NUMBER: _builtins.int
     OBSERVE_TIME_FIELD_NUMBER: _builtins.int
     LAUNCH_ATTEMPT_FIELD_NUMBER: _builtins.int
+    GONE_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
     """Position in the watcher's event log; strictly increasing."""
     type: Global___PodEventType.ValueType
@@ -171,6 +215,10 @@ class PodEvent(_message.Message):
     """Node the pod is bound to, if any."""
     launch_attempt: _builtins.int
     """Launch attempt that created the pod, from its annotations; 0 when unknown."""
+    gone: Global___PodGone.ValueType
+    """For DELETED events: whether the pod was deleted or only left the executor's selector. Set on
+    every DELETED event, synthetic ones (reconstructed after a watch gap) included.
+    """
     @_builtins.property
     def task_key(self) -> _task_pb2.TaskKey:
         """The task, read from the pod's annotations; unset when the annotations are missing or bad."""
@@ -226,10 +274,11 @@ class PodEvent(_message.Message):
         node_name: _builtins.str = ...,
         observe_time: _timestamp_pb2.Timestamp | None = ...,
         launch_attempt: _builtins.int = ...,
+        gone: Global___PodGone.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "deletion_time", b"deletion_time", "observe_time", b"observe_time", "task_key", b"task_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "containers", b"containers", "creation_time", b"creation_time", "cursor", b"cursor", "deletion_time", b"deletion_time", "init_containers", b"init_containers", "labels", b"labels", "launch_attempt", b"launch_attempt", "message", b"message", "namespace", b"namespace", "node_name", b"node_name", "observe_time", b"observe_time", "phase", b"phase", "pod_name", b"pod_name", "pod_uid", b"pod_uid", "reason", b"reason", "resource_version", b"resource_version", "synthetic", b"synthetic", "task_key", b"task_key", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "containers", b"containers", "creation_time", b"creation_time", "cursor", b"cursor", "deletion_time", b"deletion_time", "gone", b"gone", "init_containers", b"init_containers", "labels", b"labels", "launch_attempt", b"launch_attempt", "message", b"message", "namespace", b"namespace", "node_name", b"node_name", "observe_time", b"observe_time", "phase", b"phase", "pod_name", b"pod_name", "pod_uid", b"pod_uid", "reason", b"reason", "resource_version", b"resource_version", "synthetic", b"synthetic", "task_key", b"task_key", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

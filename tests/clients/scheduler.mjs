@@ -2,21 +2,29 @@
 // It launches one task through the Launcher and follows the Reconciler's WatchTaskStates until the
 // task ends, then prints one JSON line: {"states": [...], "failure": {...}}.
 //
+// It connects with mutual TLS, presenting a scheduler's client certificate, when given the CA, the
+// certificate and the key; with none of them, in plaintext.
+//
 // Usage: node scheduler.mjs <launcher host:port> <reconciler host:port> <task_id> <pod override YAML>
+//                           [<ca.crt> <client.crt> <client.key>]
+import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
 
-const [launcherAddr, reconcilerAddr, taskId, override] = process.argv.slice(2);
+const [launcherAddr, reconcilerAddr, taskId, override, caFile, certFile, keyFile] = process.argv.slice(2);
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../protos");
 const definition = protoLoader.loadSync(
   ["shepherd/v1/launcher_service.proto", "shepherd/v1/reconciler_service.proto"],
   { includeDirs: [root], keepCase: true, longs: String, enums: String, defaults: true },
 );
 const v1 = grpc.loadPackageDefinition(definition).shepherd.v1;
-const launcher = new v1.LauncherService(launcherAddr, grpc.credentials.createInsecure());
-const reconciler = new v1.ReconcilerService(reconcilerAddr, grpc.credentials.createInsecure());
+const credentials = caFile
+  ? grpc.credentials.createSsl(fs.readFileSync(caFile), fs.readFileSync(keyFile), fs.readFileSync(certFile))
+  : grpc.credentials.createInsecure();
+const launcher = new v1.LauncherService(launcherAddr, credentials);
+const reconciler = new v1.ReconcilerService(reconcilerAddr, credentials);
 
 const key = { dag_id: "node_client", task_id: taskId, run_id: "independent", try_number: 1, map_index: -1 };
 const terminal = new Set(["TASK_STATE_SUCCEEDED", "TASK_STATE_FAILED", "TASK_STATE_UP_FOR_RESCHEDULE", "TASK_STATE_REVOKED"]);

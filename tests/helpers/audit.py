@@ -1,40 +1,83 @@
-"""Counting what each identity did to which pod, from the API server's audit log: the witness
-that no pod was created or deleted twice, whatever the services believe."""
+"""Reading the API server's audit log: the witness of how many times a pod was really created or
+deleted, and by whom, whatever Shepherd's own records say."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LAUNCHER = "system:serviceaccount:shepherd:launcher"
 RECONCILER = "system:serviceaccount:shepherd:reconciler"
 
 
-def calls_by_pod(
-    audit_log: Path, verb: str, pods: set[str], user: str, *, succeeded_only: bool = False
-) -> Counter[str]:
-    """Completed `verb` calls per pod made by `user` (only those answered 2xx, if `succeeded_only`)."""
-    counts: Counter[str] = Counter()
-    for line in audit_log.read_text().splitlines():
-        entry = json.loads(line)
-        ref = entry.get("objectRef") or {}
-        if (
-            entry.get("verb") == verb
-            and entry.get("stage") == "ResponseComplete"
-            and entry.get("user", {}).get("username") == user
-            and ref.get("name") in pods
-            and (not succeeded_only or 200 <= (entry.get("responseStatus") or {}).get("code", 0) < 300)
-        ):
-            counts[ref["name"]] += 1
-    return counts
+@dataclass
+class AuditLog:
+    """The entries appended to an audit log since this object was made (a shared cluster's log is
+    long: a test reads only its own part of it)."""
+
+    path: Path
+    start: int = 0
+
+    @classmethod
+    def from_now(cls, path: Path) -> AuditLog:
+        return cls(path, path.stat().st_size if path.exists() else 0)
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as log:
+            # A rotated log starts again from zero: then everything in it is new.
+            log.seek(self.start if log.seek(0, 2) >= self.start else 0)
+            for line in log:
+                if line.endswith(b"\n"):  # a line being written is read next time
+                    yield json.loads(line)
+
+    def calls(
+        self, verb: str, pods: set[str] | None, *, user: str, status: int | None = None
+    ) -> Counter[str]:
+        """Completed `verb` calls on pods (not their subresources) by `user`, per pod name: only
+        `pods` if given, and only those answered with HTTP `status` if given."""
+        counts: Counter[str] = Counter()
+        for entry in self.entries():
+            ref = entry.get("objectRef") or {}
+            name = ref.get("name") or ((entry.get("responseObject") or {}).get("metadata") or {}).get("name")
+            if (
+                entry.get("verb") == verb
+                and ref.get("resource") == "pods"
+                and not ref.get("subresource")
+                and entry.get("stage") == "ResponseComplete"
+                and (entry.get("user") or {}).get("username") == user
+                and name
+                and (pods is None or name in pods)
+                and (status is None or (entry.get("responseStatus") or {}).get("code") == status)
+            ):
+                counts[name] += 1
+        return counts
+
+    def creates(self, pods: set[str]) -> Counter[str]:
+        """Pods the launcher really created (201), per pod name."""
+        return self.calls("create", pods, user=LAUNCHER, status=201)
+
+    async def until_created(self, *pods: str, timeout: float = 120.0) -> None:
+        """Wait until the launcher's creates of all `pods` are in the log."""
+        wanted = set(pods)
+
+        async def wait() -> None:
+            while set(self.creates(wanted)) != wanted:
+                await asyncio.sleep(0.2)
+
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            missing = sorted(wanted - set(self.creates(wanted)))
+            raise AssertionError(f"pods never created: {missing[:5]} (audit log {self.path})") from None
 
 
-def deletes_by_pod(audit_log: Path, pods: set[str], user: str = RECONCILER) -> Counter[str]:
-    """Delete calls per pod made by `user`."""
-    return calls_by_pod(audit_log, "delete", pods, user)
-
-
-def pods_created(audit_log: Path, pods: set[str], user: str = LAUNCHER) -> Counter[str]:
-    """Creates per pod that made a pod (201), by `user`: a retry answered 409 AlreadyExists is not one."""
-    return calls_by_pod(audit_log, "create", pods, user, succeeded_only=True)
+def calls_by_pod(audit_log: Path, verb: str, user: str, pods: set[str] | None = None) -> Counter[str]:
+    """Completed `verb` calls (create, delete) on pods by `user` over the whole log, per pod name."""
+    return AuditLog(audit_log).calls(verb, pods, user=user)

@@ -12,6 +12,8 @@ from controlplane.stack import free_port
 
 
 def spare_settings(directory: Path, **overrides: Any) -> ClusterSettings:
+    """Settings of a cluster that disturbs no other: its own ports and directories, and no real
+    node (a machine has only one, and it belongs to the session's cluster)."""
     values: dict[str, Any] = {
         "state_dir": directory / "state",
         "etcd_data_dir": directory / "etcd",
@@ -21,6 +23,8 @@ def spare_settings(directory: Path, **overrides: Any) -> ClusterSettings:
         "apiserver_port": free_port(),
         "scheduler_port": free_port(),
         "kwok_port": free_port(),
+        "controller_manager_port": free_port(),
+        "real_node": False,
     }
     values.update(overrides)
     return ClusterSettings(**values)

@@ -1,5 +1,5 @@
 """A TCP gate in front of the API server: closed, every connection is dropped at once (so a
-service's creates fail and are retried); opened, connections are forwarded untouched (TLS
+service's creates fail and are retried); open, connections are forwarded untouched (TLS
 included). Lets a test hold a service's pod creates back until it has set up a fault."""
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ class Gate:
         finally:
             self._writers -= {writer, up_writer}
 
+    def shut(self) -> None:
+        """Close the gate, cutting the connections already through it (clients keep them alive)."""
+        self.open = False
+        for writer in list(self._writers):
+            writer.close()
+
     def kubeconfig(self, kubeconfig: str, directory: Path) -> str:
         """A copy of `kubeconfig` that reaches the API server through this gate."""
         doc = yaml.safe_load(Path(kubeconfig).read_text())
@@ -55,9 +61,9 @@ class Gate:
 
 @contextlib.asynccontextmanager
 async def gate_to(server_url: str) -> AsyncIterator[Gate]:
-    """A closed gate to the API server at `server_url`, serving for the block."""
+    """An open gate to the API server at `server_url`, serving for the block."""
     target = urlsplit(server_url)
-    gate = Gate(target.hostname or "127.0.0.1", target.port or 443)
+    gate = Gate(target.hostname or "127.0.0.1", target.port or 443, open=True)
     server = await asyncio.start_server(gate._handle, "127.0.0.1", 0)
     gate.port = server.sockets[0].getsockname()[1]
     try:

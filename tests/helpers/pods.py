@@ -40,6 +40,7 @@ def pod_event(
     created: float | None = None,
     attempt: int = 1,
     labels: dict[str, str] | None = None,
+    gone: watcher_service_pb2.PodGone.ValueType = watcher_service_pb2.POD_GONE_UNSPECIFIED,
 ) -> PodEvent:
     _cursor[0] += 1
     event = PodEvent(
@@ -54,6 +55,7 @@ def pod_event(
         init_containers=init_containers or [],
         launch_attempt=attempt,
         labels=labels or {},
+        gone=gone,
     )
     event.task_key.CopyFrom(key)
     created_ts = Timestamp()

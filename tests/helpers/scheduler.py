@@ -63,13 +63,17 @@ class SchedulerClient:
         annotations: dict[str, str] | None = None,
         override: str = "",
         command: list[str] | None = None,
+        template: str = "",
     ) -> launcher_service_pb2.LaunchTaskResponse:
         if annotations and not override:
             pairs = ", ".join(f"{k}: '{v}'" for k, v in annotations.items())
             override = f"metadata: {{annotations: {{{pairs}}}}}"
         response: launcher_service_pb2.LaunchTaskResponse = await self.launcher.LaunchTask(
             launcher_service_pb2.LaunchTaskRequest(
-                key=key, command=command or ["run-task"], pod_override_yaml=override
+                key=key,
+                command=command or ["run-task"],
+                pod_override_yaml=override,
+                template_name=template,
             ),
             timeout=30,
         )

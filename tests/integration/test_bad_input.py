@@ -7,14 +7,15 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.descriptor import Descriptor
 
 from controlplane.stack import ServiceStack
-from shepherd import channels
 from shepherd.errors import field_violation
 from shepherd.v1 import launcher_service_pb2 as lpb
+from shepherd.v1 import launcher_service_pb2_grpc, task_pb2, watcher_service_pb2, watcher_service_pb2_grpc
 from shepherd.v1 import reconciler_service_pb2 as rpb
-from shepherd.v1 import task_pb2, watcher_service_pb2, watcher_service_pb2_grpc
 from tests.helpers import task_key, unique_name
+from tests.helpers.enums import every_rpc_enum_case, path_name, with_enum
 from tests.helpers.scheduler import SchedulerClient
 
 pytestmark = pytest.mark.integration
@@ -40,7 +41,8 @@ LAUNCH_CASES = [
     (launch(pod_override_yaml="spec: [unclosed"), "pod_override_yaml"),
     (launch(pod_override_yaml="- not a mapping"), "pod_override_yaml"),
     (launch(pod_override_yaml="metadata: {name: mine}"), "pod_override_yaml.metadata.name"),
-    (launch(pod_override_yaml="metadata: {namespace: not-watched}"), "pod_override_yaml.metadata.namespace"),
+    (launch(pod_override_yaml="metadata: {namespace: Not_A_Name}"), "pod_override_yaml.metadata.namespace"),
+    (launch(pod_override_yaml="spec: {nodeSelectr: {a: b}}"), "pod_override_yaml.spec.nodeSelectr"),
     (launch(template_yaml="kind: Service"), "template_yaml.kind"),
     (launch(template_yaml="spec: {containers: [{name: base}]}"), "pod.spec.containers[base].image"),
     (launch(template_name="default", template_yaml="kind: Pod"), "template_yaml"),
@@ -99,17 +101,20 @@ async def test_an_empty_batch_is_refused(client: SchedulerClient) -> None:
     assert (err.value.code(), field_violation(err.value)) == (INVALID, "requests")
 
 
-async def test_unknown_tasks_are_not_found_everywhere(client: SchedulerClient) -> None:
+async def test_unknown_tasks_are_not_found_everywhere(stack: ServiceStack, client: SchedulerClient) -> None:
     unknown = task_key(task_id=unique_name("nobody"))
-    for call in (
-        client.launcher.GetLaunch(lpb.GetLaunchRequest(key=unknown)),
-        client.launcher.CancelLaunch(lpb.CancelLaunchRequest(key=unknown)),
-        client.reconciler.GetTask(rpb.GetTaskRequest(key=unknown)),
-        client.reconciler.CancelTask(rpb.CancelTaskRequest(key=unknown)),
-    ):
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await call
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # CancelLaunch is the reconciler's to call (the default policy): the test calls it as the reconciler.
+    async with stack.channel("launcher", identity="reconciler") as channel:
+        as_reconciler = launcher_service_pb2_grpc.LauncherServiceStub(channel)
+        for call in (
+            client.launcher.GetLaunch(lpb.GetLaunchRequest(key=unknown)),
+            as_reconciler.CancelLaunch(lpb.CancelLaunchRequest(key=unknown)),
+            client.reconciler.GetTask(rpb.GetTaskRequest(key=unknown)),
+            client.reconciler.CancelTask(rpb.CancelTaskRequest(key=unknown)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize(
@@ -140,7 +145,7 @@ async def test_bad_keys_are_refused_by_the_reconciler(client: SchedulerClient) -
 
 
 async def test_a_watcher_cursor_from_another_run_is_out_of_range(stack: ServiceStack) -> None:
-    async with channels.aio_channel(stack.address("watcher")) as channel:
+    async with stack.channel("watcher", identity="reconciler") as channel:
         stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in stub.WatchPodEvents(watcher_service_pb2.WatchPodEventsRequest(after_cursor=12345)):
@@ -153,3 +158,47 @@ async def test_after_all_that_the_services_still_work(client: SchedulerClient) -
     key = task_key(task_id=unique_name("still-ok"))
     await client.launch(key, annotations={"sim.shepherd.dev/run-time": "200ms"})
     assert (await client.final(key)).state == task_pb2.TASK_STATE_SUCCEEDED
+
+
+ENUM_CASES = list(every_rpc_enum_case())
+RECONCILER_ONLY = {"CancelLaunch", "RelaunchTask", "WatchLaunchEvents"}
+
+
+@pytest.mark.parametrize(
+    ("service", "method", "kind", "request_type", "path"),
+    ENUM_CASES,
+    ids=[f"{m}.{path_name(t, p)}" for _, m, _, t, p in ENUM_CASES],
+)
+@pytest.mark.parametrize("number", [99, -5])
+async def test_an_undefined_enum_value_is_refused_by_every_rpc(
+    stack: ServiceStack,
+    service: str,
+    method: str,
+    kind: str,
+    request_type: Descriptor,
+    path: tuple[str, ...],
+    number: int,
+) -> None:
+    """Every enum field of every request of the three services, found from the descriptors."""
+    name = service.rsplit(".", 1)[1].removesuffix("Service").lower()
+    request = with_enum(request_type, path, number)
+    # As a caller the default policy lets in, so the enum check (not authorization) answers.
+    identity = "reconciler" if name == "watcher" or method in RECONCILER_ONLY else "scheduler"
+    async with stack.channel(name, identity=identity) as channel:
+        call = getattr(channel, kind)(
+            f"/{service}/{method}",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=lambda b: b,
+        )
+
+        async def send() -> None:
+            if kind == "unary_stream":
+                async for _ in call(request, timeout=10):
+                    pass
+            else:
+                await call(request, timeout=10)
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await send()
+    assert (err.value.code(), field_violation(err.value)) == (INVALID, path_name(request_type, path))
+    assert str(number) in (err.value.details() or "")

@@ -22,13 +22,13 @@ from grpc_status import rpc_status
 
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import channels, podmeta
+from shepherd import podmeta
 from shepherd.taskstates import TERMINAL
 from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import reconciler_service_pb2 as rpb
 from shepherd.v1 import task_pb2
 from tests.helpers import task_key, unique_name
-from tests.helpers.audit import pods_created
+from tests.helpers.audit import AuditLog
 from tests.helpers.gate import Gate, gate_to
 from tests.helpers.scheduler import SchedulerClient
 from tests.helpers.volumes import ext4_volume, fill, remount, tmpfs
@@ -46,7 +46,7 @@ FOREVER = {"sim.shepherd.dev/outcome": "run-forever"}
 
 
 async def health(stack: ServiceStack, name: str) -> int:
-    async with channels.aio_channel(stack.address(name)) as channel:
+    async with stack.channel(name) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         return int(reply.status)
 
@@ -66,7 +66,7 @@ async def until_health(stack: ServiceStack, name: str, status: int, *, timeout: 
 
 def gated_stack(cluster: ClusterInfo, tmp_path: Path, gate: Gate, store_dir: Path) -> ServiceStack:
     """A stack whose launcher keeps its store in `store_dir` and reaches the API server through
-    `gate`, retrying creates for as long as the gate is closed."""
+    `gate`, retrying creates (every second at most) while the gate is closed."""
     stack = ServiceStack(
         cluster,
         tmp_path / "stack",
@@ -77,8 +77,6 @@ def gated_stack(cluster: ClusterInfo, tmp_path: Path, gate: Gate, store_dir: Pat
                 gate.kubeconfig(cluster.kubeconfigs["launcher"], tmp_path),
                 "--store-path",
                 str(store_dir / "launcher.db"),
-                "--create-max-retries",
-                "-1",
                 "--create-backoff-cap-s",
                 "1",
             ]
@@ -88,12 +86,28 @@ def gated_stack(cluster: ClusterInfo, tmp_path: Path, gate: Gate, store_dir: Pat
 
 
 async def accept_while_gate_is_closed(
-    client: SchedulerClient, run: str, life: dict[str, str] = SHORT
+    client: SchedulerClient, gate: Gate, run: str, life: dict[str, str] = SHORT
 ) -> list[task_pb2.TaskKey]:
+    """Launches the launcher accepts (stored) but cannot create yet."""
+    gate.shut()
     keys = [task_key(dag_id="store", task_id=f"t{i}", run_id=run) for i in range(ACCEPTED)]
     replies = await asyncio.gather(*(client.launch(key, annotations=life) for key in keys))
     assert {r.launch.state for r in replies} == {lpb.LAUNCH_STATE_ACCEPTED}
     return keys
+
+
+async def created_and_reachable(stack: ServiceStack, gate: Gate, keys: list[task_pb2.TaskKey]) -> None:
+    """Open the gate; return once the pods exist (audit log) and the launcher has seen the API
+    server answer again, so from then on only its store can keep it from SERVING."""
+    since = log_size(stack, "launcher")
+    gate.open = True
+    await AuditLog.from_now(Cluster().audit_log).until_created(*(podmeta.pod_name(k) for k in keys))
+
+    async def answered() -> None:
+        while "the Kubernetes API server answers" not in read_log(stack, "launcher", since):
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(answered(), 60)
 
 
 async def refused_as_unavailable(client: SchedulerClient, store: Path, *causes: str) -> None:
@@ -142,7 +156,7 @@ async def check_settled(
     for key in keys:
         assert sum(s in TERMINAL for s in client.states(key)) == 1, client.states(key)
     pods = {podmeta.pod_name(key) for key in keys}
-    created = pods_created(Cluster().audit_log, pods)
+    created = AuditLog(Cluster().audit_log).creates(pods)
     assert set(created) == pods, created
     assert set(created.values()) == {1}, created
 
@@ -156,9 +170,10 @@ async def test_a_full_disk_makes_the_launcher_unavailable_and_every_outcome_is_w
             await asyncio.to_thread(stack.start)
             try:
                 async with SchedulerClient.connect(stack) as client:
-                    keys = await accept_while_gate_is_closed(client, unique_name("full"))
+                    keys = await accept_while_gate_is_closed(client, gate, unique_name("full"))
                     ballast = fill(volume)
-                    gate.open = True  # the pods get created; their outcomes cannot be written
+                    # The pods get created; their outcomes cannot be written.
+                    await created_and_reachable(stack, gate, keys)
                     await until_health(stack, "launcher", health_pb2.HealthCheckResponse.NOT_SERVING)
                     await refused_as_unavailable(client, volume / "launcher.db", "database or disk is full")
 
@@ -179,9 +194,9 @@ async def test_a_volume_gone_read_only_stops_the_launcher_and_a_restart_on_the_r
             store = volume.path / "launcher.db"
             try:
                 async with SchedulerClient.connect(stack) as client:
-                    keys = await accept_while_gate_is_closed(client, unique_name("ro"), FOREVER)
+                    keys = await accept_while_gate_is_closed(client, gate, unique_name("ro"), FOREVER)
                     volume.fail()
-                    gate.open = True
+                    await created_and_reachable(stack, gate, keys)
                     await until_health(stack, "launcher", health_pb2.HealthCheckResponse.NOT_SERVING)
                     # ext4 reports the emergency read-only state to SQLite as an I/O error.
                     await refused_as_unavailable(
@@ -207,14 +222,18 @@ def log_size(stack: ServiceStack, name: str) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
+def read_log(stack: ServiceStack, name: str, since: int = 0) -> str:
+    with stack.log_path(name).open("rb") as file:
+        file.seek(since)
+        return file.read().decode(errors="replace")
+
+
 def assert_one_line_naming(
     stack: ServiceStack, name: str, store: Path, cause: str = "", *, since: int = 0
 ) -> None:
     """The service's run whose log starts at `since` ended in one error line naming the store and
     the cause, and no traceback."""
-    with stack.log_path(name).open("rb") as file:
-        file.seek(since)
-        log = file.read().decode(errors="replace")
+    log = read_log(stack, name, since)
     errors = [line for line in log.splitlines() if '"level":"error"' in line]
     assert len(errors) == 1, log[-3000:]
     assert str(store) in errors[0], errors[0]

@@ -91,8 +91,8 @@ def test_the_watcher_identity_is_denied_writes(cluster: ClusterInfo, verb: str) 
 @pytest.mark.parametrize(
     ("identity", "allowed", "denied"),
     [
-        ("launcher", {"create"}, {"get", "list", "watch", "patch", "delete"}),
-        ("watcher", {"list", "watch"}, {"create", "get", "patch", "delete"}),
+        ("launcher", {"create", "get"}, {"list", "watch", "patch", "delete"}),
+        ("watcher", {"get", "list", "watch"}, {"create", "patch", "delete"}),
         ("reconciler", {"list", "patch", "delete"}, {"create", "get", "watch"}),
     ],
 )

@@ -12,13 +12,13 @@ import pytest
 
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import channels, failpoints, podmeta
+from shepherd import failpoints, podmeta
 from shepherd.taskstates import TERMINAL
 from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import task_pb2
 from shepherd.v1.launcher_service_pb2_grpc import LauncherServiceStub
 from tests.helpers import core_api, eventually, task_key, unique_name
-from tests.helpers.audit import deletes_by_pod, pods_created
+from tests.helpers.audit import RECONCILER, AuditLog, calls_by_pod
 from tests.helpers.scheduler import SchedulerClient
 
 pytestmark = pytest.mark.integration
@@ -86,10 +86,10 @@ async def check_everything_finished_once(
 
     await asyncio.to_thread(eventually, all_deleted, what="every succeeded pod to be deleted", timeout=120)
     audit = Cluster().audit_log
-    created = pods_created(audit, pods)
+    created = AuditLog(audit).creates(pods)
     assert set(created) == pods, created
     assert set(created.values()) == {1}, created
-    deletes = deletes_by_pod(audit, pods)
+    deletes = calls_by_pod(audit, "delete", RECONCILER, pods)
     assert set(deletes) == succeeded, deletes
     assert set(deletes.values()) == {1}, deletes
 
@@ -138,7 +138,7 @@ async def test_a_reconciler_whose_batch_commit_fails_exits_and_its_restart_loses
     run = unique_name("crash-reconciler")
     keys = [task_key(dag_id="crash", task_id=f"t{i}", run_id=run) for i in range(TASKS)]
     try:
-        async with channels.aio_channel(stack.address("launcher")) as channel:
+        async with stack.channel("launcher") as channel:
             reply = await LauncherServiceStub(channel).BatchLaunchTasks(
                 lpb.BatchLaunchTasksRequest(requests=[launch_request(key, i) for i, key in enumerate(keys)]),
                 timeout=30,

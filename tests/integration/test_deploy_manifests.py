@@ -94,3 +94,69 @@ def test_the_image_holds_what_the_deployments_run() -> None:
         name = deployment["metadata"]["name"]
         assert pod["containers"][0]["args"] == ["-m", f"services.{name}"]
         assert pod["securityContext"]["runAsUser"] == 1000
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_each_deployment_serves_mutual_tls_from_its_secret_and_probes_in_plaintext(name: str) -> None:
+    deployment = next(
+        o for o in kustomized_objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == name
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+    for setting, file in (("CERT", "tls.crt"), ("KEY", "tls.key"), ("CA", "ca.crt")):
+        assert env[f"SHEPHERD_TLS_{setting}"] == f"{mount['mountPath']}/{file}"
+    volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == f"{name}-tls"
+    # The settings the Deployment gives are the service's own, and coherent.
+    settings_class = {
+        "launcher": "services.launcher.settings:LauncherSettings",
+        "watcher": "services.watcher.settings:WatcherSettings",
+        "reconciler": "services.reconciler.settings:ReconcilerSettings",
+    }[name]
+    assert {f"SHEPHERD_{f.upper()}" for f in _fields(settings_class)} >= set(env)
+    health_port = int(env["SHEPHERD_HEALTH_PORT"])
+    assert container["readinessProbe"]["grpc"]["port"] == health_port
+    assert container["livenessProbe"]["grpc"]["port"] == health_port
+
+
+def _fields(path: str) -> set[str]:
+    import importlib
+
+    module, _, cls = path.partition(":")
+    return set(getattr(importlib.import_module(module), cls).model_fields)
+
+
+def test_the_istio_layer_switches_every_deployment_to_mesh_identity() -> None:
+    """Applies deploy/mesh/istio's JSON patch the way kustomize does and checks that exactly the
+    TLS settings and volume go (the patch addresses them by index)."""
+    ops = yaml.safe_load((DEPLOY / "mesh" / "istio" / "mesh-identity.yaml").read_text())
+    for deployment in (o for o in kustomized_objects() if o["kind"] == "Deployment"):
+        before = deployment["spec"]["template"]["spec"]
+        after = _json_patch(deployment, ops)["spec"]["template"]["spec"]
+        env_before = [e["name"] for e in before["containers"][0]["env"]]
+        env_after = [e["name"] for e in after["containers"][0]["env"]]
+        tls = ["SHEPHERD_TLS_CERT", "SHEPHERD_TLS_KEY", "SHEPHERD_TLS_CA"]
+        assert env_after == [n for n in env_before if n not in tls] + ["SHEPHERD_CLIENT_AUTH"]
+        assert "tls" not in {m["name"] for m in after["containers"][0]["volumeMounts"]}
+        assert "tls" not in {v["name"] for v in after["volumes"]}
+        assert len(after["volumes"]) == len(before["volumes"]) - 1
+
+
+def _json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = op["path"].strip("/").split("/")
+        target: Any = doc
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        if op["op"] == "remove":
+            del target[int(last)]
+        elif last == "-":
+            target.append(op["value"])
+        else:
+            raise AssertionError(f"unexpected patch operation {op}")
+    return doc

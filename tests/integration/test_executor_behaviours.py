@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from controlplane import ClusterInfo
 from controlplane.stack import ServiceStack
@@ -111,7 +112,10 @@ async def test_a_cancel_before_the_pod_exists_prevents_its_creation(
             "launcher": ["--kubeconfig", unreachable_kubeconfig(cluster.kubeconfigs["launcher"], tmp_path)]
         },
     )
-    stack.start()
+    stack.start(wait=False)
+    for name in ("watcher", "reconciler"):
+        await asyncio.to_thread(stack.wait_serving, name)
+    await asyncio.to_thread(stack.wait_health, "launcher", health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
         async with SchedulerClient.connect(stack) as client:
             doomed = task_key(task_id=unique_name("doomed"))

@@ -1,5 +1,6 @@
 """A scheduler in another language, built from protos/ alone, drives launch -> success and
-launch -> failure: the contract is enough, nothing of Shepherd's Python code is needed."""
+launch -> failure over mutual TLS with a scheduler's certificate: the contract and a certificate
+are enough, nothing of Shepherd's Python code is needed."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ CLIENT = Path(__file__).resolve().parents[1] / "clients" / "scheduler.mjs"
 
 
 def run_node_client(stack: ServiceStack, override: str) -> dict[str, Any]:
+    scheduler = stack.identities["scheduler"]
     result = subprocess.run(
         [
             "node",
@@ -26,6 +28,9 @@ def run_node_client(stack: ServiceStack, override: str) -> dict[str, Any]:
             stack.address("reconciler"),
             unique_name("node"),
             override,
+            str(scheduler.ca),
+            str(scheduler.cert),
+            str(scheduler.key),
         ],
         capture_output=True,
         text=True,

@@ -11,17 +11,21 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
-from controlplane import ClusterInfo
+from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import channels, podmeta
+from shepherd import podmeta
 from shepherd.v1 import launcher_service_pb2 as pb
 from shepherd.v1 import launcher_service_pb2_grpc as pb_grpc
-from tests.helpers import core_api, eventually, task_key, unique_name
+from shepherd.v1 import task_pb2
+from tests.helpers import task_key, unique_name
+from tests.helpers.audit import AuditLog
 from tests.helpers.cluster import unreachable_kubeconfig
 from tests.helpers.scheduler import SchedulerClient
 
 pytestmark = pytest.mark.integration
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def request(key: object) -> pb.LaunchTaskRequest:
@@ -60,10 +64,12 @@ async def offline_launcher(
             ],
         },
     )
-    stack.start(("launcher",))
-    async with channels.aio_channel(stack.address("launcher")) as channel:
+    stack.start(("launcher",), wait=False)
+    # Up, and saying it cannot serve: its API server does not answer.
+    await asyncio.to_thread(stack.wait_health, "launcher", NOT_SERVING)
+    async with stack.channel("launcher") as channel:
         yield stack, pb_grpc.LauncherServiceStub(channel)
-    stack.stop_all()
+    await asyncio.to_thread(stack.stop_all)
 
 
 async def test_a_launcher_killed_after_answering_ok_creates_the_pod_on_restart(
@@ -74,29 +80,19 @@ async def test_a_launcher_killed_after_answering_ok_creates_the_pod_on_restart(
     reply = await launcher.LaunchTask(request(key))
     assert reply.launch.state == pb.LAUNCH_STATE_ACCEPTED
 
+    audit = AuditLog.from_now(Cluster().audit_log)
     stack.stop("launcher", sig=signal.SIGKILL)  # no drain, no goodbye: the pod does not exist yet
     stack.flags["launcher"] = ["--kubeconfig", cluster.kubeconfigs["launcher"]]
-    stack.start(("launcher",))
+    # The whole stack this time: the replay asks the reconciler whether the task ever had a pod.
+    await asyncio.to_thread(stack.start)
 
-    admin = core_api(cluster.admin_kubeconfig)
-    eventually(
-        lambda: (
-            admin.list_namespaced_pod(
-                cluster.namespace, field_selector=f"metadata.name={reply.launch.pod_name}"
-            ).items
-        ),
-        what="the replayed launch's pod",
-    )
-    async with channels.aio_channel(stack.address("launcher")) as channel:
-        restarted = pb_grpc.LauncherServiceStub(channel)
-        launch = (await restarted.GetLaunch(pb.GetLaunchRequest(key=key))).launch
-        assert launch.state == pb.LAUNCH_STATE_CREATED
-        assert launch.pod_name == podmeta.pod_name(key)
-    pods = admin.list_namespaced_pod(
-        cluster.namespace, label_selector=f"shepherd.dev/executor-id={stack.executor_id}"
-    )
-    assert len(pods.items) == 1
-    admin.delete_namespaced_pod(reply.launch.pod_name, cluster.namespace)
+    async with SchedulerClient.connect(stack) as client:
+        task = await client.final(key, timeout=120)
+        launch = (await client.launcher.GetLaunch(pb.GetLaunchRequest(key=key))).launch
+    assert task.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert launch.state == pb.LAUNCH_STATE_CREATED
+    assert launch.pod_name == podmeta.pod_name(key)
+    assert audit.creates({launch.pod_name}) == {launch.pod_name: 1}
 
 
 async def test_a_full_queue_says_resource_exhausted_and_keeps_what_it_accepted(

@@ -46,7 +46,7 @@ async def run_two_tasks(stack: ServiceStack, other: str) -> tuple[task_pb2.Task,
 async def test_a_namespace_list_needs_only_namespaced_roles(cluster: ClusterInfo, tmp_path: Path) -> None:
     other = unique_name("team")
     docs = variant("namespace-list", other)
-    assert {d["kind"] for d in docs} == {"Namespace", "Role", "RoleBinding"}
+    assert {d["kind"] for d in docs} == {"Namespace", "ServiceAccount", "Role", "RoleBinding"}
     admin = Cluster()._admin()
     for doc in docs:
         admin.apply(doc)

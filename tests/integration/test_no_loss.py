@@ -5,6 +5,7 @@ in the API server's own audit log."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections import Counter
 from pathlib import Path
@@ -17,12 +18,30 @@ from shepherd import podmeta
 from shepherd.taskstates import TERMINAL
 from shepherd.v1 import task_pb2
 from tests.helpers import task_key, unique_name
-from tests.helpers.audit import deletes_by_pod
 from tests.helpers.scheduler import SchedulerClient
 
 pytestmark = pytest.mark.integration
 S = task_pb2
 TASKS = 1000
+
+
+RECONCILER = "system:serviceaccount:shepherd:reconciler"
+
+
+def deletes_by_pod(audit_log: Path, pods: set[str], user: str = RECONCILER) -> Counter[str]:
+    """Delete calls per pod made by `user`, from the API server's audit log."""
+    counts: Counter[str] = Counter()
+    for line in audit_log.read_text().splitlines():
+        entry = json.loads(line)
+        ref = entry.get("objectRef") or {}
+        if (
+            entry.get("verb") == "delete"
+            and entry.get("stage") == "ResponseComplete"
+            and entry.get("user", {}).get("username") == user
+            and ref.get("name") in pods
+        ):
+            counts[ref["name"]] += 1
+    return counts
 
 
 async def test_restarting_every_part_mid_run_loses_and_duplicates_nothing(

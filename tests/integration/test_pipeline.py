@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from shepherd.v1 import reconciler_service_pb2 as rpb
 from shepherd.v1 import task_pb2
 from tests.helpers import task_key, unique_name
 from tests.helpers.scheduler import SchedulerClient
@@ -59,3 +60,20 @@ async def test_an_unschedulable_pod_times_out_pending_and_says_why(client: Sched
     assert task.state == S.TASK_STATE_FAILED
     assert task.failure.reason == "PendingTimeout"
     assert "Insufficient cpu" in task.failure.message
+
+
+async def test_every_task_has_its_queued_time_when_launched_one_every_50_ms(client: SchedulerClient) -> None:
+    # The watcher can report a pod before the launcher's stream reports its launch; the task then
+    # starts from the pod event, and the launch event that follows must still bring the accept time.
+    run = unique_name("queued-time")
+    keys = [task_key(dag_id="queued_time", task_id=f"t{i}", run_id=run) for i in range(30)]
+    accepted = {}
+    for key in keys:
+        reply = await client.launch(key, annotations={"sim.shepherd.dev/run-time": "300ms"})
+        accepted[key.task_id] = reply.launch.accept_time
+        await asyncio.sleep(0.05)
+    finals = await asyncio.gather(*(client.final(key) for key in keys))
+    stored = [(await client.reconciler.GetTask(rpb.GetTaskRequest(key=key), timeout=10)).task for key in keys]
+    missing = [t.key.task_id for t in stored if t.queued_time != accepted[t.key.task_id]]
+    assert missing == [], f"{len(missing)} of {len(keys)} stored tasks lack their queued_time"
+    assert [t.state for t in finals] == [S.TASK_STATE_SUCCEEDED] * len(keys)

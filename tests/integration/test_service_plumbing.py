@@ -15,7 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controlplane import ClusterInfo
 from controlplane.settings import ClusterSettings
 from controlplane.stack import SERVICES, ServiceStack
-from shepherd import channels
 from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import (
     launcher_service_pb2_grpc,
@@ -34,7 +33,10 @@ GRPCURL = str(ClusterSettings().bin_dir / "grpcurl")
 @pytest.mark.parametrize("name", SERVICES)
 def test_grpcurl_discovers_each_service_by_reflection(stack: ServiceStack, name: str) -> None:
     listed = subprocess.run(
-        [GRPCURL, "-plaintext", stack.address(name), "list"], capture_output=True, text=True, check=True
+        [GRPCURL, *stack.grpcurl_flags(), stack.address(name), "list"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert f"shepherd.v1.{name.capitalize()}Service" in listed
     assert "grpc.health.v1.Health" in listed
@@ -46,7 +48,7 @@ def test_methods_resolve_by_reflection_as_ghz_needs(stack: ServiceStack, name: s
     methods = [
         line.split()[1]
         for line in subprocess.run(
-            [GRPCURL, "-plaintext", stack.address(name), "describe", service],
+            [GRPCURL, *stack.grpcurl_flags(), stack.address(name), "describe", service],
             capture_output=True,
             text=True,
             check=True,
@@ -56,7 +58,7 @@ def test_methods_resolve_by_reflection_as_ghz_needs(stack: ServiceStack, name: s
     assert methods
     for method in methods:
         out = subprocess.run(
-            [GRPCURL, "-plaintext", stack.address(name), "describe", f"{service}.{method}"],
+            [GRPCURL, *stack.grpcurl_flags(), stack.address(name), "describe", f"{service}.{method}"],
             capture_output=True,
             text=True,
             check=True,
@@ -69,7 +71,7 @@ def test_grpcurl_can_call_an_rpc_without_proto_files(stack: ServiceStack) -> Non
     out = subprocess.run(
         [
             GRPCURL,
-            "-plaintext",
+            *stack.grpcurl_flags(),
             "-d",
             body,
             stack.address("reconciler"),
@@ -91,7 +93,7 @@ async def test_the_watcher_is_not_serving_until_its_first_list(cluster: ClusterI
     )
     stack.start(("watcher",), wait=False)  # its API server is unreachable: the first list never completes
     try:
-        async with channels.aio_channel(stack.address("watcher")) as channel:
+        async with stack.channel("watcher", identity="reconciler") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             request = health_pb2.HealthCheckRequest(service="shepherd.v1.WatcherService")
             reply = await health.Check(request, wait_for_ready=True, timeout=30)
@@ -107,7 +109,7 @@ async def test_the_watcher_is_not_serving_until_its_first_list(cluster: ClusterI
 
 async def test_request_ids_are_echoed_and_bound_into_log_lines(stack: ServiceStack) -> None:
     key = task_key(task_id=unique_name("rid"))
-    async with channels.aio_channel(stack.address("launcher")) as channel:
+    async with stack.channel("launcher") as channel:
         stub = launcher_service_pb2_grpc.LauncherServiceStub(channel)
         call = stub.LaunchTask(
             lpb.LaunchTaskRequest(key=key, command=["run"]), metadata=(("x-request-id", "req-abc-123"),)
@@ -130,7 +132,7 @@ async def test_sigterm_drains_a_service_and_it_exits_cleanly(cluster: ClusterInf
     stack = ServiceStack(cluster, tmp_path, executor_id=f"drain-{unique_name('x')[-6:]}")
     stack.start()
     try:
-        async with channels.aio_channel(stack.address("reconciler")) as channel:
+        async with stack.channel("reconciler") as channel:
             stub = reconciler_service_pb2_grpc.ReconcilerServiceStub(channel)
             stream = stub.WatchTaskStates(reconciler_service_pb2.WatchTaskStatesRequest())
             code = stack.stop("reconciler", sig=signal.SIGTERM)

@@ -14,19 +14,30 @@ import pytest
 
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
-from shepherd import channels, podmeta
-from shepherd.v1 import reconciler_service_pb2, watcher_service_pb2, watcher_service_pb2_grpc
+from shepherd import podmeta
+from shepherd.v1 import (
+    launcher_service_pb2,
+    reconciler_service_pb2,
+    task_pb2,
+    watcher_service_pb2,
+    watcher_service_pb2_grpc,
+)
 from tests.helpers import core_api, make_pod, task_key, unique_name
+from tests.helpers.audit import LAUNCHER, calls_by_pod
 from tests.helpers.cluster import spare_settings
 from tests.helpers.scheduler import SchedulerClient
 from tests.helpers.streams import Collector, unbatched
 
 pytestmark = pytest.mark.integration
 W = watcher_service_pb2
+S = task_pb2
+L = launcher_service_pb2
+R = reconciler_service_pb2
 WATCH_TIMEOUT_S = 5
 
 
 def executor_pod(executor: str, name: str, **annotations: str) -> dict[str, object]:
+    """A pod of `executor`'s made by hand (not launched), for the task `task_key(task_id=name)`."""
     key = task_key(task_id=name)
     pod = make_pod(
         name,
@@ -47,30 +58,45 @@ def gap_cluster(
     spare.down()
 
 
-async def test_a_410_gap_is_rebuilt_from_a_relist_including_vanished_pods(
+async def test_a_410_gap_is_rebuilt_and_every_task_touched_in_it_settles(
     gap_cluster: tuple[Cluster, ClusterInfo], tmp_path: Path
 ) -> None:
+    """During a watch gap a Running and a Pending pod are deleted, one pod is relabelled out of the
+    selector, one changes and one appears. After the 410 re-list the watcher reports each, the
+    deleted ones as deleted (it reads them by name: the rebuilt event has no deletionTimestamp),
+    and the reconciler settles every task: none is left waiting for a pod that no longer exists."""
     spare, info = gap_cluster
-    executor = "gap"
+    executor = f"gap-{unique_name('x')[-6:]}"
     stack = ServiceStack(
         info, tmp_path, executor_id=executor, flags={"watcher": ["--watch-timeout-s", str(WATCH_TIMEOUT_S)]}
     )
-    stack.start(("watcher",))
+    stack.start()
     admin = core_api(info.admin_kubeconfig)
     ns = info.namespace
+    run_forever = {"sim.shepherd.dev/outcome": "run-forever"}
+    running, pending, left, changed = (
+        task_key(task_id=unique_name(n)) for n in ("run", "pend", "left", "chg")
+    )
+    added_name = unique_name("new")
+    added = task_key(task_id=added_name)  # its pod is made by hand, named added_name
     try:
-        for name in ("pod-a", "pod-b"):
-            admin.create_namespaced_pod(
-                ns, executor_pod(executor, name, **{"sim.shepherd.dev/outcome": "run-forever"})
-            )
-        async with channels.aio_channel(stack.address("watcher")) as channel:
+        async with (
+            SchedulerClient.connect(stack) as client,
+            stack.channel("watcher", identity="reconciler") as channel,
+        ):
             stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
             events = Collector(
                 unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(after_cursor=0)), "events")
             ).start()
+            for key in (running, left, changed):
+                await client.launch(key, annotations=run_forever)
+            await client.launch(key=pending, override="spec: {nodeSelector: {disktype: no-such-node}}")
+            for key in (running, left, changed):
+                await client.reached(key, S.TASK_STATE_RUNNING)
+            pending_pod = podmeta.pod_name(pending)
             await events.until(
-                lambda items: {i.pod_name for i in items if i.phase == "Running"} >= {"pod-a", "pod-b"},
-                what="both pods Running",
+                lambda items: any(i.pod_name == pending_pod and i.conditions for i in items),
+                what="the pending pod's scheduling verdict",
             )
             seen = len(events.items)
 
@@ -78,39 +104,126 @@ async def test_a_410_gap_is_rebuilt_from_a_relist_including_vanished_pods(
             os.kill(watcher.pid, signal.SIGSTOP)  # the watcher stops reading; its watch times out server-side
             try:
                 await asyncio.sleep(WATCH_TIMEOUT_S + 3)
-                admin.delete_namespaced_pod("pod-a", ns, grace_period_seconds=0, _request_timeout=30)
+                for key in (running, pending):
+                    admin.delete_namespaced_pod(
+                        podmeta.pod_name(key), ns, grace_period_seconds=0, _request_timeout=30
+                    )
                 admin.patch_namespaced_pod(
-                    "pod-b", ns, {"metadata": {"labels": {"changed": "during-gap"}}}, _request_timeout=30
+                    podmeta.pod_name(left), ns, {"metadata": {"labels": {podmeta.LABEL_DONE: "true"}}}
                 )
-                admin.create_namespaced_pod(ns, executor_pod(executor, "pod-c"), _request_timeout=30)
+                admin.patch_namespaced_pod(
+                    podmeta.pod_name(changed), ns, {"metadata": {"labels": {"changed": "during-gap"}}}
+                )
+                admin.create_namespaced_pod(ns, executor_pod(executor, added_name), _request_timeout=30)
                 spare.compact_etcd()  # the watcher's last resourceVersion is now history: 410 Gone
             finally:
                 os.kill(watcher.pid, signal.SIGCONT)
 
-            def gap_rebuilt(items: list[W.PodEvent]) -> bool:
-                after = [i for i in items[seen:]]
-                return {(e.pod_name, e.type) for e in after if e.synthetic} >= {
-                    ("pod-a", W.POD_EVENT_TYPE_DELETED),
-                    ("pod-b", W.POD_EVENT_TYPE_MODIFIED),
-                    ("pod-c", W.POD_EVENT_TYPE_ADDED),
-                }
-
-            await events.until(gap_rebuilt, what="synthetic events for the gap")
+            expected = {
+                (podmeta.pod_name(running), W.POD_EVENT_TYPE_DELETED, W.POD_GONE_DELETED),
+                (podmeta.pod_name(pending), W.POD_EVENT_TYPE_DELETED, W.POD_GONE_DELETED),
+                (podmeta.pod_name(left), W.POD_EVENT_TYPE_DELETED, W.POD_GONE_LEFT_SELECTOR),
+                (podmeta.pod_name(changed), W.POD_EVENT_TYPE_MODIFIED, W.POD_GONE_UNSPECIFIED),
+                (added_name, W.POD_EVENT_TYPE_ADDED, W.POD_GONE_UNSPECIFIED),
+            }
+            await events.until(
+                lambda items: {(e.pod_name, e.type, e.gone) for e in items[seen:] if e.synthetic} >= expected,
+                what="synthetic events for the gap",
+            )
             rebuilt = [i for i in events.items[seen:] if i.synthetic]
-            assert next(e for e in rebuilt if e.pod_name == "pod-b").labels["changed"] == "during-gap"
+            assert (
+                next(e for e in rebuilt if e.pod_name == podmeta.pod_name(changed)).labels["changed"]
+                == "during-gap"
+            )
             cursors = [i.cursor for i in events.items]
             assert cursors == sorted(set(cursors))
+
+            # Every task touched in the gap settles.
+            lost_running = await client.final(running)
+            assert (lost_running.state, lost_running.failure.reason) == (
+                S.TASK_STATE_FAILED,
+                "DeletedWhileRunning",
+            )
+            assert "deleted" in lost_running.failure.message
+
+            async def pending_settled() -> str:
+                while True:
+                    states = client.states(pending)
+                    if S.TASK_STATE_UP_FOR_RESCHEDULE in states:
+                        return "rescheduled"
+                    reply = await client.launcher.GetLaunch(L.GetLaunchRequest(key=pending), timeout=10)
+                    if reply.launch.attempt == 2:
+                        return "relaunched"
+                    await asyncio.sleep(0.2)
+
+            outcome = await asyncio.wait_for(pending_settled(), 60)
+            if outcome == "relaunched":
+                relaunched_pod = podmeta.pod_name(pending, 2)
+                await events.until(
+                    lambda items: any(i.pod_name == relaunched_pod for i in items),
+                    what="the relaunched pod",
+                )
+            # The pod that appeared in the gap runs its life; its task's end is also the barrier
+            # that shows the reconciler has applied every event of the gap before it.
+            assert (await client.final(added)).state == S.TASK_STATE_SUCCEEDED
+            reply = await client.reconciler.GetTask(R.GetTaskRequest(key=left), timeout=10)
+            assert reply.task.state == S.TASK_STATE_RUNNING  # relabelled away, not deleted
+            assert client.states(changed)[-1] == S.TASK_STATE_RUNNING
             await events.stop()
-        assert "re-listing" in stack.tail("watcher", 200)
+        assert "re-listing" in stack.tail("watcher", 400)
     finally:
         stack.stop_all()
+    creates = calls_by_pod(spare.audit_log, "create", LAUNCHER)
+    mine = {podmeta.pod_name(k, a) for k in (running, pending, left, changed) for a in (1, 2)}
+    assert {name: n for name, n in creates.items() if name in mine and n != 1} == {}
+
+
+async def test_a_pod_that_leaves_the_selector_is_not_reported_deleted(
+    gap_cluster: tuple[Cluster, ClusterInfo], tmp_path: Path
+) -> None:
+    """A watch reports a pod that stops matching the selector as DELETED, with its old content; the
+    watcher tells it from a deletion by reading the pod."""
+    _, info = gap_cluster
+    executor = f"sel-{unique_name('x')[-6:]}"
+    stack = ServiceStack(info, tmp_path, executor_id=executor)
+    stack.start(("watcher",))
+    admin = core_api(info.admin_kubeconfig)
+    ns = info.namespace
+    kept, deleted = unique_name("kept"), unique_name("gone")
+    try:
+        async with stack.channel("watcher", identity="reconciler") as channel:
+            stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
+            events = Collector(
+                unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(snapshot=True)), "events")
+            ).start()
+            for name in (kept, deleted):
+                admin.create_namespaced_pod(
+                    ns, executor_pod(executor, name, **{"sim.shepherd.dev/outcome": "run-forever"})
+                )
+            await events.until(
+                lambda items: {i.pod_name for i in items if i.phase == "Running"} >= {kept, deleted},
+                what="both pods Running",
+            )
+            admin.patch_namespaced_pod(kept, ns, {"metadata": {"labels": {podmeta.LABEL_DONE: "true"}}})
+            admin.delete_namespaced_pod(deleted, ns, grace_period_seconds=0)
+            await events.until(
+                lambda items: (
+                    {(i.pod_name, i.gone) for i in items if i.type == W.POD_EVENT_TYPE_DELETED}
+                    >= {(kept, W.POD_GONE_LEFT_SELECTOR), (deleted, W.POD_GONE_DELETED)}
+                ),
+                what="both pods out of view, each with how it went",
+            )
+            await events.stop()
+    finally:
+        stack.stop_all()
+        admin.delete_namespaced_pod(kept, ns, grace_period_seconds=0)
 
 
 async def test_a_client_resuming_from_its_cursor_gets_every_later_event_once(stack: ServiceStack) -> None:
     admin = core_api(stack.cluster.admin_kubeconfig)
     ns = stack.cluster.namespace
     first, second = unique_name("resume-a"), unique_name("resume-b")
-    async with channels.aio_channel(stack.address("watcher")) as channel:
+    async with stack.channel("watcher", identity="reconciler") as channel:
         stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
         before = Collector(
             unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(snapshot=True)), "events")

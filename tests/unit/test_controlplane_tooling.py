@@ -12,7 +12,8 @@ import pytest
 
 from controlplane.kubeapi import object_path
 from controlplane.pki import Authority
-from controlplane.processes import Daemon, ProcessError, Supervisor, owned_pids, port_is_free
+from controlplane.processes import Daemon, ProcessError, Supervisor, port_is_free
+from controlplane.stack import free_port
 
 
 def test_a_taken_port_is_reported_with_what_to_do(tmp_path: Path) -> None:
@@ -30,17 +31,56 @@ def test_a_missing_binary_points_at_the_build_command(tmp_path: Path) -> None:
         Supervisor(tmp_path).start(Daemon("etcd", [str(tmp_path / "nope")], 0))
 
 
-def test_stop_all_stops_only_processes_that_mention_the_state_dir(tmp_path: Path) -> None:
-    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path)])
-    theirs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+def _sleeper(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import time; time.sleep(120)", *args]
+
+
+def test_stop_all_stops_only_the_daemons_it_started(tmp_path: Path) -> None:
+    """Naming the state directory does not make a process ours: a user's `tail -f` of a daemon's
+    log, or a process working in a sibling directory with the same prefix, survives stop_all."""
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    (state / "logs" / "audit.log").write_text("")
+    supervisor = Supervisor(state)
+    ours = supervisor.start(Daemon("etcd", _sleeper(f"--data-dir={state}/etcd"), free_port()))
+    strangers = [
+        subprocess.Popen(["tail", "-f", str(state / "logs" / "audit.log")]),
+        subprocess.Popen(_sleeper(f"{state}-sibling/data")),
+        subprocess.Popen(_sleeper(f"--data-dir={state}/etcd")),  # our daemon's very arguments, not ours
+    ]
     try:
-        assert ours.pid in owned_pids(str(tmp_path))
-        Supervisor(tmp_path).stop_all(timeout=5)
-        assert ours.wait(timeout=5) is not None
-        assert theirs.poll() is None
+        assert supervisor.pid("etcd") == ours
+        assert supervisor.stop_all(["etcd"], timeout=5) == [ours]
+        assert not Path(f"/proc/{ours}").exists() or _zombie(ours)
+        for stranger in strangers:
+            assert stranger.poll() is None, f"{stranger.args!r} was stopped"
     finally:
-        theirs.kill()
-        ours.kill()
+        for stranger in strangers:
+            stranger.kill()
+            stranger.wait()
+
+
+def test_a_pid_file_naming_another_process_is_not_trusted(tmp_path: Path) -> None:
+    """A recycled pid (the pid file of a dead daemon now naming someone else) is left alone."""
+    supervisor = Supervisor(tmp_path)
+    supervisor.start(Daemon("etcd", _sleeper(), free_port()))
+    supervisor.stop_all(["etcd"], timeout=5)
+    stranger = subprocess.Popen(_sleeper(str(tmp_path)))
+    try:
+        (tmp_path / "run" / "etcd.pid").write_text(str(stranger.pid))
+        assert supervisor.pid("etcd") is None
+        supervisor.stop_all(["etcd"], timeout=5)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
 
 
 def test_certificates_are_reused_so_a_restart_keeps_kubeconfigs_valid(tmp_path: Path) -> None:

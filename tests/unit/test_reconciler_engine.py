@@ -9,14 +9,15 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
+import structlog
 
-from services.reconciler.engine import Engine, PodItem
+from services.reconciler.engine import Engine, LaunchItem, PodItem, UnknownTask
 from services.reconciler.statemachine import Policy
 from services.reconciler.store import PodActionRow, TaskStore
 from shepherd import podmeta
-from shepherd.v1 import task_pb2, watcher_service_pb2
+from shepherd.v1 import launcher_service_pb2, task_pb2, watcher_service_pb2
 from tests.helpers import task_key
-from tests.helpers.pods import pod_event
+from tests.helpers.pods import container, pod_event
 
 S = task_pb2
 
@@ -184,3 +185,126 @@ async def test_a_batch_reads_the_stored_tasks_it_does_not_hold_in_one_query(tmp_
         assert second.states(done) == [S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]  # still final
         assert all(second.states(k) == [S.TASK_STATE_QUEUED] for k in new)
     await store.close()
+
+
+def _launch(
+    key: task_pb2.TaskKey, state: launcher_service_pb2.LaunchState.ValueType, *, attempt: int = 1
+) -> launcher_service_pb2.Launch:
+    launch = launcher_service_pb2.Launch(
+        state=state, namespace="shepherd", pod_name=podmeta.pod_name(key, attempt), attempt=attempt
+    )
+    launch.key.CopyFrom(key)
+    launch.accept_time.GetCurrentTime()
+    return launch
+
+
+async def _launch_events(harness: Harness, *launches: launcher_service_pb2.Launch) -> None:
+    for launch in launches:
+        _launch_cursor[0] += 1
+        await harness.engine.submit(LaunchItem(_launch_cursor[0], launch))
+    await harness.settle()
+
+
+_launch_cursor = [0]
+L = launcher_service_pb2
+DELETED = watcher_service_pb2.POD_EVENT_TYPE_DELETED
+
+
+async def test_a_launch_cancelled_before_its_pod_exists_revokes_the_task(harness: Harness) -> None:
+    key = task_key(task_id="cancelled-early")
+    await _launch_events(
+        harness, _launch(key, L.LAUNCH_STATE_ACCEPTED), _launch(key, L.LAUNCH_STATE_CANCELLED)
+    )
+    assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_REVOKED]
+    assert harness.actions == []
+    # A create that was already in flight makes the pod anyway: it is deleted, once.
+    await harness.feed(pod_event(key, "Pending", uid="late"), pod_event(key, "Running", uid="late"))
+    assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_REVOKED]
+    assert [(a.pod_uid, a.action) for a in harness.actions] == [("late", "delete")]
+
+
+async def test_a_launch_cancelled_after_its_pod_was_seen_deletes_the_pod_once(harness: Harness) -> None:
+    key = task_key(task_id="cancelled-seen")
+    await _launch_events(harness, _launch(key, L.LAUNCH_STATE_ACCEPTED))
+    await harness.feed(pod_event(key, "Pending", uid="seen"))
+    await _launch_events(harness, _launch(key, L.LAUNCH_STATE_CANCELLED))
+    await harness.feed(
+        pod_event(key, "Running", uid="seen"), pod_event(key, "Running", uid="seen", kind=DELETED)
+    )
+    assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_REVOKED]
+    assert [(a.pod_uid, a.action) for a in harness.actions] == [("seen", "delete")]
+
+
+async def test_a_pod_seen_before_its_launch_event_still_gets_the_queued_time(harness: Harness) -> None:
+    key = task_key(task_id="pod-first")
+    launch = _launch(key, L.LAUNCH_STATE_ACCEPTED)
+    await harness.feed(pod_event(key, "Pending", uid="early"))  # the watcher was faster
+    await _launch_events(harness, launch, _launch(key, L.LAUNCH_STATE_CREATED))
+    await harness.feed(pod_event(key, "Running", uid="early"), pod_event(key, "Succeeded", uid="early"))
+    task, _ = harness.store.get(podmeta.key_string(key)) or (None, None)
+    assert task is not None
+    assert task.queued_time == launch.accept_time
+    final = [c.task for _, c in harness.store.transitions.read_after(0, 1000) if c.task.key == key][-1]
+    assert (final.state, final.queued_time) == (S.TASK_STATE_SUCCEEDED, launch.accept_time)
+
+
+async def test_a_running_pod_found_deleted_after_a_watch_gap_fails_its_task(harness: Harness) -> None:
+    key = task_key(task_id="gap-running")
+    vanished = pod_event(key, "Running", uid="g", kind=DELETED, gone=watcher_service_pb2.POD_GONE_DELETED)
+    vanished.synthetic = True
+    await harness.feed(pod_event(key, "Running", uid="g"), vanished)
+    assert harness.states(key) == [S.TASK_STATE_RUNNING, S.TASK_STATE_FAILED]
+    assert harness.actions == []  # the pod is gone: nothing to clean up
+
+
+async def test_a_pending_pod_found_deleted_after_a_watch_gap_is_relaunched(harness: Harness) -> None:
+    key = task_key(task_id="gap-pending")
+    vanished = pod_event(key, "Pending", uid="p", kind=DELETED, gone=watcher_service_pb2.POD_GONE_DELETED)
+    vanished.synthetic = True
+    await harness.feed(pod_event(key, "Pending", uid="p"), vanished)
+    assert harness.relaunches == [(key, 1)]
+    assert harness.states(key) == [S.TASK_STATE_QUEUED]
+
+
+async def test_a_pod_we_marked_done_leaving_view_unexplained_changes_nothing(harness: Harness) -> None:
+    key = task_key(task_id="evicted")
+    # Evicted before it ran: relaunched, and the kept pod is marked done, so it leaves our selector.
+    await harness.feed(
+        pod_event(key, "Pending", uid="ev"), pod_event(key, "Failed", uid="ev", reason="Evicted")
+    )
+    assert harness.relaunches == [(key, 1)]
+    assert [(a.pod_uid, a.action) for a in harness.actions] == [("ev", "mark-done")]
+    await harness.feed(pod_event(key, "Failed", uid="ev", reason="Evicted", kind=DELETED))
+    assert harness.relaunches == [(key, 1)]
+    assert harness.states(key) == [S.TASK_STATE_QUEUED]
+
+
+async def test_a_task_whose_base_container_ended_beside_a_sidecar_finishes_once(harness: Harness) -> None:
+    key = task_key(task_id="sidecar")
+    base_done = [
+        container("base", phase=S.CONTAINER_PHASE_TERMINATED, reason="Completed"),
+        container("istio-proxy", phase=S.CONTAINER_PHASE_RUNNING),
+    ]
+    await harness.feed(
+        pod_event(key, "Running", uid="sc", containers=[container("base"), container("istio-proxy")]),
+        pod_event(key, "Running", uid="sc", containers=base_done),
+    )
+    assert harness.states(key) == [S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
+    assert [(a.pod_uid, a.action) for a in harness.actions] == [("sc", "delete")]
+    # Our delete stops the sidecar, which may end the pod Failed: the task stays SUCCEEDED.
+    killed = [base_done[0], container("istio-proxy", phase=S.CONTAINER_PHASE_TERMINATED, exit_code=137)]
+    await harness.feed(
+        pod_event(key, "Running", uid="sc", containers=base_done, deleting=True),
+        pod_event(key, "Failed", uid="sc", containers=killed, deleting=True),
+        pod_event(key, "Failed", uid="sc", containers=killed, kind=DELETED, deleting=True),
+    )
+    assert harness.states(key) == [S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
+    assert [(a.pod_uid, a.action) for a in harness.actions] == [("sc", "delete")]
+
+
+async def test_a_cancel_of_an_unknown_task_is_refused_without_an_error_log(harness: Harness) -> None:
+    with structlog.testing.capture_logs() as logs:
+        with pytest.raises(UnknownTask):
+            await harness.engine.cancel(task_key(task_id="never-launched"), "no reason")
+        await harness.settle()
+    assert [entry for entry in logs if entry["log_level"] in ("error", "exception", "critical")] == []

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from services.reconciler.statemachine import PodAction, Policy, decide, moves_forward
+from services.reconciler.statemachine import (
+    PodAction,
+    Policy,
+    decide,
+    decide_cancel,
+    decide_launch,
+    moves_forward,
+)
 from shepherd import podmeta
-from shepherd.v1 import task_pb2, watcher_service_pb2
+from shepherd.v1 import launcher_service_pb2, task_pb2, watcher_service_pb2
 from tests.helpers import task_key
 from tests.helpers.pods import container, pod_event
 
@@ -14,7 +21,9 @@ S = task_pb2
 W = watcher_service_pb2
 KEY = task_key()
 WAITING = S.CONTAINER_PHASE_WAITING
+RUNNING = S.CONTAINER_PHASE_RUNNING
 TERMINATED = S.CONTAINER_PHASE_TERMINATED
+L = launcher_service_pb2
 
 
 def test_a_revoked_pod_is_deleted_whatever_it_does() -> None:
@@ -23,10 +32,38 @@ def test_a_revoked_pod_is_deleted_whatever_it_does() -> None:
     assert (decision.state, decision.action) == (None, PodAction.DELETE)
 
 
-def test_a_pod_that_left_the_selector_without_deletion_changes_nothing() -> None:
-    event = pod_event(KEY, "Running", kind=W.POD_EVENT_TYPE_DELETED)
+def test_a_pod_that_left_the_selector_changes_nothing() -> None:
+    event = pod_event(KEY, "Running", kind=W.POD_EVENT_TYPE_DELETED, gone=W.POD_GONE_LEFT_SELECTOR)
     decision = decide(S.TASK_STATE_RUNNING, event, Policy())
     assert (decision.state, decision.action, decision.lost_before_start) == (None, PodAction.NONE, False)
+
+
+def test_a_running_pod_found_deleted_after_a_watch_gap_fails_the_task() -> None:
+    # The watcher rebuilds a vanished pod's DELETED from its last known state: no deletionTimestamp,
+    # but the watcher read the pod by name and says it was deleted.
+    event = pod_event(KEY, "Running", kind=W.POD_EVENT_TYPE_DELETED, gone=W.POD_GONE_DELETED)
+    event.synthetic = True
+    decision = decide(S.TASK_STATE_RUNNING, event, Policy())
+    assert decision.state == S.TASK_STATE_FAILED
+    assert decision.failure is not None
+    assert decision.failure.reason == "DeletedWhileRunning"
+
+
+def test_a_pending_pod_found_deleted_after_a_watch_gap_is_a_loss() -> None:
+    event = pod_event(KEY, "Pending", kind=W.POD_EVENT_TYPE_DELETED, gone=W.POD_GONE_DELETED)
+    event.synthetic = True
+    decision = decide(S.TASK_STATE_QUEUED, event, Policy())
+    assert decision.lost_before_start
+    assert decision.state is None
+
+
+@pytest.mark.parametrize(("acted", "state"), [(False, S.TASK_STATE_FAILED), (True, None)])
+def test_an_unexplained_disappearance_is_a_deletion_unless_we_acted_on_the_pod(
+    acted: bool, state: int | None
+) -> None:
+    # The watcher could not read the pod: only our own record says whether we took it away.
+    event = pod_event(KEY, "Running", kind=W.POD_EVENT_TYPE_DELETED)
+    assert decide(S.TASK_STATE_RUNNING, event, Policy(), acted_on_pod=acted).state == state
 
 
 def test_provider_failed_fails_the_task() -> None:
@@ -171,3 +208,110 @@ def test_an_unknown_phase_decides_nothing() -> None:
 )
 def test_transitions_only_move_forward_and_terminal_is_final(current: int, new: int, forward: bool) -> None:
     assert moves_forward(current, new) is forward  # type: ignore[arg-type]
+
+
+def test_a_base_container_that_exits_zero_beside_a_running_sidecar_succeeds_the_task() -> None:
+    event = pod_event(
+        KEY,
+        "Running",
+        containers=[
+            container("base", phase=TERMINATED, reason="Completed"),
+            container("istio-proxy", phase=RUNNING),
+        ],
+    )
+    decision = decide(S.TASK_STATE_RUNNING, event, Policy())
+    assert (decision.state, decision.action) == (S.TASK_STATE_SUCCEEDED, PodAction.DELETE)
+
+
+def test_a_base_container_that_fails_beside_a_running_sidecar_fails_the_task() -> None:
+    event = pod_event(
+        KEY,
+        "Running",
+        containers=[
+            container("log-shipper", phase=RUNNING),
+            container("base", phase=TERMINATED, reason="Error", exit_code=3),
+        ],
+    )
+    decision = decide(S.TASK_STATE_RUNNING, event, Policy())
+    assert (decision.state, decision.action) == (S.TASK_STATE_FAILED, PodAction.MARK_DONE)
+    assert decision.failure is not None
+    assert (decision.failure.container.name, decision.failure.container.exit_code) == ("base", 3)
+    assert "container 'base' exited with code 3 (Error)" in decision.failure.message
+
+
+def test_a_sidecar_that_fails_after_base_succeeded_does_not_fail_the_task() -> None:
+    event = pod_event(
+        KEY,
+        "Failed",
+        containers=[
+            container("base", phase=TERMINATED, reason="Completed"),
+            container("istio-proxy", phase=TERMINATED, reason="Error", exit_code=137),
+        ],
+    )
+    assert decide(S.TASK_STATE_RUNNING, event, Policy()).state == S.TASK_STATE_SUCCEEDED
+
+
+def test_a_native_sidecar_keeps_running_while_base_runs() -> None:
+    event = pod_event(
+        KEY,
+        "Running",
+        init_containers=[container("istio-proxy", phase=RUNNING, init=True)],
+        containers=[container("base", phase=RUNNING)],
+    )
+    assert decide(S.TASK_STATE_QUEUED, event, Policy()).state == S.TASK_STATE_RUNNING
+
+
+def test_a_running_sidecar_alone_does_not_finish_the_task() -> None:
+    event = pod_event(
+        KEY,
+        "Running",
+        containers=[
+            container("base", phase=RUNNING),
+            container("istio-proxy", phase=TERMINATED, reason="Completed"),
+        ],
+    )
+    assert decide(S.TASK_STATE_RUNNING, event, Policy()).state == S.TASK_STATE_RUNNING
+
+
+def _launch(state: int) -> launcher_service_pb2.Launch:
+    launch = L.Launch(state=state, attempt=1)  # type: ignore[arg-type]
+    launch.key.CopyFrom(KEY)
+    return launch
+
+
+@pytest.mark.parametrize(
+    ("current", "state", "action"),
+    [
+        (S.TASK_STATE_UNSPECIFIED, S.TASK_STATE_REVOKED, PodAction.DELETE),
+        (S.TASK_STATE_QUEUED, S.TASK_STATE_REVOKED, PodAction.DELETE),
+        (S.TASK_STATE_RUNNING, S.TASK_STATE_REVOKED, PodAction.DELETE),
+        (S.TASK_STATE_SUCCEEDED, None, PodAction.NONE),
+    ],
+)
+def test_a_cancelled_launch_revokes_an_unfinished_task_and_removes_its_pod(
+    current: int, state: int | None, action: PodAction
+) -> None:
+    decision = decide_launch(current, _launch(L.LAUNCH_STATE_CANCELLED))  # type: ignore[arg-type]
+    assert (decision.state, decision.action) == (state, action)
+
+
+def test_launch_outcomes_queue_or_fail_the_task() -> None:
+    assert decide_launch(S.TASK_STATE_UNSPECIFIED, _launch(L.LAUNCH_STATE_ACCEPTED)).state == (
+        S.TASK_STATE_QUEUED
+    )
+    failed = _launch(L.LAUNCH_STATE_FAILED)
+    failed.failure.reason = "LaunchRejected"
+    decision = decide_launch(S.TASK_STATE_QUEUED, failed)
+    assert decision.state == S.TASK_STATE_FAILED
+    assert decision.failure is not None
+    assert decision.failure.reason == "LaunchRejected"
+    assert decide_launch(S.TASK_STATE_RUNNING, _launch(L.LAUNCH_STATE_CREATED)).state is None
+
+
+def test_a_cancel_revokes_only_an_unfinished_task() -> None:
+    assert (decide_cancel(S.TASK_STATE_RUNNING).state, decide_cancel(S.TASK_STATE_RUNNING).action) == (
+        S.TASK_STATE_REVOKED,
+        PodAction.DELETE,
+    )
+    assert decide_cancel(S.TASK_STATE_FAILED).state is None
+    assert decide_cancel(S.TASK_STATE_FAILED).action is PodAction.NONE

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
 from shepherd.grpcserver import GrpcServer
+from shepherd.settings import ServiceSettings
 from shepherd.supervisor import ServiceFailed, Supervisor
 
 H = health_pb2.HealthCheckResponse
@@ -19,7 +20,8 @@ H = health_pb2.HealthCheckResponse
 
 @pytest.fixture
 async def server() -> AsyncIterator[GrpcServer]:
-    grpc_server = GrpcServer(host="127.0.0.1", port=0, service_names=["test.Service"])
+    settings = ServiceSettings(host="127.0.0.1", port=0)  # plaintext on loopback: allowed
+    grpc_server = GrpcServer(settings, service_names=["test.Service"])
     await grpc_server.start()
     await grpc_server.set_serving(True)
     yield grpc_server

@@ -1,0 +1,1 @@
+"""`shepherd`: the operator's command line (serve the services, inspect and steer tasks)."""
