@@ -9,6 +9,7 @@ default authorization policy, each presenting the certificate the control plane 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -210,8 +211,23 @@ class ServiceStack:
                 proc.wait()
         return proc.returncode
 
-    def restart(self, name: str, *, sig: int = signal.SIGTERM) -> None:
+    async def exited(self, name: str, *, within_s: float = 60.0) -> int:
+        """Wait (without blocking the event loop) until the service exits by itself; its exit code.
+        StackError if it is still running after `within_s`."""
+        proc = self.procs[name]
+        deadline = time.monotonic() + within_s
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise StackError(f"{name} was still running after {within_s:.0f}s:\n{self.tail(name)}")
+            await asyncio.sleep(0.1)
+        del self.procs[name]
+        return proc.returncode
+
+    def restart(self, name: str, *, sig: int = signal.SIGTERM, env: dict[str, str] | None = None) -> None:
+        """Stop the service and start it again, with `env` (if given) as its extra environment."""
         self.stop(name, sig=sig)
+        if env is not None:
+            self.env[name] = env
         self.start((name,))
 
     def stop_all(self) -> None:

@@ -1,8 +1,9 @@
 """Turning domain failures into gRPC statuses that mean what google.rpc says they mean.
 
 INVALID_ARGUMENT carries a google.rpc.BadRequest detail naming the field, so clients in any
-language can point at it without parsing the message; RESOURCE_EXHAUSTED from a rate limit
-carries a google.rpc.RetryInfo saying when to try again.
+language can point at it without parsing the message. RESOURCE_EXHAUSTED from a rate limit and
+UNAVAILABLE (the service cannot do it now, e.g. its store cannot write, and a retry may succeed)
+carry a google.rpc.RetryInfo saying when to try again.
 """
 
 from __future__ import annotations
@@ -51,7 +52,15 @@ async def abort_fields(
 
 
 async def abort_exhausted(context: Any, message: str, *, retry_after_s: float | None = None) -> NoReturn:
-    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)
+    await _abort_retryable(context, code_pb2.RESOURCE_EXHAUSTED, message, retry_after_s)
+
+
+async def abort_unavailable(context: Any, message: str, *, retry_after_s: float = 1.0) -> NoReturn:
+    await _abort_retryable(context, code_pb2.UNAVAILABLE, message, retry_after_s)
+
+
+async def _abort_retryable(context: Any, code: int, message: str, retry_after_s: float | None) -> NoReturn:
+    status = status_pb2.Status(code=code, message=message)
     if retry_after_s is not None:
         info = error_details_pb2.RetryInfo()
         info.retry_delay.FromNanoseconds(max(1, int(retry_after_s * 1e9)))

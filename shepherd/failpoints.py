@@ -20,6 +20,7 @@ NAMES: dict[str, str] = {
     "sqlite.commit": "a SQLite COMMIT fails (disk error) in either stateful service",
     "launcher.settle": "a pod create's outcome is lost before it is stored, as when the launcher dies "
     "right after the create: the launch stays ACCEPTED though its pod exists",
+    "creator.worker": "a pod-creator worker fails between launches (a bug), taking the pod creator down",
 }
 
 

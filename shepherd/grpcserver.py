@@ -8,14 +8,19 @@
   an optional plaintext port of its own for the kubelet's gRPC probes (which cannot do TLS);
 - server reflection, so grpcurl and ghz need no .proto files;
 - SIGTERM/SIGINT: health flips to NOT_SERVING, new RPCs are refused, running ones get
-  `shutdown_grace_s` to finish, then the service's own shutdown runs.
+  `shutdown_grace_s` to finish, then the service's own shutdown runs;
+- health is SERVING only while every Readiness condition holds (started, and the store can write);
+- `run` turns a failed start (a store that cannot be used) or a failed root task (see
+  supervisor.py) into one logged line and a non-zero exit, never a bare traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import gc
 import signal
+import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeAlias
 
@@ -30,6 +35,8 @@ from shepherd.interceptors import Guard, RequestContextInterceptor
 from shepherd.limits import LaunchRate, StreamSlots
 from shepherd.logging import get_logger
 from shepherd.settings import ServiceSettings
+from shepherd.sqlite import StoreUnavailable
+from shepherd.supervisor import ServiceFailed
 
 # grpc ships no type information; servicer methods annotate their context with this alias.
 Context: TypeAlias = Any
@@ -67,7 +74,21 @@ def run(main: Coroutine[Any, Any, None], settings: ServiceSettings) -> None:
         get_logger(component="grpc").error("refusing to start", reason=str(err))
         raise SystemExit(2) from None
     gc.set_threshold(*_GC_THRESHOLDS)
-    uvloop.run(main)
+    try:
+        uvloop.run(main)
+    except ServiceFailed:
+        sys.exit(1)  # the supervisor has logged the cause; a restart recovers
+    except StoreUnavailable as err:  # at start: the store cannot be opened, or cannot write
+        get_logger().error(f"cannot start: {err}", store=err.path)
+        sys.exit(1)
+
+
+class Readiness(enum.Enum):
+    """What must hold for a service to report SERVING; each condition is reported on its own."""
+
+    STARTED = enum.auto()  # start-up is done (the watcher's first list, the reconciler in sync...)
+    STORE = enum.auto()  # the service's store can write
+    API = enum.auto()  # the Kubernetes API server answers (the launcher: it can do nothing without)
 
 
 class _MethodAwarePool:
@@ -180,6 +201,7 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
+        self._unmet = {Readiness.STARTED}
         self._frozen = False
         _enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])
         address = f"{settings.host}:{settings.port}"
@@ -215,7 +237,13 @@ class GrpcServer:
             else None,
         )
 
-    async def set_serving(self, serving: bool) -> None:
+    async def set_serving(self, serving: bool, *, condition: Readiness = Readiness.STARTED) -> None:
+        """Report whether `condition` holds; health is SERVING while all of them do."""
+        if serving:
+            self._unmet.discard(condition)
+        else:
+            self._unmet.add(condition)
+        serving = not self._unmet
         if serving and not self._frozen:
             # What start-up built (modules, descriptors, settings, the first list) lives as long as
             # the process: moved out of the collector's sight, full collections stop re-walking it.

@@ -6,15 +6,22 @@ caller's await returns only after its write is durable. Writes nobody waits on (
 linger a few milliseconds for company, which cuts commits, and so fsyncs and thread hand-offs,
 several-fold under load. Reads use a second connection on the event-loop thread: WAL mode lets
 them proceed while the writer commits.
+
+A store that cannot write (a full disk, a volume gone read-only, an I/O error) fails the writes
+of the transaction that hit it with StoreUnavailable, which is retryable: nothing of them was
+kept. `writable` says whether the last transaction committed; `watch` reports its changes (so a
+service can stop serving meanwhile) and probes the store until it can write again. Opening runs
+a real write, so a store that cannot be used fails at start, naming its path and the cause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -27,6 +34,63 @@ T = TypeVar("T")
 _SLOW_COMMIT_S = 0.1
 _KEYS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 Synchronous = Literal["OFF", "NORMAL", "FULL"]
+
+# A one-row table every store has: opening writes it, and so does the probe of a store that could
+# not write, so either finds out with a real write.
+_PROBE_SCHEMA = "CREATE TABLE IF NOT EXISTS store_probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);"
+_PROBE_SQL = "INSERT OR REPLACE INTO store_probe(id, at) VALUES (1, ?)"
+
+# SQLite's primary result codes that speak of the store (its disk, its file, its locks), not of
+# the statement: a write failing with one of them may well succeed later, unchanged.
+_STORE_FAULT_CODES = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_CORRUPT,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOLFS,
+    sqlite3.SQLITE_NOTADB,
+    sqlite3.SQLITE_PERM,
+    sqlite3.SQLITE_PROTOCOL,
+    sqlite3.SQLITE_READONLY,
+}
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be used right now: a full disk, a read-only or failing volume, a damaged
+    file. What failed was not kept, so it can be tried again once the store works."""
+
+    def __init__(self, path: str, cause: BaseException | str, *, doing: str = "write") -> None:
+        self.path = path
+        self.cause = cause if isinstance(cause, str) else str(cause) or type(cause).__name__
+        super().__init__(f"the store at {path} cannot {doing}: {self.cause}")
+
+
+def is_store_fault(error: BaseException) -> bool:
+    """Whether `error` comes from the store's disk or file rather than from the code using it.
+    (failpoints.FailpointError is an OSError, like the faults it stands in for.)"""
+    if isinstance(error, StoreUnavailable | OSError):
+        return True
+    code = getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+    return code is not None and code & 0xFF in _STORE_FAULT_CODES
+
+
+def explain(path: str, error: BaseException) -> str:
+    """SQLite's own words for a store fault, plus what the filesystem says when those are vague
+    ("unable to open database file", "disk I/O error" on a volume that went read-only)."""
+    cause = str(error) or type(error).__name__
+    directory = Path(path).parent
+    with contextlib.suppress(OSError):
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"{cause} (read-only file system)"
+        if not os.access(directory, os.W_OK):
+            return f"{cause} (its directory is not writable)"
+    return cause
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    conn.execute(_PROBE_SQL, (time.time(),))
 
 
 class Database:
@@ -42,12 +106,19 @@ class Database:
     ) -> None:
         self.path = str(path)
         self.lazy_linger_s = lazy_linger_s
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
-        self._writer = self._executor.submit(self._open_writer, schema, synchronous).result()
-        self.reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.reader.execute("PRAGMA query_only=ON")
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._writer = self._executor.submit(self._open_writer, schema, synchronous).result()
+            self.reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self.reader.execute("PRAGMA query_only=ON")
+        except (sqlite3.Error, OSError) as err:
+            self._executor.shutdown(wait=False)
+            raise StoreUnavailable(self.path, explain(self.path, err), doing="be used") from err
+        self.writable = True  # whether the last transaction committed
+        self._health = AppendSignal()  # notified when `writable` changes, or the commit loop dies
+        self._dead: BaseException | None = None  # why the commit loop stopped, if it did
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._urgent = asyncio.Event()
@@ -65,10 +136,18 @@ class Database:
 
     def _open_writer(self, schema: str, synchronous: Synchronous) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(schema)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(schema + _PROBE_SCHEMA)
+            # A real write now: a store that cannot write fails at start, not at the first request.
+            conn.execute("BEGIN IMMEDIATE")
+            _probe(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def start(self) -> None:
@@ -89,6 +168,9 @@ class Database:
         an expected refusal rather than raise it, since raising re-runs its whole batch."""
         self.start()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if self._dead is not None:
+            future.set_exception(StoreUnavailable(self.path, f"its commit loop died ({self._dead!r})"))
+            return future
         self._pending.append((fn, future))
         self._wake.set()
         if not lazy:
@@ -96,6 +178,17 @@ class Database:
         return future
 
     async def _commit_loop(self) -> None:
+        try:
+            await self._commit_batches()
+        except Exception as err:  # a bug: fail what waits, and let watch() stop the service
+            self._dead = err
+            for _, future in self._pending:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(self.path, f"its commit loop died ({err!r})"))
+            self._pending = []
+            self._health.notify()
+
+    async def _commit_batches(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
@@ -109,12 +202,18 @@ class Database:
                 continue
             started = time.monotonic()
             try:
-                results, appended = await loop.run_in_executor(
+                results, appended, wrote = await loop.run_in_executor(
                     self._executor, self._run_batch, [fn for fn, _ in batch]
                 )
             except Exception as err:  # the loop must outlive a failed batch, or every later write hangs
-                get_logger(component="sqlite", path=self.path).error("write batch failed", error=str(err))
+                if isinstance(err, StoreUnavailable):
+                    self._set_writable(False, err)
+                else:
+                    get_logger(component="sqlite", path=self.path).error("write batch failed", error=str(err))
                 results, appended = [(False, err) for _ in batch], []
+            else:
+                if wrote:  # a transaction that changed nothing commits even on a read-only disk
+                    self._set_writable(True)
             for log, entries in appended:
                 log._publish(entries)  # before the writers resume: what they committed is readable
             elapsed = time.monotonic() - started
@@ -130,15 +229,57 @@ class Database:
                 else:
                     future.set_exception(value)
 
+    def _set_writable(self, writable: bool, error: StoreUnavailable | None = None) -> None:
+        if writable == self.writable:
+            return
+        self.writable = writable
+        log = get_logger(component="sqlite", path=self.path)
+        if error is not None:
+            log.error("the store cannot write: writes fail as retryable until it can", error=error.cause)
+        else:
+            log.info("the store can write again")
+        self._health.notify()
+
+    async def watch(
+        self, on_change: Callable[[bool], Awaitable[None]], *, probe_every_s: float = 1.0
+    ) -> None:
+        """A service's root task: calls `on_change` whenever the store starts or stops being able
+        to write, and while it cannot, tries a small write every `probe_every_s`, so the store is
+        found working again even when nothing else writes (a service that is NOT_SERVING gets no
+        requests). Raises if the commit loop has died: every write would hang."""
+        self.start()
+        reported = True
+        while True:
+            if self._dead is not None:
+                raise RuntimeError(f"the commit loop of the store at {self.path} died") from self._dead
+            if self.writable != reported:
+                reported = self.writable
+                await on_change(reported)
+                continue
+            if self.writable:
+                await self._health.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._health.wait(), probe_every_s)
+            if not self.writable and self._dead is None:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.write(_probe)
+
     def _run_batch(
         self, fns: list[Callable[[sqlite3.Connection], Any]]
-    ) -> tuple[list[tuple[bool, Any]], list[tuple[TableLog[Any], list[tuple[int, Any]]]]]:
-        """Writer thread: _transaction, leaving no transaction open and nothing staged if it fails."""
+    ) -> tuple[list[tuple[bool, Any]], list[tuple[TableLog[Any], list[tuple[int, Any]]]], bool]:
+        """Writer thread: _transaction, leaving no transaction open and nothing staged if it fails,
+        and whether it changed any row. A failure of the store itself (see is_store_fault) is
+        raised as StoreUnavailable."""
+        changes = self._writer.total_changes
         try:
-            return self._transaction(fns)
-        except Exception:
+            results, appended = self._transaction(fns)
+            return results, appended, self._writer.total_changes != changes
+        except Exception as err:
             with contextlib.suppress(sqlite3.Error):
                 self._abandon()
+            if is_store_fault(err):
+                raise StoreUnavailable(self.path, explain(self.path, err)) from err
             raise
 
     def _abandon(self) -> None:
@@ -157,24 +298,23 @@ class Database:
 
         Writes rarely fail, so the batch first runs bare. If one raises, that attempt is rolled
         back and the batch runs again with each write in a savepoint, so only the failing ones are
-        undone. (Savepoints on every write would cost two more statements each, every time.)"""
+        undone. (Savepoints on every write would cost two more statements each, every time.) A
+        failure of the store itself, or of the COMMIT, fails the whole batch."""
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
         try:
             results: list[tuple[bool, Any]] = [(True, fn(conn)) for fn in fns]
-        except Exception:
+        except Exception as err:
+            if is_store_fault(err):
+                raise
             self._abandon()
             conn.execute("BEGIN IMMEDIATE")
             results = self._run_isolated(fns)
         appended = [(log, log._staged) for log in self._logs if log._staged]
         for log in self._logs:
             log._staged = []
-        try:
-            failpoints.hit("sqlite.commit")
-            conn.execute("COMMIT")
-        except (sqlite3.Error, failpoints.FailpointError) as err:
-            self._abandon()
-            return [(False, err) for _ in fns], []
+        failpoints.hit("sqlite.commit")
+        conn.execute("COMMIT")
         return results, appended
 
     def _run_isolated(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
@@ -189,6 +329,8 @@ class Database:
                 results.append((True, fn(conn)))
                 conn.execute("RELEASE op")
             except Exception as err:  # one bad write must not sink the others in its batch
+                if is_store_fault(err):
+                    raise
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
                 for log, mark in zip(self._logs, marks, strict=True):
@@ -198,10 +340,16 @@ class Database:
 
     async def close(self) -> None:
         if self._loop_task is not None:
-            await self.write(lambda _: None)  # a barrier: every earlier write is committed
+            try:
+                await self.write(lambda _: None)  # a barrier: every earlier write is committed
+            except StoreUnavailable as err:
+                get_logger(component="sqlite", path=self.path).warning(
+                    "closing a store that cannot write: its last writes are not kept", error=err.cause
+                )
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        self._executor.submit(self._writer.close).result()
+        with contextlib.suppress(sqlite3.Error):
+            self._executor.submit(self._writer.close).result()
         self._executor.shutdown()
         self.reader.close()
 

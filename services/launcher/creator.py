@@ -32,9 +32,11 @@ from services.launcher.replay import Replay, decide
 from services.launcher.store import LaunchStore, stamp_cancelled, stamp_created, stamp_failed
 from shepherd import failpoints, podmeta
 from shepherd.kube import ApiError, KubeClient, is_transient
+from shepherd.kube.client import sleep_backoff
 from shepherd.kube.errors import Retries
 from shepherd.kube.reachability import ApiReachability
 from shepherd.logging import BoundLogger, get_logger
+from shepherd.sqlite import StoreUnavailable
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
 Launch = launcher_service_pb2.Launch
@@ -86,6 +88,7 @@ class PodCreator:
     _wanted: dict[str, int] = field(default_factory=dict)
     _resume_at: float = 0.0
     _log: BoundLogger = field(default_factory=lambda: get_logger(component="creator"))
+    _unsettled: asyncio.Queue[Launch] = field(default_factory=asyncio.Queue)  # outcomes to write again
 
     @property
     def backlog(self) -> int:
@@ -114,6 +117,7 @@ class PodCreator:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
+            group.create_task(self._resettle(), name="pod-creator-outcomes")
             for i in range(self.concurrency):
                 group.create_task(self._worker(), name=f"pod-creator-{i}")
             for i in range(self.replay_concurrency):
@@ -126,6 +130,7 @@ class PodCreator:
             launch, pod, name = await self._queue.get()
             if self._wanted.get(name) != launch.attempt:
                 continue  # cancelled, or relaunched, since it was queued
+            failpoints.hit("creator.worker")
             self._inflight.add(name)
             try:
                 await self._create(launch, pod, name)
@@ -290,14 +295,47 @@ class PodCreator:
         """Record a launch's outcome without holding the worker until it is committed: the worker
         moves on to the next create at once, and commits are not on the create path. If the
         process dies first, the launch is replayed on start and checked before anything is
-        created (replay.py), which settles it the same way."""
+        created (replay.py), which settles it the same way. An outcome the store cannot take (a
+        full disk, a failing volume) is kept and written again until it can (_resettle)."""
         try:
             failpoints.hit("launcher.settle")
         except failpoints.FailpointError:
             return  # the outcome is lost, as if the process had died before its commit
         future = self.store.update_soon(launch, only_if_state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED)
-        future.add_done_callback(self._log_unsettled)
+        future.add_done_callback(lambda done: self._settled(done, launch))
 
-    def _log_unsettled(self, future: asyncio.Future[bool]) -> None:
-        if not future.cancelled() and (err := future.exception()) is not None:
+    def _settled(self, future: asyncio.Future[bool], launch: Launch) -> None:
+        if future.cancelled() or (err := future.exception()) is None:
+            return
+        if isinstance(err, StoreUnavailable):
+            self._unsettled.put_nowait(launch)
+        else:
             self._log.error("could not record a launch's outcome", error=str(err))
+
+    async def _resettle(self) -> None:
+        """Write again the outcomes the store could not take, all waiting ones at once, with
+        backoff while it still cannot."""
+        failures = 0
+        while True:
+            launches = [await self._unsettled.get()]
+            while not self._unsettled.empty():
+                launches.append(self._unsettled.get_nowait())
+            results = await asyncio.gather(
+                *(
+                    self.store.update_soon(
+                        launch, only_if_state=launcher_service_pb2.LAUNCH_STATE_ACCEPTED, lazy=False
+                    )
+                    for launch in launches
+                ),
+                return_exceptions=True,
+            )
+            for launch, result in zip(launches, results, strict=True):
+                if isinstance(result, StoreUnavailable):
+                    self._unsettled.put_nowait(launch)
+                elif isinstance(result, BaseException):
+                    self._log.error("could not record a launch's outcome", error=str(result))
+            if self._unsettled.empty():
+                failures = 0
+            else:
+                failures += 1
+                await sleep_backoff(failures, cap_s=5.0)

@@ -1,4 +1,8 @@
-"""LauncherService over gRPC: validation and answers here, the work in store.py and creator.py."""
+"""LauncherService over gRPC: validation and answers here, the work in store.py and creator.py.
+
+While the store cannot write, calls that must write are answered UNAVAILABLE (with RetryInfo) and
+health is NOT_SERVING; both end by themselves once it can (see shepherd/sqlite.py, Database.watch).
+"""
 
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ from services.launcher.settings import LauncherSettings
 from services.launcher.store import Accepted, LaunchStore, stamp_cancelled
 from services.launcher.templates import TemplateCatalog, UnknownTemplate
 from shepherd import channels, podmeta
-from shepherd.errors import MAX_FIELD_LEN, MAX_PROBLEM_LEN, abort_fields, abort_invalid
+from shepherd.errors import MAX_FIELD_LEN, MAX_PROBLEM_LEN, abort_fields, abort_invalid, abort_unavailable
 from shepherd.eventlog import CursorOutOfRange, follow
-from shepherd.grpcserver import Context, GrpcServer, run
+from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import KubeClient, load_connection
 from shepherd.kube.reachability import ApiReachability
 from shepherd.logging import configure, get_logger
+from shepherd.sqlite import StoreUnavailable
+from shepherd.supervisor import Supervisor
 from shepherd.v1 import launcher_service_pb2 as pb
 from shepherd.v1 import launcher_service_pb2_grpc as pb_grpc
 from shepherd.validation import InvalidField, check_key
@@ -54,11 +60,15 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
             templates, policy, executor_id=settings.executor_id, namespace=settings.namespace
         )
         self._log = get_logger(component="launch")  # one logger for the per-task lines, not one per line
+        self._accepting: set[asyncio.Future[list[Accepted]]] = set()
 
     # ---- RPCs ---------------------------------------------------------------------------------
 
     async def LaunchTask(self, request: pb.LaunchTaskRequest, context: Context) -> pb.LaunchTaskResponse:
-        (outcome,) = await self._launch([request], [""])
+        try:
+            (outcome,) = await self._launch([request], [""])
+        except StoreUnavailable as err:
+            await abort_unavailable(context, str(err))
         if isinstance(outcome, PolicyDenied):
             await abort_fields(context, code_pb2.PERMISSION_DENIED, outcome.violations)
         elif isinstance(outcome, InvalidField):
@@ -77,7 +87,10 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
             await abort_invalid(context, InvalidField("requests", f"must hold 1 to {MAX_BATCH} launches"))
 
         prefixes = [f"requests[{i}]." for i in range(len(request.requests))]
-        outcomes = await self._launch(request.requests, prefixes)
+        try:
+            outcomes = await self._launch(request.requests, prefixes)
+        except StoreUnavailable as err:  # the batch is stored in one transaction: none of it was
+            await abort_unavailable(context, str(err))
         return pb.BatchLaunchTasksResponse(
             results=[
                 _batch_result(outcome, prefix) for outcome, prefix in zip(outcomes, prefixes, strict=True)
@@ -112,9 +125,12 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         launch = await self._existing(request.key, request.HasField("key"), context)
         in_flight = self._creator.cancel(request.key)
         if launch.state == pb.LAUNCH_STATE_ACCEPTED:
-            cancelled = await self._store.update(
-                stamp_cancelled(launch), only_if_state=pb.LAUNCH_STATE_ACCEPTED
-            )
+            try:
+                cancelled = await self._store.update(
+                    stamp_cancelled(launch), only_if_state=pb.LAUNCH_STATE_ACCEPTED
+                )
+            except StoreUnavailable as err:
+                await abort_unavailable(context, str(err))
             if cancelled is not None:
                 return pb.CancelLaunchResponse(launch=cancelled, pod_created=in_flight)
             launch = self._store.get(request.key) or launch
@@ -136,6 +152,8 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         except ValueError as err:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except StoreUnavailable as err:
+            await abort_unavailable(context, str(err))
         if relaunched:
             self._creator.submit(launch, pod)
             get_logger(
@@ -216,13 +234,26 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
             # Shielded: if the call is cancelled (a client deadline) while its launches are being
             # stored, they still reach the creator. Nothing else would send them: a retry finds
             # them stored and answers already_existed.
-            accepted = await asyncio.shield(self._accept([(launch, pod) for _, launch, pod in new]))
+            accepting = asyncio.get_running_loop().create_task(
+                self._accept([(launch, pod) for _, launch, pod in new]), name="accept"
+            )
+            self._accepting.add(accepting)
+            accepting.add_done_callback(self._accepted)
+            accepted = await asyncio.shield(accepting)
             for (i, _, _), result in zip(new, accepted, strict=True):
                 outcomes[i] = pb.LaunchTaskResponse(
                     launch=result.launch, already_existed=result.already_existed
                 )
         assert all(outcome is not None for outcome in outcomes)
         return outcomes  # type: ignore[return-value]  # every slot is filled above
+
+    def _accepted(self, task: asyncio.Future[list[Accepted]]) -> None:
+        """A shielded store outlives its call, so it is held here until done; if it failed after
+        its caller gave up, nobody is left to tell, and a retry of the call stores the launches
+        again (nothing of a failed transaction was kept)."""
+        self._accepting.discard(task)
+        if not task.cancelled():
+            task.exception()
 
     async def _accept(self, items: list[tuple[pb.Launch, dict[str, Any]]]) -> list[Accepted]:
         """Store the launches, then hand the new ones to the pod creator."""
@@ -277,7 +308,11 @@ async def serve(settings: LauncherSettings) -> None:
     reconciler_channel = channels.aio_channel(settings.reconciler_address)
     server = GrpcServer(settings, service_names=[SERVICE_NAME])
     # Health follows the API server: SERVING once it answers, NOT_SERVING while it does not.
-    api = ApiReachability(kube, on_change=server.set_serving, probe_interval_s=settings.api_probe_interval_s)
+    api = ApiReachability(
+        kube,
+        on_change=lambda ok: server.set_serving(ok, condition=Readiness.API),
+        probe_interval_s=settings.api_probe_interval_s,
+    )
     creator = PodCreator(
         kube=kube,
         store=store,
@@ -294,21 +329,22 @@ async def serve(settings: LauncherSettings) -> None:
         LauncherServicer(settings, store, creator, templates), server.server
     )
     await server.start()
-    tasks = [
-        asyncio.create_task(creator.run(), name="pod-creator"),
-        asyncio.create_task(api.run(), name="api-reachability"),
-    ]
+    await server.set_serving(False, condition=Readiness.API)  # until the first answer says
+    await server.set_serving(True)
+    supervisor = Supervisor(server)
+    supervisor.spawn(creator.run(), name="pod-creator")
+    supervisor.spawn(api.run(), name="api-reachability")
+    supervisor.spawn(
+        store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"
+    )
     log.info("ready", replayed=len(replay), templates=templates.names, executor_id=settings.executor_id)
-    await server.wait_for_stop_signal()
-    await server.drain(settings.shutdown_grace_s)
     # Accepted launches not yet created stay ACCEPTED in the store and are replayed on next start.
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await supervisor.run_until_stopped(settings.shutdown_grace_s)
     await reconciler_channel.close()
     await store.close()
     await kube.close()
     log.info("stopped", stats=vars(creator.stats))
+    supervisor.raise_if_failed()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

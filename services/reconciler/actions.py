@@ -11,7 +11,9 @@ delay up, and refusals an operator has to lift (a Role without `delete`, an admi
 at the cap. Until it succeeds the action stays not done in the store, so a restart takes it up
 again. Retrying actions wait off the workers, so a stuck one never holds up the others, and
 they are visible: a warning per action (its pod, how long it has been failing) at most once a
-`report_interval_s`, a summary of the backlog as often, and the counts in `stats`.
+`report_interval_s`, a summary of the backlog as often, and the counts in `stats`. The marks
+that an action is done are what keep a restart from carrying it out again, so a mark the store
+cannot take is kept and written again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from shepherd.kube import ApiError, KubeClient
 from shepherd.kube.client import sleep_backoff
 from shepherd.kube.errors import Retries
 from shepherd.logging import get_logger
+from shepherd.sqlite import StoreUnavailable
 
 
 @dataclass
@@ -98,13 +101,24 @@ class PodActions:
                 wait.cancel()
 
     async def _record_done(self) -> None:
-        """Batch the 'done' marks: one commit for many finished actions."""
+        """Batch the 'done' marks: one commit for many finished actions. Marks the store cannot
+        take are written again, with backoff, until it takes them (they bear repeating)."""
+        failures = 0
         while True:
             await self._flush.wait()
             self._flush.clear()
             done, self._done = self._done, []
-            if done:
+            if not done:
+                continue
+            try:
                 await self.store.finish_actions(done)
+            except StoreUnavailable:
+                self._done[:0] = done
+                self._flush.set()
+                failures += 1
+                await sleep_backoff(failures, cap_s=5.0)
+                continue
+            failures = 0
 
     async def _report(self) -> None:
         """While actions are failing, say so: how many, and for how long the oldest has."""

@@ -7,6 +7,14 @@ pod belongs to which task, deadlines, attempts), and commits the batch's task ro
 pod actions and stream cursors in one transaction. Only then are the new pod actions handed to
 the action runner and the transitions visible to WatchTaskStates. Per event the work is O(1): a
 dict lookup, a pure decision, and a share of one commit.
+
+A commit that fails (the store cannot write) ends `run` with its error, and the service stops
+(crash-only; see shepherd/supervisor.py). Memory had already moved on, but nothing of the batch
+became visible: no transition was published, no pod action or relaunch handed out, and no later
+batch can commit (TaskStore.commit). The restart rebuilds memory from the store and replays the
+events from the last committed cursors, so one action per pod and "committed before visible"
+both hold. Retrying the commit instead would have to hold back every later batch, which the
+engine applies while the previous one commits, for as long as the disk stays broken.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from services.reconciler.statemachine import (
 from services.reconciler.store import Batch, PodActionRow, TaskStore
 from shepherd import podmeta, timestamps
 from shepherd.logging import BoundLogger, get_logger
+from shepherd.sqlite import is_store_fault
 from shepherd.v1 import launcher_service_pb2, task_pb2, watcher_service_pb2
 
 PodEvent = watcher_service_pb2.PodEvent
@@ -226,34 +235,38 @@ class Engine:
     async def run(self) -> None:
         """Apply batches back to back. A batch's commit runs while the next batch is applied (the
         database joins waiting commits into one transaction); what depends on a commit (pod actions,
-        relaunches, cancel replies) still happens strictly after it and in batch order."""
+        relaunches, cancel replies) still happens strictly after it and in batch order. A failed
+        commit ends this with its error (see the module's docstring)."""
         log = get_logger(component="engine")
         previous: asyncio.Task[None] | None = None
-        while True:
-            items = [await self._queue.get()]
-            while len(items) < self.batch_size and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            batch = Batch()
-            replies: list[tuple[Answered, Any]] = []
-            self._prefetch(items)
-            for item in items:
-                try:
-                    reply = self._apply(item, batch)
-                except Refused as err:  # an ordinary refusal (e.g. cancel of an unknown key)
-                    reply = err
-                except Exception as err:  # a malformed event must not stop the reconciler
-                    log.exception(
-                        "could not apply an event; skipping it", item=type(item).__name__, error=str(err)
-                    )
-                    reply = err
-                if isinstance(item, Answered):
-                    replies.append((item, reply))
-            self._unstored.clear()
-            self.stats.batches += 1
-            self.stats.items += len(items)
-            previous = self._last_commit = asyncio.create_task(
-                self._commit_then_dispatch(batch, replies, previous)
-            )
+        async with asyncio.TaskGroup() as commits:
+            while True:
+                items = [await self._queue.get()]
+                while len(items) < self.batch_size and not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                batch = Batch()
+                replies: list[tuple[Answered, Any]] = []
+                self._prefetch(items)
+                for item in items:
+                    try:
+                        reply = self._apply(item, batch)
+                    except Refused as err:  # an ordinary refusal (e.g. cancel of an unknown key)
+                        reply = err
+                    except Exception as err:  # a malformed event must not stop the reconciler
+                        if is_store_fault(err):
+                            raise  # but a store that cannot be read must: the event is not at fault
+                        log.exception(
+                            "could not apply an event; skipping it", item=type(item).__name__, error=str(err)
+                        )
+                        reply = err
+                    if isinstance(item, Answered):
+                        replies.append((item, reply))
+                self._unstored.clear()
+                self.stats.batches += 1
+                self.stats.items += len(items)
+                previous = self._last_commit = commits.create_task(
+                    self._commit_then_dispatch(batch, replies, previous), name="engine-commit"
+                )
 
     async def idle(self) -> None:
         """Return once every queued item is applied, committed and followed up (for tests and drains)."""
@@ -266,9 +279,19 @@ class Engine:
     async def _commit_then_dispatch(
         self, batch: Batch, replies: list[tuple[Answered, Any]], previous: asyncio.Task[None] | None
     ) -> None:
-        committed = await self.store.commit(batch) if batch else None
-        if previous is not None:
-            await previous  # follow-ups keep batch order even when commits are joined
+        try:
+            committed = await self.store.commit(batch) if batch else None
+            if previous is not None:
+                await previous  # follow-ups keep batch order even when commits are joined
+        except BaseException as err:  # not committed (or an earlier batch was not): nobody is told
+            for item, _ in replies:
+                if item.done.done():
+                    continue  # the caller gave up
+                if isinstance(err, asyncio.CancelledError):
+                    item.done.cancel()
+                else:
+                    item.done.set_exception(err)
+            raise
         if batch.relaunches:
             self.on_relaunch(batch.relaunches)
         if committed is not None:
@@ -276,6 +299,8 @@ class Engine:
             if committed.new_actions:
                 self.on_actions(committed.new_actions)
         for item, reply in replies:
+            if item.done.done():
+                continue  # the caller gave up
             if isinstance(reply, BaseException):
                 item.done.set_exception(reply)
             else:

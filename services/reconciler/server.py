@@ -1,8 +1,12 @@
-"""ReconcilerService over gRPC: queries and streams read the store; changes go through the engine."""
+"""ReconcilerService over gRPC: queries and streams read the store; changes go through the engine.
+
+Crash-only: a failed engine commit (the store cannot write) stops the service and its restart
+replays from the committed cursors (see engine.py). A CancelTask caught in such a batch is
+answered UNAVAILABLE, with RetryInfo.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
@@ -17,11 +21,13 @@ from services.reconciler.store import TaskStore, decode_page_token
 from services.reconciler.streams import consume_launcher, consume_watcher
 from services.reconciler.sweep import sweep_finished, sweep_pending
 from shepherd import channels, podmeta
-from shepherd.errors import abort_invalid
+from shepherd.errors import abort_invalid, abort_unavailable
 from shepherd.eventlog import CursorOutOfRange, follow
-from shepherd.grpcserver import Context, GrpcServer, run
+from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import ApiError, KubeClient, load_connection
 from shepherd.logging import configure, get_logger
+from shepherd.sqlite import StoreUnavailable
+from shepherd.supervisor import Supervisor
 from shepherd.v1 import launcher_service_pb2_grpc, task_pb2
 from shepherd.v1 import reconciler_service_pb2 as pb
 from shepherd.v1 import reconciler_service_pb2_grpc as pb_grpc
@@ -108,6 +114,10 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
                 task, _ = await self._engine.cancel(request.key, request.reason)
             except UnknownTask as err:
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+            except StoreUnavailable as err:
+                await abort_unavailable(context, str(err))
+        except StoreUnavailable as err:  # its batch was not committed (the service is stopping)
+            await abort_unavailable(context, str(err))
         # Keep the pod from ever being created if it does not exist yet; a pod created anyway is
         # deleted when the watcher reports it, because its task is REVOKED.
         await self._launcher.cancel(request.key)
@@ -122,7 +132,10 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             launch = await self._launcher.get_launch(key)
         except LauncherUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"key: not known here, and {err}")
-        task = await self._engine.learn_launch(launch) if launch is not None else None
+        try:
+            task = await self._engine.learn_launch(launch) if launch is not None else None
+        except StoreUnavailable as err:
+            await abort_unavailable(context, str(err))
         if task is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with this key")
         assert task is not None
@@ -222,39 +235,41 @@ async def serve(settings: ReconcilerSettings) -> None:
         ReconcilerServicer(settings, store, engine, launcher, kube, adopt_dead), server.server
     )
     await server.start()
-    tasks = [
-        asyncio.create_task(engine.run(), name="engine"),
-        asyncio.create_task(engine.run_pending_timer(), name="pending-timer"),
-        asyncio.create_task(actions.run(), name="pod-actions"),
-        asyncio.create_task(launcher.run(), name="launcher-calls"),
-        asyncio.create_task(
-            sweep_pending(
-                kube,
-                engine,
-                executor_id=settings.executor_id,
-                namespaces=settings.namespaces,
-                timeout_s=settings.pending_timeout_s,
-                interval_s=settings.pending_check_interval_s,
-                batch=settings.pending_check_batch_size,
-            ),
-            name="pending-sweep",
+    supervisor = Supervisor(server)
+    supervisor.spawn(engine.run(), name="engine")
+    supervisor.spawn(engine.run_pending_timer(), name="pending-timer")
+    supervisor.spawn(actions.run(), name="pod-actions")
+    supervisor.spawn(launcher.run(), name="launcher-calls")
+    supervisor.spawn(
+        sweep_pending(
+            kube,
+            engine,
+            executor_id=settings.executor_id,
+            namespaces=settings.namespaces,
+            timeout_s=settings.pending_timeout_s,
+            interval_s=settings.pending_check_interval_s,
+            batch=settings.pending_check_batch_size,
         ),
-        asyncio.create_task(
-            sweep_finished(
-                kube,
-                engine,
-                store,
-                actions,
-                executor_id=settings.executor_id,
-                namespaces=settings.namespaces,
-                interval_s=settings.pending_check_interval_s,
-                batch=settings.pending_check_batch_size,
-            ),
-            name="cleanup-sweep",
+        name="pending-sweep",
+    )
+    supervisor.spawn(
+        sweep_finished(
+            kube,
+            engine,
+            store,
+            actions,
+            executor_id=settings.executor_id,
+            namespaces=settings.namespaces,
+            interval_s=settings.pending_check_interval_s,
+            batch=settings.pending_check_batch_size,
         ),
-        asyncio.create_task(consume_launcher(settings.launcher_address, engine), name="launcher-stream"),
-        asyncio.create_task(consume_watcher(settings.watcher_address, engine), name="watcher-stream"),
-    ]
+        name="cleanup-sweep",
+    )
+    supervisor.spawn(consume_launcher(settings.launcher_address, engine), name="launcher-stream")
+    supervisor.spawn(consume_watcher(settings.watcher_address, engine), name="watcher-stream")
+    supervisor.spawn(
+        store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"
+    )
 
     async def mark_ready() -> None:
         # Ready means in sync: the watcher's snapshot of current pods has been applied, so no
@@ -265,18 +280,15 @@ async def serve(settings: ReconcilerSettings) -> None:
         await server.set_serving(True)
         log.info("ready", active_tasks=engine.active_tasks, executor_id=settings.executor_id)
 
-    tasks.append(asyncio.create_task(mark_ready(), name="readiness"))
-    await server.wait_for_stop_signal()
-    await server.drain(settings.shutdown_grace_s)
+    supervisor.spawn(mark_ready(), name="readiness", finishes=True)
     # Events read but not committed are not lost: their cursors were not committed either, so they
     # are read again after restart. Committed transitions are all in the store.
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await supervisor.run_until_stopped(settings.shutdown_grace_s)
     await launcher_channel.close()
     await store.close()
     await kube.close()
     log.info("stopped", engine=vars(engine.stats), actions=vars(actions.refresh_stats()))
+    supervisor.raise_if_failed()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,7 +5,8 @@ transitions appended to the log, the pod actions to carry out, and the launcher 
 (the watcher stream re-syncs from a snapshot instead). So after a crash the reconciler resumes
 exactly where its last commit ended:
 no transition is applied twice, none is lost, and a transition is on disk before any subscriber
-can read it.
+can read it. Batches commit in order or not at all: one whose predecessor failed to commit is
+refused (see TaskStore.commit), so a failed commit is never papered over by a later one.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shepherd.sqlite import Database, Synchronous, TableLog
+from shepherd.sqlite import Database, StoreUnavailable, Synchronous, TableLog
 from shepherd.v1 import task_pb2
+
+_BATCHES = "batch"  # the cursors row numbering the engine batches committed so far
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -34,7 +37,7 @@ CREATE TABLE IF NOT EXISTS transitions (
     change BLOB NOT NULL           -- serialized shepherd.v1.TaskStateChange (its cursor field unset)
 );
 CREATE TABLE IF NOT EXISTS cursors (
-    source TEXT PRIMARY KEY,       -- "launcher" or "watcher"
+    source TEXT PRIMARY KEY,       -- "launcher", "watcher", or "batch" (engine batches committed)
     cursor INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS pod_actions (
@@ -82,6 +85,7 @@ class TaskStore:
         self.transitions: TableLog[task_pb2.TaskStateChange] = TableLog(
             self.db, "transitions", "change", _decode_change, "transition"
         )
+        self._batches = self.cursor(_BATCHES)  # batches handed to commit() (at open: committed)
 
     async def close(self) -> None:
         await self.db.close()
@@ -144,13 +148,25 @@ class TaskStore:
     # ---- writes --------------------------------------------------------------------------------
 
     async def commit(self, batch: Batch) -> Committed:
+        """Commit one engine batch; call in batch order. Batch n commits only if batch n-1 did
+        (checked in its own transaction): the engine applies the next batch while the last one
+        commits, so after a failed commit a later batch could otherwise commit on top of state
+        that is not on disk (a launch cursor past a task never stored). Once one fails, every
+        later one raises StoreUnavailable, and the engine stops: its restart replays from the last
+        committed cursors. (A restart is a new TaskStore, counting from what is committed.)"""
+        self._batches += 1
+        number = self._batches
+        cursors = [*batch.cursors.items(), (_BATCHES, number)]
         task_rows = [
             (key, task.key.dag_id, task.state, task.SerializeToString(), uid)
             for key, (task, uid) in batch.tasks.items()
         ]
         change_blobs = [change.SerializeToString() for change in batch.changes]
 
-        def write(conn: sqlite3.Connection) -> list[PodActionRow]:
+        def write(conn: sqlite3.Connection) -> list[PodActionRow] | None:
+            row = conn.execute("SELECT cursor FROM cursors WHERE source = ?", (_BATCHES,)).fetchone()
+            if (row[0] if row else 0) != number - 1:
+                return None  # a refusal, returned: raising would re-run the whole group commit
             conn.executemany(
                 "INSERT INTO tasks(key, dag_id, state, task, pod_uid) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET "
@@ -171,11 +187,15 @@ class TaskStore:
             conn.executemany(
                 "INSERT INTO cursors(source, cursor) VALUES (?, ?) "
                 "ON CONFLICT(source) DO UPDATE SET cursor = excluded.cursor",
-                list(batch.cursors.items()),
+                cursors,
             )
             return fresh
 
         fresh = await self.db.write(write)
+        if fresh is None:
+            raise StoreUnavailable(
+                self.db.path, f"batch {number - 1} was not committed, so batch {number} is not"
+            )
         return Committed(batch.changes, fresh)
 
     async def reopen_action(self, uid: str) -> PodActionRow | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -14,6 +13,7 @@ from shepherd.eventlog import CursorOutOfRange, MemoryLog, follow
 from shepherd.grpcserver import GrpcServer, run
 from shepherd.kube import KubeClient, load_connection
 from shepherd.logging import configure, get_logger
+from shepherd.supervisor import Supervisor
 from shepherd.v1 import watcher_service_pb2, watcher_service_pb2_grpc
 
 PodEvent = watcher_service_pb2.PodEvent
@@ -76,7 +76,8 @@ async def serve(settings: WatcherSettings) -> None:
         WatcherServicer(informer, events, interval_s=settings.stream_interval_s), server.server
     )
     await server.start()
-    informer_task = asyncio.create_task(informer.run(), name="informer")
+    supervisor = Supervisor(server)
+    supervisor.spawn(informer.run(), name="informer")
 
     async def mark_ready() -> None:
         await informer.ready.wait()
@@ -85,13 +86,10 @@ async def serve(settings: WatcherSettings) -> None:
             "ready: first list done", namespaces=settings.namespaces or "*", pods=len(informer.snapshot()[1])
         )
 
-    ready_task = asyncio.create_task(mark_ready(), name="readiness")
-    await server.wait_for_stop_signal()
-    await server.drain(settings.shutdown_grace_s)
-    for task in (ready_task, informer_task):
-        task.cancel()
-    await asyncio.gather(ready_task, informer_task, return_exceptions=True)
+    supervisor.spawn(mark_ready(), name="readiness", finishes=True)
+    await supervisor.run_until_stopped(settings.shutdown_grace_s)
     await kube.close()
+    supervisor.raise_if_failed()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
