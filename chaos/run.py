@@ -125,21 +125,30 @@ class Run:
         self.root = root
         self.cluster = Cluster(cluster_settings(root))
         self.disks_ok = disks.available()
+        self._transcript: list[str] = []  # what this seed printed, for its report file
+
+    def say(self, text: str) -> None:
+        self._transcript.append(text)
+        say(text)
 
     async def seed(self, info: ClusterInfo, seed: int) -> SeedResult:
         options = self.options
         faults = options.faults
         if not self.disks_ok and faults & DISK_FAULTS:
-            say("note: disk faults skipped: they need root, mount, mkfs.ext4 and chattr")
+            self.say("note: disk faults skipped: they need root, mount, mkfs.ext4 and chattr")
             faults = faults - DISK_FAULTS
+        self._transcript = []
         plan = make_plan(seed, options.tasks, options.duration_s, faults)
-        say(
-            f"== seed {seed}: {options.tasks} tasks over {options.duration_s:.0f}s, replay with --seed {seed}"
+        self.say(
+            f"== seed {seed} ({time.strftime('%H:%M:%S')}): {options.tasks} tasks over "
+            f"{options.duration_s:.0f}s; replay with --seed {seed}"
         )
         for fault in plan.faults:
-            say(f"   plan: at {fault.at_s:5.1f}s {fault.describe()}")
+            self.say(f"   plan: at {fault.at_s:5.1f}s {fault.describe()}")
         if plan.kill_after_batch is not None:
-            say(f"   plan: {plan.kill_after_batch.describe()} after batch {plan.kill_after_batch_number}")
+            self.say(
+                f"   plan: {plan.kill_after_batch.describe()} after batch {plan.kill_after_batch_number}"
+            )
         result = SeedResult(seed, options.tasks)
         workdir = self.root / f"seed-{seed}"
         stores: contextlib.AbstractContextManager[disks.StoreDisks | None] = contextlib.nullcontext()
@@ -154,13 +163,13 @@ class Run:
             result.error = f"{type(err).__name__}: {err}"
         report = workdir / "report.txt"
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text("\n".join(self._lines(result, limit=None)) + "\n")
         for line in self._lines(result, limit=_SHOWN_PER_KIND):
-            say(line)
+            self.say(line)
+        report.write_text("\n".join([*self._transcript, "", *self._lines(result, limit=None)]) + "\n")
         if result.clean and not options.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
-            say(f"   logs, stores and the full report: {workdir}")
+            self.say(f"   logs, stores and the full report: {workdir}")
         return result
 
     async def _seed(
@@ -214,16 +223,18 @@ class Run:
                     records,
                     options.watch_timeout_s,
                     started,
-                    say,
+                    self.say,
                 )
-                progress = asyncio.create_task(self._progress(scheduler, len(records)))
+                progress = asyncio.create_task(self._progress(scheduler))
                 try:
                     await self._load_and_faults(plan, scheduler, injector, records)
                     for name in SERVICES:
                         await services.wait_serving(name, 120)
-                    say(f"[{scheduler.now():6.1f}s] faults over; waiting for every task to finish")
+                    self.say(f"[{scheduler.now():6.1f}s] faults over; waiting for every task to finish")
                     if not await scheduler.wait_all_final(options.drain_timeout_s):
-                        say(f"[{scheduler.now():6.1f}s] {len(scheduler.unfinished())} tasks still unfinished")
+                        self.say(
+                            f"[{scheduler.now():6.1f}s] {len(scheduler.unfinished())} tasks still unfinished"
+                        )
                     stored, left = await self._barrier(
                         plan, scheduler, records, admin, info.namespace, executor_id
                     )
@@ -280,10 +291,10 @@ class Run:
         )
         sentinel = TaskRecord(PlannedTask(-1, Kind.SUCCESS, key, pod_override(Kind.SUCCESS, 0.5)))
         records[podmeta.key_string(key)] = sentinel
-        say(f"[{scheduler.now():6.1f}s] barrier: sentinel task launched")
+        self.say(f"[{scheduler.now():6.1f}s] barrier: sentinel task launched")
         await scheduler.launch([sentinel], deadline_s=scheduler.now() + 120)
         await scheduler.wait_until(lambda: bool(sentinel.terminal), 120)
-        say(f"[{scheduler.now():6.1f}s] barrier: sentinel {sentinel.history()}")
+        self.say(f"[{scheduler.now():6.1f}s] barrier: sentinel {sentinel.history()}")
         stored = await scheduler.list_tasks()
         deadline = scheduler.now() + 60
         while True:
@@ -292,13 +303,13 @@ class Run:
                 return stored, left
             await asyncio.sleep(1.0)
 
-    async def _progress(self, scheduler: Scheduler, total: int) -> None:
+    async def _progress(self, scheduler: Scheduler) -> None:
         while True:
             await asyncio.sleep(10)
             records = scheduler.records.values()
             acked = sum(r.acked_at_s is not None for r in records)
             final = sum(bool(r.terminal) for r in records)
-            say(f"[{scheduler.now():6.1f}s] acknowledged {acked}/{total}, finished {final}")
+            self.say(f"[{scheduler.now():6.1f}s] acknowledged {acked}/{len(records)}, finished {final}")
 
     @staticmethod
     def _notes(scheduler: Scheduler, services: ServiceSet, injector: Injector) -> list[str]:

@@ -49,6 +49,10 @@ class ServiceSet:
         return argv
 
     def spawn(self, name: str, env: dict[str, str] | None = None) -> None:
+        """Start the service, unless it is running already (two restarts may be due at once)."""
+        self._held.discard(name)
+        if self.pid(name) is not None:
+            return
         self.stack.workdir.mkdir(parents=True, exist_ok=True)
         with self.stack.log_path(name).open("ab") as log:
             self.procs[name] = subprocess.Popen(
@@ -58,7 +62,6 @@ class ServiceSet:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
-        self._held.discard(name)
 
     def start_all(self) -> None:
         for name in ("launcher", "watcher"):  # the reconciler's command line needs their ports
