@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from chaos.plan import ALL_FAULTS, parse_faults
 from chaos.run import Options, execute
-
-
-def _terminate(signum: int, _frame: object) -> NoReturn:
-    # Unwind through every finally: paused processes continued, stores unmounted, cluster down.
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         workdir=args.workdir,
         keep=args.keep,
     )
-    signal.signal(signal.SIGTERM, _terminate)
     return execute(options, list(range(first, first + args.seeds)))
 
 

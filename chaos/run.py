@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -249,6 +250,14 @@ class Run:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
             services.stop_all()
+        with contextlib.suppress(ApiError, OSError):  # the next seed shares the control plane
+            selector = f"{podmeta.LABEL_EXECUTOR}={podmeta.safe_label_value(executor_id)}"
+            await asyncio.to_thread(
+                admin.request,
+                "DELETE",
+                f"/api/v1/namespaces/{info.namespace}/pods",
+                query={"labelSelector": selector, "gracePeriodSeconds": "0"},
+            )
         names = {podmeta.pod_name(r.planned.key, a) for r in records.values() for a in range(1, 7)}
         pods = audit.read(self.cluster.audit_log, names)
         result.tasks = len(plan.tasks)
@@ -332,6 +341,11 @@ class Run:
         retried = sum(bool(r.launch_errors) for r in records)
         if retried:
             notes.append(f"launches sent again after an error or no answer: {retried} tasks")
+        if scheduler.call_errors:
+            notes.append(
+                "failed calls (retried): "
+                + ", ".join(f"{what} x{n}" for what, n in sorted(scheduler.call_errors.items()))
+            )
         anomalies = scheduler.anomalies
         if anomalies.redelivered:
             notes.append(f"WatchTaskStates re-delivered cursors: {'; '.join(anomalies.redelivered[:10])}")
@@ -363,6 +377,13 @@ class Run:
         return lines
 
     async def all_seeds(self, seeds: list[int]) -> list[SeedResult]:
+        # SIGTERM or Ctrl-C cancels the run, so every finally undoes its fault: paused processes are
+        # continued, stores repaired and unmounted, services stopped, the control plane taken down.
+        main = asyncio.current_task()
+        assert main is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, main.cancel)
         info = await asyncio.to_thread(self.cluster.up)
         return [await self.seed(info, seed) for seed in seeds]
 
@@ -391,6 +412,9 @@ def execute(options: Options, seeds: list[int]) -> int:
     results: list[SeedResult] = []
     try:
         results = asyncio.run(run.all_seeds(seeds))
+    except asyncio.CancelledError:
+        say(f"chaos: interrupted; logs are in {root}")
+        return 130
     finally:
         run.cluster.down()
     say(summary(results))

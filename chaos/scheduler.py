@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -120,6 +121,7 @@ class Scheduler:
     records: dict[str, TaskRecord]  # by podmeta.key_string
     started: float
     anomalies: StreamAnomalies = field(default_factory=StreamAnomalies)
+    call_errors: Counter[str] = field(default_factory=Counter)  # "RPC CODE" -> how often
     _cursor: int = 0  # resume after this one
     _high: int = 0  # the highest cursor processed
     _rereading: bool = False  # reading the log again from the start after OUT_OF_RANGE
@@ -177,6 +179,7 @@ class Scheduler:
             try:
                 reply = await self.launcher.BatchLaunchTasks(request, timeout=10)
             except grpc.aio.AioRpcError as err:
+                self.call_errors[f"BatchLaunchTasks {err.code().name}"] += 1
                 if err.code() not in _TRANSIENT:
                     raise SchedulerError(f"BatchLaunchTasks: {err.code().name}: {err.details()}") from err
                 for record in pending:
@@ -198,6 +201,7 @@ class Scheduler:
                 for candidate in grpc.StatusCode:
                     if candidate.value[0] == result.error.code:
                         code = candidate
+                self.call_errors[f"BatchLaunchTasks item {code.name}"] += 1
                 if code not in _TRANSIENT:
                     raise SchedulerError(f"{record.label}: {code.name}: {result.error.message}")
                 record.launch_errors.append(f"{self.now():.1f}s item {code.name}")
@@ -218,6 +222,7 @@ class Scheduler:
                 record.cancel_answered = True
                 return
             except grpc.aio.AioRpcError as err:
+                self.call_errors[f"CancelTask {err.code().name}"] += 1
                 if err.code() == grpc.StatusCode.NOT_FOUND:
                     record.cancel_not_found += 1  # the reconciler has not heard of the launch yet
                 elif err.code() not in _TRANSIENT:
@@ -237,6 +242,7 @@ class Scheduler:
                     for change in response.changes:
                         self._process(change)
             except grpc.aio.AioRpcError as err:
+                self.call_errors[f"WatchTaskStates {err.code().name}"] += 1
                 if err.code() == grpc.StatusCode.OUT_OF_RANGE:
                     # The reconciler's log no longer reaches our cursor: transitions were lost. Read
                     # it again from the start; what was already processed is recognised and skipped.

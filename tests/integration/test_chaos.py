@@ -35,13 +35,16 @@ def test_a_short_seed_ends_every_task_exactly_once_as_expected(tmp_path: Path) -
         "--workdir",
         str(tmp_path),
     ]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=840, check=False)
-    summary = [line for line in result.stdout.splitlines() if line.startswith("seeds=")]
-    assert result.returncode == 0, (
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=780)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # the suite undoes its faults and takes its control plane down on SIGTERM
+            stdout, stderr = proc.communicate(timeout=90)
+    summary = [line for line in stdout.splitlines() if line.startswith("seeds=")]
+    assert proc.returncode == 0, (
         f"chaos seed {SEED} found violations (replay: python -m chaos --seed {SEED} --tasks 150 "
-        f"--duration 30 --faults {FAULTS}):\n"
-        + "\n".join(result.stdout.splitlines()[-80:])
-        + result.stderr[-3000:]
+        f"--duration 30 --faults {FAULTS}):\n" + "\n".join(stdout.splitlines()[-80:]) + stderr[-3000:]
     )
     assert summary == [
         "seeds=1 tasks=150 lost=0 duplicate_terminal=0 duplicate_pods=0 orphans=0 wrong_state=0"
