@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pending-timeout",
         type=float,
-        default=30.0,
-        help="the reconciler's --pending-timeout-s (default 30)",
+        default=60.0,
+        help="the reconciler's --pending-timeout-s (default 60: longer than any API server outage the "
+        "faults cause, so only unschedulable pods time out)",
     )
     parser.add_argument(
         "--drain-timeout",

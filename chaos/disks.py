@@ -81,6 +81,7 @@ class StoreDisks:
             with contextlib.suppress(OSError):
                 os.posix_fallocate(ballast.fileno(), 0, max(free - 1024 * 1024, 1))
                 taken = free - 1024 * 1024
+            ballast.seek(0, os.SEEK_END)
             chunk = b"\0" * 65536
             try:  # the last blocks, which fallocate leaves for metadata, go by hand
                 while True:

@@ -45,7 +45,7 @@ class Options:
     tasks: int = 500
     duration_s: float = 60.0
     faults: frozenset[Fault] = frozenset(Fault)
-    pending_timeout_s: float = 30.0
+    pending_timeout_s: float = 60.0
     watch_timeout_s: int = 5
     drain_timeout_s: float = 240.0
     workdir: Path | None = None
