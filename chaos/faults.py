@@ -27,6 +27,7 @@ from shepherd.v1 import task_pb2
 
 APISERVER = "kube-apiserver"
 _GAP_MARGIN_S = 2.0  # past the watcher's watch timeout, so the API server has ended its watch
+_BACK_UP_S = 60.0  # how long a restarted service may take to serve before the next fault hits it
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Injector:
     injected: list[str] = field(default_factory=list)
     _stopped: set[str] = field(default_factory=set)  # paused with SIGSTOP: "kube-apiserver", "watcher"
     _broken_stores: dict[str, Fault] = field(default_factory=dict)
-    _restarts: set[asyncio.Task[None]] = field(default_factory=set)
+    _restarts: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # by service
 
     def _note(self, text: str) -> None:
         line = f"[{time.monotonic() - self.started:6.1f}s] fault {text}"
@@ -62,10 +63,14 @@ class Injector:
     async def settle(self) -> None:
         """Wait until every killed service has been started again."""
         if self._restarts:
-            await asyncio.gather(*self._restarts)
+            await asyncio.gather(*self._restarts.values())
 
     async def inject(self, fault: PlannedFault) -> None:
         kind = fault.fault
+        if fault.target in self._restarts:
+            # Still coming back from an earlier fault: let it, so this fault hits a working service.
+            await self._restarts[fault.target]
+            await self.services.wait_serving(fault.target, _BACK_UP_S)
         if kind in (Fault.KILL_WATCHER, Fault.KILL_RECONCILER, Fault.KILL_LAUNCHER):
             self._kill(fault, env=None)
         elif kind is Fault.SQLITE_COMMIT:
@@ -98,9 +103,9 @@ class Injector:
             f"{fault.fault.value}: kill -9 {fault.target} (pid {pid}); "
             f"restarting it in {fault.restart_after_s:.1f}s{armed}"
         )
-        task = asyncio.create_task(self.services.restart_later(fault.target, fault.restart_after_s, env))
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
+        self._restarts[fault.target] = asyncio.create_task(
+            self.services.restart_later(fault.target, fault.restart_after_s, env)
+        )
 
     def _apiserver_pid(self) -> int:
         pid = self.cluster.supervisor.pid(APISERVER)
@@ -238,5 +243,5 @@ class Injector:
         for target in list(self._broken_stores):
             with contextlib.suppress(Exception):
                 self._repair(target)
-        for task in self._restarts:
+        for task in self._restarts.values():
             task.cancel()
