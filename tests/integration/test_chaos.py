@@ -32,6 +32,8 @@ def test_a_short_seed_ends_every_task_exactly_once_as_expected(tmp_path: Path) -
         "30",
         "--faults",
         FAULTS,
+        "--drain-timeout",
+        "150",
         "--workdir",
         str(tmp_path),
     ]
@@ -44,7 +46,9 @@ def test_a_short_seed_ends_every_task_exactly_once_as_expected(tmp_path: Path) -
     summary = [line for line in stdout.splitlines() if line.startswith("seeds=")]
     assert proc.returncode == 0, (
         f"chaos seed {SEED} found violations (replay: python -m chaos --seed {SEED} --tasks 150 "
-        f"--duration 30 --faults {FAULTS}):\n" + "\n".join(stdout.splitlines()[-80:]) + stderr[-3000:]
+        f"--duration 30 --faults {FAULTS} --drain-timeout 150):\n"
+        + "\n".join(stdout.splitlines()[-80:])
+        + stderr[-3000:]
     )
     assert summary == [
         "seeds=1 tasks=150 lost=0 duplicate_terminal=0 duplicate_pods=0 orphans=0 wrong_state=0"
