@@ -73,25 +73,23 @@ class StoreDisks:
 
     def fill(self, name: str) -> int:
         """Take every free block of the store's file system; returns the bytes taken."""
-        path = self.directory(name) / BALLAST
         stat = os.statvfs(self.directory(name))
+        free = stat.f_bavail * stat.f_frsize
         taken = 0
-        with path.open("wb") as ballast:
-            free = stat.f_bavail * stat.f_frsize
+        # Unbuffered: a buffered file would raise ENOSPC again when it is closed.
+        with (self.directory(name) / BALLAST).open("wb", buffering=0) as ballast:
             with contextlib.suppress(OSError):
                 os.posix_fallocate(ballast.fileno(), 0, max(free - 1024 * 1024, 1))
                 taken = free - 1024 * 1024
             ballast.seek(0, os.SEEK_END)
             chunk = b"\0" * 65536
             try:  # the last blocks, which fallocate leaves for metadata, go by hand
-                while True:
-                    ballast.write(chunk)
-                    ballast.flush()
-                    os.fsync(ballast.fileno())
-                    taken += len(chunk)
+                while written := ballast.write(chunk):
+                    taken += written
             except OSError as err:
                 if err.errno != errno.ENOSPC:
                     raise
+            os.fsync(ballast.fileno())
         return taken
 
     def free(self, name: str) -> None:

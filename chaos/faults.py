@@ -208,16 +208,16 @@ class Injector:
             self._note(f"{fault.fault.value}: skipped (no loop-mounted stores: needs root)")
             return
         what = "full" if full else "read-only"
-        if full:
-            taken = await asyncio.to_thread(self.disks.fill, fault.target)
-            self._note(
-                f"{fault.fault.value}: {fault.target}'s store is full ({taken // 1024} KiB of ballast)"
-            )
-        else:
-            await asyncio.to_thread(self.disks.read_only, fault.target)
-            self._note(f"{fault.fault.value}: {fault.target}'s store is read-only")
-        self._broken_stores[fault.target] = fault.fault
+        self._broken_stores[fault.target] = fault.fault  # before breaking it: release() repairs it
         try:
+            if full:
+                taken = await asyncio.to_thread(self.disks.fill, fault.target)
+                self._note(
+                    f"{fault.fault.value}: {fault.target}'s store is full ({taken // 1024} KiB of ballast)"
+                )
+            else:
+                await asyncio.to_thread(self.disks.read_only, fault.target)
+                self._note(f"{fault.fault.value}: {fault.target}'s store is read-only")
             await asyncio.sleep(fault.hold_s)
         finally:
             self._repair(fault.target)

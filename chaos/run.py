@@ -277,8 +277,7 @@ class Run:
         faults = asyncio.create_task(injector.run())
         launches = [asyncio.create_task(batch_at(b.number, b.at_s, b.tasks)) for b in plan.batches]
         try:
-            await asyncio.gather(*launches)
-            await faults
+            await asyncio.gather(faults, *launches)  # a fault that fails ends the seed at once
         finally:
             for task in (*launches, faults):
                 task.cancel()
