@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 NODE_STAMP := node_modules/.installed-$(shell sha1sum package.json | cut -c1-12)
 
-.PHONY: run serve test lint unit integration fuzz venv tools binaries cluster-up cluster-down cluster-status protos bench clean
+.PHONY: run serve test lint unit integration fuzz venv tools binaries cluster-up cluster-down cluster-status protos bench chaos clean
 
 ## run: start the control plane and the three services, and run the demo workload (TASKS=300).
 TASKS ?= 300
@@ -75,6 +75,12 @@ cluster-status: venv
 ## bench: the performance figures (launch rate vs raw ceiling, event latency, memory); see README.
 bench: venv tools
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## chaos: seeded fault injection on a throw-away control plane (SEEDS=N; SEED=S replays a seed).
+SEEDS ?= 1
+SEED ?=
+chaos: venv binaries
+	$(BIN)/python -m chaos --seeds $(SEEDS) $(if $(SEED),--seed $(SEED)) $(CHAOS_ARGS)
 
 ## protos: regenerate the Python code and .pyi stubs from protos/ (tests fail when it is stale).
 protos: venv
