@@ -173,7 +173,12 @@ class Engine:
     def __post_init__(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.queue_size)
         for task, uid in self.store.unfinished():
-            self._active[podmeta.key_string(task.key)] = Tracked(task, uid)
+            key = podmeta.key_string(task.key)
+            self._active[key] = Tracked(task, uid)
+            if not uid and task.HasField("pod_create_time"):
+                # Created, never seen: the deadline that notices a pod lost unseen outlives us.
+                created = task.pod_create_time.ToNanoseconds() / 1e9
+                self._arm(_TASK_DEADLINE + key, created + self.pending_timeout_s, key)
         self._last[SOURCE_LAUNCHER] = self.store.cursor(SOURCE_LAUNCHER)
         # After a start, the watcher is always asked for a snapshot: it brings every unfinished
         # task's pod back into view (re-arming Pending deadlines, noticing pods that vanished)
@@ -425,6 +430,7 @@ class Engine:
             # A relaunch: the task now waits for the new attempt's pod.
             tracked.task.launch_attempts = launch.attempt
             tracked.task.pod_name = launch.pod_name
+            tracked.task.ClearField("pod_create_time")
             tracked.pod_uid = ""
             self._save(key, tracked, batch)
         elif fill_queued and tracked.task.state != task_pb2.TASK_STATE_UNSPECIFIED:
@@ -442,9 +448,14 @@ class Engine:
             and tracked.task.state not in TERMINAL
         ):
             # Created but not yet seen: if the watcher never reports it, the pod was lost unseen.
-            created = (
-                launch.create_time.ToNanoseconds() / 1e9 if launch.HasField("create_time") else time.time()
-            )
+            # The create time is stored with the task, so a restart re-arms the deadline.
+            if launch.HasField("create_time"):
+                tracked.task.pod_create_time.CopyFrom(launch.create_time)
+            else:
+                timestamps.stamp_now(tracked.task.pod_create_time)
+            if tracked.task.state != task_pb2.TASK_STATE_UNSPECIFIED:
+                self._save(key, tracked, batch)
+            created = tracked.task.pod_create_time.ToNanoseconds() / 1e9
             self._arm(_TASK_DEADLINE + key, created + self.pending_timeout_s, key)
 
     def _apply_known_launch(self, launch: Launch, batch: Batch) -> task_pb2.Task | None:

@@ -277,6 +277,7 @@ class Task(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     LAUNCH_ATTEMPTS_FIELD_NUMBER: _builtins.int
     POD_UID_FIELD_NUMBER: _builtins.int
+    POD_CREATE_TIME_FIELD_NUMBER: _builtins.int
     state: Global___TaskState.ValueType
     """Current state."""
     namespace: _builtins.str
@@ -313,6 +314,13 @@ class Task(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When the task reached its terminal state."""
 
+    @_builtins.property
+    def pod_create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the launcher's create of the current launch attempt's pod was answered; unset until
+        then. A pod created but never seen by the watcher within the pending timeout was lost unseen
+        (relaunched, or rescheduled), also across a reconciler restart.
+        """
+
     def __init__(
         self,
         *,
@@ -327,10 +335,11 @@ class Task(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         launch_attempts: _builtins.int = ...,
         pod_uid: _builtins.str = ...,
+        pod_create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "failure", b"failure", "key", b"key", "queued_time", b"queued_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "failure", b"failure", "key", b"key", "pod_create_time", b"pod_create_time", "queued_time", b"queued_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "executor_id", b"executor_id", "failure", b"failure", "key", b"key", "launch_attempts", b"launch_attempts", "namespace", b"namespace", "pod_name", b"pod_name", "pod_uid", b"pod_uid", "queued_time", b"queued_time", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "executor_id", b"executor_id", "failure", b"failure", "key", b"key", "launch_attempts", b"launch_attempts", "namespace", b"namespace", "pod_create_time", b"pod_create_time", "pod_name", b"pod_name", "pod_uid", b"pod_uid", "queued_time", b"queued_time", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,7 +11,6 @@ failure lists the requests that broke a rule. SHEPHERD_FUZZ_EXAMPLES sets the re
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import threading
@@ -35,7 +34,6 @@ from shepherd import channels
 from shepherd.errors import field_violation
 from shepherd.v1 import launcher_service_pb2, reconciler_service_pb2, watcher_service_pb2
 from tests.helpers import fuzzing
-from tests.helpers.cluster import unreachable_kubeconfig
 
 pytestmark = pytest.mark.integration
 EXAMPLES = int(os.environ.get("SHEPHERD_FUZZ_EXAMPLES", "2000"))
@@ -55,16 +53,16 @@ RPCS: list[tuple[str, MethodDescriptor]] = [
 @pytest.fixture(scope="module")
 def fuzz_stack(cluster: ClusterInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceStack]:
     workdir = tmp_path_factory.mktemp("fuzz")
-    kubeconfigs = {
-        **cluster.kubeconfigs,
-        "launcher": unreachable_kubeconfig(cluster.kubeconfigs["launcher"], workdir),
-    }
     durable = ["--store-synchronous", "OFF"]
+    # Fuzzed launches must make no pods: the launcher's namespace is one it may not create pods in
+    # (no such namespace, no Role there), so every create is refused for good, while the API server
+    # stays reachable and the launcher truthfully SERVING.
+    void = ["--namespace", f"fuzz-void-{uuid.uuid4().hex[:8]}"]
     stack = ServiceStack(
-        dataclasses.replace(cluster, kubeconfigs=kubeconfigs),
+        cluster,
         workdir,
         executor_id=f"fuzz-{uuid.uuid4().hex[:8]}",
-        flags={"launcher": [*durable, "--task-queued-timeout-s", "5"], "reconciler": durable},
+        flags={"launcher": [*durable, *void], "reconciler": durable},
     )
     stack.start()
     yield stack

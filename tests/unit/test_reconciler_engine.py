@@ -308,3 +308,24 @@ async def test_a_cancel_of_an_unknown_task_is_refused_without_an_error_log(harne
             await harness.engine.cancel(task_key(task_id="never-launched"), "no reason")
         await harness.settle()
     assert [entry for entry in logs if entry["log_level"] in ("error", "exception", "critical")] == []
+
+
+async def test_a_created_pod_never_seen_is_noticed_after_a_restart(tmp_path: Path) -> None:
+    """The deadline of a pod the launcher created but the watcher never reported survives a
+    reconciler restart (it used to live in memory only, so the task stayed QUEUED forever)."""
+    store = TaskStore(tmp_path / "r.db", synchronous="OFF")
+    key = task_key(task_id="created-unseen")
+    async with running(store, pending_timeout_s=0.5) as first:
+        await _launch_events(first, _launch(key, L.LAUNCH_STATE_ACCEPTED))
+        created = _launch(key, L.LAUNCH_STATE_CREATED)
+        created.create_time.GetCurrentTime()
+        await _launch_events(first, created)
+    async with running(store, pending_timeout_s=0.5) as second:
+        second.engine.watcher_live = True  # the watcher is connected and has not seen the pod
+        for _ in range(200):
+            if second.relaunches:
+                break
+            await asyncio.sleep(0.05)
+        await second.settle()
+        assert second.relaunches == [(key, 1)]
+    await store.close()
