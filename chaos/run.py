@@ -79,6 +79,9 @@ def cluster_settings(root: Path) -> ClusterSettings:
         apiserver_port=free_port(),
         scheduler_port=free_port(),
         kwok_port=free_port(),
+        controller_manager_port=free_port(),
+        # A machine has one real node, and it belongs to the session's cluster; chaos needs kwok only.
+        real_node=False,
         pods_watch_cache=False,
     )
 
@@ -211,7 +214,11 @@ class Run:
             started = time.monotonic()
             services.started = started
             async with Scheduler(
-                stack.address("launcher"), stack.address("reconciler"), records, started
+                stack.address("launcher"),
+                stack.address("reconciler"),
+                stack.credentials("scheduler"),
+                records,
+                started,
             ) as scheduler:
                 follower = asyncio.create_task(scheduler.follow())
                 injector = Injector(

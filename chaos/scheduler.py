@@ -21,7 +21,7 @@ import grpc
 
 from chaos.plan import PlannedTask
 from chaos.scenarios import Kind
-from shepherd import podmeta
+from shepherd import channels, podmeta
 from shepherd.taskstates import TERMINAL
 from shepherd.v1 import (
     launcher_service_pb2,
@@ -31,12 +31,6 @@ from shepherd.v1 import (
     task_pb2,
 )
 
-# Reconnect fast: the services come back within seconds, and gRPC's default backoff grows to 2 min.
-_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 _RETRY_S = 0.3
 # Answers after which an unacknowledged launch, or a cancel, is simply sent again.
 _TRANSIENT = {
@@ -118,6 +112,7 @@ class StreamAnomalies:
 class Scheduler:
     launcher_address: str
     reconciler_address: str
+    credentials: channels.ClientCredentials
     records: dict[str, TaskRecord]  # by podmeta.key_string
     started: float
     anomalies: StreamAnomalies = field(default_factory=StreamAnomalies)
@@ -133,8 +128,9 @@ class Scheduler:
     reconciler: reconciler_service_pb2_grpc.ReconcilerServiceStub = field(init=False)
 
     async def __aenter__(self) -> Scheduler:
-        lch = grpc.aio.insecure_channel(self.launcher_address, options=_CHANNEL_OPTIONS)
-        rch = grpc.aio.insecure_channel(self.reconciler_address, options=_CHANNEL_OPTIONS)
+        # Reconnect fast: the services come back within seconds of a kill.
+        lch = channels.aio_channel(self.launcher_address, self.credentials, channels.FAST_RECONNECT)
+        rch = channels.aio_channel(self.reconciler_address, self.credentials, channels.FAST_RECONNECT)
         self._channels = [lch, rch]
         self.launcher = launcher_service_pb2_grpc.LauncherServiceStub(lch)
         self.reconciler = reconciler_service_pb2_grpc.ReconcilerServiceStub(rch)

@@ -115,7 +115,7 @@ class ServiceSet:
 
     async def wait_serving(self, name: str, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(self.stack.address(name)) as channel:
+        async with self.stack.channel(name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 with contextlib.suppress(grpc.aio.AioRpcError):
