@@ -14,7 +14,14 @@ from typing import Any
 from urllib.parse import urlencode
 
 # Kinds whose objects are not namespaced; everything else we apply lives in a namespace.
-_CLUSTER_SCOPED = {"Namespace", "Node", "ClusterRole", "ClusterRoleBinding"}
+_CLUSTER_SCOPED = {
+    "Namespace",
+    "Node",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
 
 
 class ApiError(RuntimeError):
@@ -90,7 +97,8 @@ def object_path(obj: dict[str, Any]) -> str:
     kind: str = obj["kind"]
     name: str = obj["metadata"]["name"]
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    plural = kind.lower() + "s"
+    lower = kind.lower()
+    plural = lower[:-1] + "ies" if lower.endswith("y") else lower + "s"
     if kind in _CLUSTER_SCOPED:
         return f"{base}/{plural}/{name}"
     namespace = obj["metadata"].get("namespace")

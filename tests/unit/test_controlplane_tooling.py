@@ -110,6 +110,22 @@ def test_certificates_are_reused_so_a_restart_keeps_kubeconfigs_valid(tmp_path: 
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "c"}},
             "/apis/rbac.authorization.k8s.io/v1/clusterroles/c",
         ),
+        (
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicy",
+                "metadata": {"name": "p"},
+            },
+            "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/p",
+        ),
+        (
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicyBinding",
+                "metadata": {"name": "b"},
+            },
+            "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings/b",
+        ),
     ],
 )
 def test_manifests_map_to_their_api_paths(obj: dict[str, Any], path: str) -> None:
