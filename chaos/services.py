@@ -64,7 +64,7 @@ class ServiceSet:
             )
 
     def start_all(self) -> None:
-        for name in ("launcher", "watcher"):  # the reconciler's command line needs their ports
+        for name in SERVICES:  # each one's command line names the others' ports
             self.stack.ports.setdefault(name, free_port())
         for name in SERVICES:
             self.spawn(name)
