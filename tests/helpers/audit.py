@@ -63,6 +63,22 @@ class AuditLog:
         """Pods the launcher really created (201), per pod name."""
         return self.calls("create", pods, user=LAUNCHER, status=201)
 
+    async def until_called(
+        self, verb: str, pods: set[str], *, user: str, timeout: float = 120.0
+    ) -> Counter[str]:
+        """Wait until every pod in `pods` has had a `verb` call by `user`; those calls, per pod."""
+
+        async def wait() -> Counter[str]:
+            while set(calls := self.calls(verb, pods, user=user)) != pods:
+                await asyncio.sleep(0.2)
+            return calls
+
+        try:
+            return await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            missing = sorted(pods - set(self.calls(verb, pods, user=user)))
+            raise AssertionError(f"no {verb} by {user} of {missing[:5]} (audit log {self.path})") from None
+
     async def until_created(self, *pods: str, timeout: float = 120.0) -> None:
         """Wait until the launcher's creates of all `pods` are in the log."""
         wanted = set(pods)

@@ -185,9 +185,18 @@ def test_the_controller_manager_runs_deployments_and_empties_deleted_namespaces(
     eventually(gone, what=f"namespace {namespace} to be emptied and deleted", timeout=120)
 
 
+_NODE_MOUNT_ROOTS = (str(RUN_DIR), "/run/containerd", "/run/netns", "/var/lib/kubelet", "/var/lib/containerd")
+
+
 def host_state() -> dict[str, object]:
-    """What a real node may change on the host, as a comparable snapshot."""
-    mounts = sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    """What a real node may change on the host, as a comparable snapshot. Mounts are those a node
+    makes (its state, containerd's and the kubelet's directories, sandboxes' network namespaces),
+    so another test's own mounts elsewhere (the fault suite's stores) do not count."""
+    mounts = sorted(
+        point
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if (point := line.split()[4]).startswith(_NODE_MOUNT_ROOTS) or "/node/" in f"{point}/"
+    )
     cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_ROOT}"))
     return {
         "sysctls": {n: realnode._sysctl_path(n).read_text() for n in SYSCTLS},
