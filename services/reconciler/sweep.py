@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.reconciler.actions import PodActions
@@ -26,8 +28,10 @@ from services.reconciler.engine import Engine, PodItem
 from services.reconciler.store import TaskStore
 from shepherd import podmeta, timestamps
 from shepherd.kube import KubeClient
-from shepherd.logging import get_logger
+from shepherd.logging import BoundLogger, get_logger
 from shepherd.podevents import pod_event
+
+Pod = dict[str, Any]  # a pod as the API server sends it (raw JSON)
 
 
 def _age_s(pod: dict[str, Any]) -> float:
@@ -48,29 +52,45 @@ async def sweep_pending(
     batch: int,
 ) -> None:
     log = get_logger(component="pending-sweep")
-    selector = podmeta.executor_selector(executor_id)
-    tokens: dict[str | None, str] = {}
+    pages = _Pages(kube, namespaces, podmeta.executor_selector(executor_id), "status.phase=Pending", batch)
     while True:
         await asyncio.sleep(interval_s)
-        for namespace in namespaces if namespaces is not None else [None]:
-            try:
-                page = await kube.list_pods(
-                    namespace,
-                    label_selector=selector,
-                    field_selector="status.phase=Pending",
-                    limit=batch,
-                    continue_token=tokens.get(namespace, ""),
-                )
-            except Exception as err:  # the sweep is a safety net: it must outlive API trouble
-                log.warning("pending sweep failed; next tick tries again", error=str(err))
-                tokens.pop(namespace, None)
-                continue
-            tokens[namespace] = (page.get("metadata") or {}).get("continue", "")
-            overdue = [pod for pod in page.get("items") or [] if _age_s(pod) > timeout_s]
+        async for namespace, pods in pages.tick(log, "pending sweep"):
+            overdue = [pod for pod in pods if _age_s(pod) > timeout_s]
             for pod in overdue:
                 await engine.submit(PodItem(pod_event("MODIFIED", pod)))
             if overdue:
                 log.info("found pods past the pending timeout", pods=len(overdue), namespace=namespace or "*")
+
+
+@dataclass
+class _Pages:
+    """One sweep's paged listing: a page per namespace per tick, each namespace's listing
+    continuing where its last page ended, so a tick costs one bounded list call per namespace."""
+
+    kube: KubeClient
+    namespaces: list[str] | None
+    label_selector: str
+    field_selector: str
+    batch: int
+    tokens: dict[str | None, str] = field(default_factory=dict)
+
+    async def tick(self, log: BoundLogger, what: str) -> AsyncIterator[tuple[str | None, list[Pod]]]:
+        for namespace in self.namespaces if self.namespaces is not None else [None]:
+            try:
+                page = await self.kube.list_pods(
+                    namespace,
+                    label_selector=self.label_selector,
+                    field_selector=self.field_selector,
+                    limit=self.batch,
+                    continue_token=self.tokens.get(namespace, ""),
+                )
+            except Exception as err:  # the sweep is a safety net: it must outlive API trouble
+                log.warning(f"{what} failed; next tick tries again", error=str(err))
+                self.tokens.pop(namespace, None)
+                continue
+            self.tokens[namespace] = (page.get("metadata") or {}).get("continue", "")
+            yield namespace, page.get("items") or []
 
 
 _FINISHED_PHASES = ("Succeeded", "Failed")
@@ -88,25 +108,17 @@ async def sweep_finished(
     batch: int,
 ) -> None:
     log = get_logger(component="cleanup-sweep")
-    selector = podmeta.executor_selector(executor_id)  # not marked done
-    tokens: dict[str | None, str] = {}
+    # Not marked done, and past Pending.
+    pages = _Pages(kube, namespaces, podmeta.executor_selector(executor_id), "status.phase!=Pending", batch)
     while True:
         await asyncio.sleep(interval_s)
-        for namespace in namespaces if namespaces is not None else [None]:
+        async for namespace, pods in pages.tick(log, "clean-up sweep"):
+            settled = [pod for pod in pods if _unchanged_for_s(pod) >= interval_s]
             try:
-                page = await kube.list_pods(
-                    namespace,
-                    label_selector=selector,
-                    field_selector="status.phase!=Pending",
-                    limit=batch,
-                    continue_token=tokens.get(namespace, ""),
-                )
-                tokens[namespace] = (page.get("metadata") or {}).get("continue", "")
-                settled = [pod for pod in page.get("items") or [] if _unchanged_for_s(pod) >= interval_s]
                 found = await _clean_up(settled, kube, engine, store, actions)
             except Exception as err:  # the sweep is a safety net: it must outlive API trouble
                 log.warning("clean-up sweep failed; next tick tries again", error=str(err))
-                tokens.pop(namespace, None)
+                pages.tokens.pop(namespace, None)
                 continue
             if found:
                 log.warning(
