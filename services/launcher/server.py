@@ -124,7 +124,11 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
     ) -> pb.CancelLaunchResponse:
         launch = await self._existing(request.key, request.HasField("key"), context)
         in_flight = self._creator.cancel(request.key)
-        if launch.state == pb.LAUNCH_STATE_ACCEPTED:
+        # The update is conditional on the state and attempt read here; a relaunch committed in
+        # between moves the launch to a new ACCEPTED attempt, which is read again and cancelled.
+        for _ in range(3):
+            if launch.state != pb.LAUNCH_STATE_ACCEPTED:
+                break
             try:
                 cancelled = await self._store.update(
                     stamp_cancelled(launch), only_if_state=pb.LAUNCH_STATE_ACCEPTED

@@ -117,7 +117,11 @@ class LaunchStore:
     ) -> asyncio.Future[bool]:
         """update() for a caller that does not wait for the commit (so, by default, a lazy write:
         it may wait a few milliseconds to share a commit); the future says whether the launch
-        changed. `launch` must not be modified afterwards."""
+        changed. `launch` must not be modified afterwards.
+
+        With `only_if_state`, the stored launch must also still be at `launch.attempt`: an outcome
+        written late (held while the store was full) must not land on a relaunch made meanwhile,
+        which would mark the new attempt CREATED before its pod exists."""
         key = podmeta.key_string(launch.key)
         blob = launch.SerializeToString()
 
@@ -127,9 +131,13 @@ class LaunchStore:
                     "UPDATE launches SET launch = ?, state = ? WHERE key = ?", (blob, launch.state, key)
                 )
             else:
+                row = conn.execute(
+                    "SELECT launch FROM launches WHERE key = ? AND state = ?", (key, only_if_state)
+                ).fetchone()
+                if row is None or Launch.FromString(row[0]).attempt != launch.attempt:
+                    return False
                 cur = conn.execute(
-                    "UPDATE launches SET launch = ?, state = ? WHERE key = ? AND state = ?",
-                    (blob, launch.state, key, only_if_state),
+                    "UPDATE launches SET launch = ?, state = ? WHERE key = ?", (blob, launch.state, key)
                 )
             if cur.rowcount != 1:
                 return False
