@@ -78,8 +78,9 @@ class ServiceSettings(BaseSettings):
         default=None, description="Kubeconfig to use; unset means in-cluster ServiceAccount credentials."
     )
     namespace: str = Field(
-        default="shepherd",
-        description="Namespace worker pods are created in unless a task's pod override names another.",
+        default="shepherd-workers",
+        description="Namespace worker pods are created in unless a task's pod override names another; "
+        "deploy/ keeps it apart from the services' own namespace.",
     )
     watch_namespaces: str = Field(
         default="",

@@ -129,7 +129,9 @@ def cli(connection: Path) -> None:
 @click.option(
     "--context", "kube_context", default=None, help="Context of --kubeconfig (default: its current one)."
 )
-@click.option("--namespace", default="shepherd", help="Namespace of the task pods, with --kubeconfig.")
+@click.option(
+    "--namespace", default="shepherd-workers", help="Namespace of the task pods, with --kubeconfig."
+)
 @click.option("--executor-id", default="shepherd", help="Executor id on the pods' labels.")
 @click.option("--launcher-port", default=50051, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--watcher-port", default=50052, type=click.IntRange(0, 65535), help="0 picks a free port.")

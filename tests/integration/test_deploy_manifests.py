@@ -53,7 +53,9 @@ def test_every_manifest_is_accepted_by_the_api_server(cluster: ClusterInfo) -> N
 
 def test_kustomization_lists_every_manifest() -> None:
     listed = set(yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["resources"])
-    on_disk = {str(p.relative_to(DEPLOY)) for d in ("base", "rbac") for p in (DEPLOY / d).glob("*.yaml")}
+    on_disk = {
+        str(p.relative_to(DEPLOY)) for d in ("base", "rbac", "network") for p in (DEPLOY / d).glob("*.yaml")
+    }
     assert on_disk <= listed
 
 
