@@ -34,7 +34,7 @@ from shepherd.authn import Authenticator, CertificateAuthenticator, MeshAuthenti
 from shepherd.interceptors import Guard, RequestContextInterceptor
 from shepherd.limits import LaunchRate, StreamSlots
 from shepherd.logging import get_logger
-from shepherd.settings import ServiceSettings
+from shepherd.settings import ClientAuth, ServiceSettings
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import ServiceFailed
 
@@ -167,7 +167,7 @@ def _authenticator(settings: ServiceSettings, mode: security.Mode) -> Authentica
             settings.kubeconfig, settings.trust_domain, authz.split_list(settings.token_audiences)
         )
     if mode is security.Mode.MESH:
-        return MeshAuthenticator()
+        return MeshAuthenticator(settings.client_auth is ClientAuth.LINKERD, settings.trust_domain)
     return None
 
 

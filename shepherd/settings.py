@@ -37,7 +37,12 @@ class ClientAuth(StrEnum):
 
     CERTIFICATE = "certificate"  # mutual TLS: the caller's certificate (SPIFFE URI SAN, else its CN)
     TOKEN = "token"  # TLS, and a bearer token checked with the Kubernetes TokenReview API
-    MESH = "mesh"  # a mesh sidecar does mutual TLS; its x-forwarded-client-cert header names the caller
+    MESH = "mesh"  # an Istio/Envoy sidecar does mutual TLS; its x-forwarded-client-cert names the caller
+    LINKERD = "linkerd"  # a Linkerd proxy does mutual TLS; its l5d-client-id header names the caller
+
+    @property
+    def is_mesh(self) -> bool:
+        return self in (ClientAuth.MESH, ClientAuth.LINKERD)
 
 
 DEFAULT_OPEN_RPCS = (
@@ -116,9 +121,11 @@ class ServiceSettings(BaseSettings):
     client_auth: ClientAuth = Field(
         default=ClientAuth.CERTIFICATE,
         description="How callers are identified: 'certificate' (mutual TLS), 'token' (TLS plus a bearer "
-        "token checked with the TokenReview API, for clients that cannot hold certificates), or 'mesh' "
-        "(plaintext behind a mesh sidecar doing mutual TLS; the caller is read from the sidecar's "
-        "x-forwarded-client-cert header, so only use it with the mesh's mTLS set to STRICT).",
+        "token checked with the TokenReview API, for clients that cannot hold certificates), 'mesh' "
+        "(plaintext behind an Istio/Envoy sidecar doing mutual TLS; the caller is read from the sidecar's "
+        "x-forwarded-client-cert header, so only use it with the mesh's mTLS set to STRICT), or 'linkerd' "
+        "(the same behind a Linkerd proxy, reading its l5d-client-id header; only with the port's "
+        "Linkerd policy requiring mutual TLS).",
     )
     insecure: bool = Field(
         default=False,
@@ -185,7 +192,7 @@ class ServiceSettings(BaseSettings):
     def _transport_is_explicit(self) -> Self:
         files = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca}
         given = [name for name, path in files.items() if path is not None]
-        plaintext = self.insecure or self.client_auth is ClientAuth.MESH
+        plaintext = self.insecure or self.client_auth.is_mesh
         if plaintext and given:
             raise ValueError(f"{', '.join(given)}: no certificate files with insecure or client_auth=mesh")
         if not plaintext and given and len(given) != len(files):
