@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shepherd.eventlog import MESSAGE_INTERVAL_S
 
 S = TypeVar("S", bound="ServiceSettings")
+_DAY_S = 24 * 3600.0
 
 
 def state_dir() -> Path:
@@ -250,4 +251,28 @@ class StoreSettings(ServiceSettings):
     store_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
         default="FULL",
         description="SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes.",
+    )
+    # ---- retention (shepherd.retention) ---------------------------------------------------------
+    retention_s: float = Field(
+        default=7 * _DAY_S,
+        gt=0,
+        description="Log entries (launch events, task transitions) older than this are pruned, and "
+        "with them finished tasks and launches whose task ended that long ago. A cursor older than "
+        "the retention gets OUT_OF_RANGE, and a LaunchTask repeated for a pruned key is a new launch.",
+    )
+    retention_max_entries: int = Field(
+        default=0,
+        ge=0,
+        description="Also prune the oldest log entries beyond this many (0: no count limit). Never "
+        "removes a task that has not finished, nor a launch still waiting for its pod.",
+    )
+    retention_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="How often retention runs: a tick marks the log's head with the time (the age "
+        "resolution) and prunes what is due, in small batches.",
+    )
+    retention_batch: int = Field(
+        default=500, ge=1, le=10_000, description="Log entries pruned per transaction at most."
     )

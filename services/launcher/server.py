@@ -7,6 +7,7 @@ health is NOT_SERVING; both end by themselves once it can (see shepherd/sqlite.p
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -16,18 +17,19 @@ from google.rpc import code_pb2
 
 from services.launcher.admission import Admission, PolicyDenied
 from services.launcher.creator import PodCreator
+from services.launcher.expiry import LaunchExpiry, prune_launches
 from services.launcher.policy import PodPolicy
 from services.launcher.reconciler_client import ReconcilerClient
 from services.launcher.settings import LauncherSettings
 from services.launcher.store import Accepted, LaunchStore, stamp_cancelled
 from services.launcher.templates import TemplateCatalog, UnknownTemplate
-from shepherd import channels, podmeta
+from shepherd import channels, logstream, podmeta
 from shepherd.errors import MAX_FIELD_LEN, MAX_PROBLEM_LEN, abort_fields, abort_invalid, abort_unavailable
-from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import KubeClient, load_connection
 from shepherd.kube.reachability import ApiReachability
 from shepherd.logging import configure, get_logger
+from shepherd.retention import Pruner, Retention
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor
 from shepherd.v1 import launcher_service_pb2 as pb
@@ -170,15 +172,14 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
     async def WatchLaunchEvents(
         self, request: pb.WatchLaunchEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchLaunchEventsResponse]:
-        try:
-            async for entries in follow(
-                self._store.events, request.after_cursor, interval_s=self._settings.stream_interval_s
-            ):
-                yield pb.WatchLaunchEventsResponse(
-                    events=[pb.LaunchEvent(cursor=cursor, launch=launch) for cursor, launch in entries]
-                )
-        except CursorOutOfRange as err:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+        log = self._store.events
+        after = await logstream.start_cursor(log, request, context)
+        async for entries in logstream.serve_log(
+            log, after, context, interval_s=self._settings.stream_interval_s
+        ):
+            yield pb.WatchLaunchEventsResponse(
+                events=[pb.LaunchEvent(cursor=cursor, launch=launch) for cursor, launch in entries]
+            )
 
     # ---- the work behind LaunchTask -------------------------------------------------------------
 
@@ -326,6 +327,15 @@ async def serve(settings: LauncherSettings) -> None:
         api=api,
         reconciler=ReconcilerClient(reconciler_channel),
     )
+    retention = Retention.of(settings)
+    pruner = Pruner(
+        store.db,
+        store.events,
+        "launch",
+        retention,
+        lambda conn, rows: prune_launches(conn, rows, time.time()),
+    )
+    expiry = LaunchExpiry(store, ReconcilerClient(reconciler_channel), retention)
     replay = store.pending()
     for launch, pod in replay:
         creator.submit(launch, pod, replayed=True)
@@ -341,6 +351,8 @@ async def serve(settings: LauncherSettings) -> None:
     supervisor.spawn(
         store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"
     )
+    supervisor.spawn(pruner.run(), name="retention")
+    supervisor.spawn(expiry.run(), name="launch-expiry")
     log.info("ready", replayed=len(replay), templates=templates.names, executor_id=settings.executor_id)
     # Accepted launches not yet created stay ACCEPTED in the store and are replayed on next start.
     await supervisor.run_until_stopped(settings.shutdown_grace_s)

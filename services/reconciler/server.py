@@ -17,15 +17,15 @@ from services.reconciler.engine import Engine, UnknownTask
 from services.reconciler.launcher_calls import LauncherCalls, LauncherUnavailable
 from services.reconciler.settings import ReconcilerSettings
 from services.reconciler.statemachine import Policy
-from services.reconciler.store import TaskStore, decode_page_token
+from services.reconciler.store import TaskStore, decode_page_token, prune_finished
 from services.reconciler.streams import consume_launcher, consume_watcher
 from services.reconciler.sweep import sweep_finished, sweep_pending
-from shepherd import channels, podmeta
+from shepherd import channels, logstream, podmeta
 from shepherd.errors import abort_invalid, abort_unavailable
-from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import ApiError, KubeClient, load_connection
 from shepherd.logging import configure, get_logger
+from shepherd.retention import Pruner, Retention
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor
 from shepherd.v1 import launcher_service_pb2_grpc, task_pb2
@@ -59,13 +59,12 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
     async def WatchTaskStates(
         self, request: pb.WatchTaskStatesRequest, context: Context
     ) -> AsyncIterator[pb.WatchTaskStatesResponse]:
-        try:
-            async for entries in follow(
-                self._store.transitions, request.after_cursor, interval_s=self._settings.stream_interval_s
-            ):
-                yield pb.WatchTaskStatesResponse(changes=[change for _, change in entries])
-        except CursorOutOfRange as err:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+        log = self._store.transitions
+        after = await logstream.start_cursor(log, request, context)
+        async for entries in logstream.serve_log(
+            log, after, context, interval_s=self._settings.stream_interval_s
+        ):
+            yield pb.WatchTaskStatesResponse(changes=[change for _, change in entries])
 
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
         try:
@@ -73,6 +72,8 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         except InvalidField as err:
             await abort_invalid(context, err)
         row = self._store.get(podmeta.key_string(request.key))
+        if row is None and request.stored_only:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with this key is stored")
         if row is None:
             task = await self._learn(request.key, context)
         else:
@@ -95,10 +96,12 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
                 ) from None
         except InvalidField as err:
             await abort_invalid(context, err)
+        # Read before the page: every transition up to it is committed, so the page reflects it.
+        cursor = self._store.transitions.newest()
         tasks, token = self._store.list_tasks(
             page_size=request.page_size or 100, after_key=after, state=request.state, dag_id=request.dag_id
         )
-        return pb.ListTasksResponse(tasks=tasks, next_page_token=token)
+        return pb.ListTasksResponse(tasks=tasks, next_page_token=token, cursor=cursor)
 
     async def CancelTask(self, request: pb.CancelTaskRequest, context: Context) -> pb.CancelTaskResponse:
         try:
@@ -270,6 +273,8 @@ async def serve(settings: ReconcilerSettings) -> None:
     supervisor.spawn(
         store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"
     )
+    pruner = Pruner(store.db, store.transitions, "change", Retention.of(settings), prune_finished)
+    supervisor.spawn(pruner.run(), name="retention")
 
     async def mark_ready() -> None:
         # Ready means in sync: the watcher's snapshot of current pods has been applied, so no

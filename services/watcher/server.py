@@ -8,13 +8,15 @@ import grpc
 
 from services.watcher.informer import Informer
 from services.watcher.settings import WatcherSettings
-from shepherd import podmeta
-from shepherd.eventlog import CursorOutOfRange, MemoryLog, follow
+from shepherd import logstream, podmeta
+from shepherd.errors import abort_invalid
+from shepherd.eventlog import MemoryLog
 from shepherd.grpcserver import GrpcServer, run
 from shepherd.kube import KubeClient, load_connection
 from shepherd.logging import configure, get_logger
 from shepherd.supervisor import Supervisor
 from shepherd.v1 import watcher_service_pb2, watcher_service_pb2_grpc
+from shepherd.validation import InvalidField
 
 PodEvent = watcher_service_pb2.PodEvent
 SERVICE_NAME = watcher_service_pb2.DESCRIPTOR.services_by_name["WatcherService"].full_name
@@ -38,7 +40,9 @@ class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "the watcher has not finished its first list yet"
             )
-        after = request.after_cursor
+        if request.snapshot and request.start_at_head:
+            await abort_invalid(context, InvalidField("start_at_head", "cannot be combined with snapshot"))
+        after = await logstream.start_cursor(self._log, request, context)
         if request.snapshot:
             after, pods = self._informer.snapshot()
             events = []
@@ -52,11 +56,11 @@ class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
                 yield watcher_service_pb2.WatchPodEventsResponse(
                     events=events[start : start + SNAPSHOT_CHUNK]
                 )
-        try:
-            async for entries in follow(self._log, after, interval_s=self._interval_s):
-                yield watcher_service_pb2.WatchPodEventsResponse(events=[event for _, event in entries])
-        except CursorOutOfRange as err:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+        # A snapshot always has a message (its end marker), which has carried the headers.
+        async for entries in logstream.serve_log(
+            self._log, after, context, interval_s=self._interval_s, headers_sent=request.snapshot
+        ):
+            yield watcher_service_pb2.WatchPodEventsResponse(events=[event for _, event in entries])
 
 
 async def serve(settings: WatcherSettings) -> None:
