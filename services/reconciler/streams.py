@@ -33,17 +33,18 @@ from shepherd.v1 import (
 async def consume_launcher(address: str, engine: Engine) -> None:
     log = get_logger(component="launcher-stream", address=address)
     failures = 0
+    pruned = False  # our cursor was pruned by the launcher's retention: go on from its oldest
     async with channels.aio_channel(address) as channel:
         stub = launcher_service_pb2_grpc.LauncherServiceStub(channel)
         while True:
-            after = engine.resume_cursor(SOURCE_LAUNCHER)
+            after = 0 if pruned else engine.resume_cursor(SOURCE_LAUNCHER)
             try:
                 stream = stub.WatchLaunchEvents(
                     launcher_service_pb2.WatchLaunchEventsRequest(after_cursor=after)
                 )
                 log.info("subscribed", after_cursor=after)
                 async for response in stream:
-                    failures = 0
+                    failures, pruned = 0, False
                     for event in response.events:
                         await engine.submit(
                             LaunchItem(event.cursor, event.launch),
@@ -52,6 +53,13 @@ async def consume_launcher(address: str, engine: Engine) -> None:
                         )
             except grpc.aio.AioRpcError as err:
                 failures += 1
+                if err.code() == grpc.StatusCode.OUT_OF_RANGE and after:
+                    # Down for longer than the launcher's retention: the events in between are
+                    # gone. Their launches' pods still come through the watcher (the key is on
+                    # each pod); launches still waiting for a pod are never pruned.
+                    log.error("launch events were pruned before we read them", details=err.details())
+                    pruned = True
+                    continue
                 log.warning(
                     "launcher stream broke; reconnecting", code=err.code().name, details=err.details()
                 )
