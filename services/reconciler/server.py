@@ -7,6 +7,7 @@ answered UNAVAILABLE, with RetryInfo.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
@@ -28,10 +29,22 @@ from shepherd.logging import configure, get_logger
 from shepherd.retention import Pruner, Retention
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor
-from shepherd.v1 import launcher_service_pb2_grpc, task_pb2
+from shepherd.v1 import launcher_service_pb2, launcher_service_pb2_grpc, task_pb2
 from shepherd.v1 import reconciler_service_pb2 as pb
 from shepherd.v1 import reconciler_service_pb2_grpc as pb_grpc
 from shepherd.validation import InvalidField, check_key, check_text
+
+Launch = launcher_service_pb2.Launch
+
+
+def pruned_here(launch: Launch, now: float, retention_s: float) -> bool:
+    """Whether a launch the reconciler has no task for is one whose task it pruned: its pod was
+    created (or its launch ended) longer ago than the retention. A task is pruned only once it
+    ended a retention period ago, and it ended after its launch was accepted."""
+    if launch.state == launcher_service_pb2.LAUNCH_STATE_ACCEPTED or not launch.HasField("accept_time"):
+        return False
+    return launch.accept_time.ToNanoseconds() / 1e9 + retention_s <= now
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReconcilerService"].full_name
 MAX_PAGE = 1000
@@ -130,11 +143,15 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         """A task not known here yet: the launcher may have accepted it (committed before its
         LaunchTask answered) while its event is still on the way. Ask the launcher and apply
         what it has, so whoever got that answer finds the task; only a key neither knows is
-        NOT_FOUND."""
+        NOT_FOUND. Not a launch whose pod was created longer ago than the retention: its task was
+        pruned here, and the launcher forgets it soon; learnt again, it would look like a pod
+        lost before it ran, and be relaunched."""
         try:
             launch = await self._launcher.get_launch(key)
         except LauncherUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"key: not known here, and {err}")
+        if launch is not None and pruned_here(launch, time.time(), self._settings.retention_s):
+            launch = None
         try:
             task = await self._engine.learn_launch(launch) if launch is not None else None
         except StoreUnavailable as err:

@@ -11,13 +11,14 @@ import pytest
 
 from services.launcher.expiry import judge, prune_launches
 from services.launcher.store import Launch, LaunchStore, stamp_created, stamp_failed
+from services.reconciler.server import pruned_here
 from services.reconciler.store import Batch, TaskStore, prune_finished
 from shepherd import podmeta, retention
 from shepherd.eventlog import CursorOutOfRange
 from shepherd.retention import Pruner, Retention
 from shepherd.sqlite import Database, TableLog
 from shepherd.taskstates import TERMINAL
-from shepherd.v1 import task_pb2
+from shepherd.v1 import launcher_service_pb2, task_pb2
 from tests.helpers import task_key
 
 S = task_pb2
@@ -175,3 +176,13 @@ async def test_the_file_stops_growing_once_retention_applies(tmp_path: Path) -> 
         sizes.append(sum(f.stat().st_size for f in files if f.exists()))
     assert sizes[-1] <= sizes[1], sizes
     await db.close()
+
+
+def test_the_reconciler_does_not_learn_again_a_launch_whose_task_it_pruned() -> None:
+    now = 10 * DAY
+    launch = Launch(state=launcher_service_pb2.LAUNCH_STATE_CREATED)
+    launch.accept_time.FromSeconds(int(now - DAY - 1))
+    assert pruned_here(launch, now, DAY)
+    assert not pruned_here(launch, now, 2 * DAY)
+    launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED  # still waiting: never pruned
+    assert not pruned_here(launch, now, DAY)
