@@ -8,7 +8,8 @@ launch whose task is over), as each store decides in its `on_pruned` hook.
 Age without a time column: each tick writes a mark (now, head cursor) into `retention_marks`.
 Every entry up to a mark's cursor was committed before the mark's time, so the newest mark older
 than the period gives the cursor up to which everything is old enough. Marks cost one small row
-per tick, and resolution is the tick interval.
+per tick (none while the log is idle: an older mark of the same head says as much), and
+resolution is the tick interval.
 
 Never on the hot path: a tick deletes at most `batch` entries per transaction, by cursor range
 on the primary key (no scan of the table), through the store's group-commit writer as lazy writes
@@ -75,6 +76,7 @@ class Pruner:
         self._retention = retention
         self._on_pruned = on_pruned
         self._delete_sql = f"DELETE FROM {log.table} WHERE cursor <= ? RETURNING cursor, {column}"
+        self._marked = -1  # the head of the last mark written: an idle log needs no new one
         self.pruned_entries = 0
         self.pruned_records = 0
         self._log_ = get_logger(component="retention", log=log.table)
@@ -115,7 +117,9 @@ class Pruner:
     async def tick(self, now: float | None = None) -> int:
         """Mark the head, then prune what is due, a batch per transaction. Returns entries pruned."""
         now = time.time() if now is None else now
-        await self._db.write_soon(self._mark(now, self._log.head()), lazy=True)
+        if (head := self._log.head()) != self._marked:
+            await self._db.write_soon(self._mark(now, head), lazy=True)
+            self._marked = head
         cutoff = self.cutoff(now)
         pruned = 0
         while (oldest := self._log.oldest()) < cutoff:
