@@ -257,6 +257,8 @@ async def test_retention_prunes_what_is_finished_and_keeps_what_runs(
     assert await listed() == {"running"}, "finished tasks were not pruned, or the running one was"
     assert not [k.task_id for k in finished if await launch_known(k)], "launches of ended tasks remain"
     assert await launch_known(running), "the launch of a running task was pruned"
+    # Its events are long pruned, yet launching it again is still idempotent.
+    assert (await client.launch(running, annotations=FOREVER)).already_existed
     task = (await client.reconciler.GetTask(rpb.GetTaskRequest(key=running), timeout=30)).task
     assert task.state == S.TASK_STATE_RUNNING
 
