@@ -165,6 +165,13 @@ class ServiceSettings(BaseSettings):
         description="Also serve grpc.health.v1 alone, in plaintext, on this port (for the kubelet's "
         "gRPC probes, which cannot do TLS); 0: no such port.",
     )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics (GET /metrics) in plaintext on this port, on `host`; 0: none. "
+        "Names start with shepherd_ (README.md, Metrics).",
+    )
     # ---- bounded resources ---------------------------------------------------------------------
     max_receive_message_bytes: int = Field(
         default=4 * 1024 * 1024,

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-from shepherd import failpoints
+from shepherd import failpoints, metrics
 from shepherd.eventlog import AppendSignal, CursorOutOfRange
 from shepherd.logging import get_logger
 
@@ -117,6 +117,7 @@ class Database:
             self._executor.shutdown(wait=False)
             raise StoreUnavailable(self.path, explain(self.path, err), doing="be used") from err
         self.writable = True  # whether the last transaction committed
+        metrics.SQLITE_WRITABLE.set(1)
         self._health = AppendSignal()  # notified when `writable` changes, or the commit loop dies
         self._dead: BaseException | None = None  # why the commit loop stopped, if it did
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
@@ -217,6 +218,7 @@ class Database:
             for log, entries in appended:
                 log._publish(entries)  # before the writers resume: what they committed is readable
             elapsed = time.monotonic() - started
+            metrics.SQLITE_COMMIT_SECONDS.observe(elapsed)
             if elapsed > _SLOW_COMMIT_S:
                 get_logger(component="sqlite", path=self.path).warning(
                     "slow commit", seconds=round(elapsed, 3), writes=len(batch)
@@ -233,6 +235,7 @@ class Database:
         if writable == self.writable:
             return
         self.writable = writable
+        metrics.SQLITE_WRITABLE.set(writable)
         log = get_logger(component="sqlite", path=self.path)
         if error is not None:
             log.error("the store cannot write: writes fail as retryable until it can", error=error.cause)

@@ -15,15 +15,17 @@ import grpc
 import orjson
 from google.rpc import code_pb2
 
+from services.launcher import metrics as launcher_metrics
 from services.launcher.admission import Admission, PolicyDenied
 from services.launcher.creator import PodCreator
 from services.launcher.expiry import LaunchExpiry, prune_launches
+from services.launcher.metrics import LaunchOutcome
 from services.launcher.policy import PodPolicy
 from services.launcher.reconciler_client import ReconcilerClient
 from services.launcher.settings import LauncherSettings
 from services.launcher.store import Accepted, LaunchStore, stamp_cancelled
 from services.launcher.templates import TemplateCatalog, UnknownTemplate
-from shepherd import channels, logstream, podmeta
+from shepherd import channels, logstream, metrics, podmeta
 from shepherd.errors import MAX_FIELD_LEN, MAX_PROBLEM_LEN, abort_fields, abort_invalid, abort_unavailable
 from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import KubeClient, load_connection
@@ -70,6 +72,7 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         try:
             (outcome,) = await self._launch([request], [""])
         except StoreUnavailable as err:
+            launcher_metrics.launches[LaunchOutcome.STORE_UNAVAILABLE].inc()
             await abort_unavailable(context, str(err))
         if isinstance(outcome, PolicyDenied):
             await abort_fields(context, code_pb2.PERMISSION_DENIED, outcome.violations)
@@ -92,6 +95,7 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         try:
             outcomes = await self._launch(request.requests, prefixes)
         except StoreUnavailable as err:  # the batch is stored in one transaction: none of it was
+            launcher_metrics.launches[LaunchOutcome.STORE_UNAVAILABLE].inc(len(request.requests))
             await abort_unavailable(context, str(err))
         return pb.BatchLaunchTasksResponse(
             results=[
@@ -174,12 +178,13 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
     ) -> AsyncIterator[pb.WatchLaunchEventsResponse]:
         log = self._store.events
         after = await logstream.start_cursor(log, request, context)
-        async for entries in logstream.serve_log(
-            log, after, context, interval_s=self._settings.stream_interval_s
-        ):
-            yield pb.WatchLaunchEventsResponse(
-                events=[pb.LaunchEvent(cursor=cursor, launch=launch) for cursor, launch in entries]
-            )
+        with metrics.subscribers[metrics.Stream.LAUNCH_EVENTS].track_inprogress():
+            async for entries in logstream.serve_log(
+                log, after, context, interval_s=self._settings.stream_interval_s
+            ):
+                yield pb.WatchLaunchEventsResponse(
+                    events=[pb.LaunchEvent(cursor=cursor, launch=launch) for cursor, launch in entries]
+                )
 
     # ---- the work behind LaunchTask -------------------------------------------------------------
 
@@ -250,6 +255,8 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
                     launch=result.launch, already_existed=result.already_existed
                 )
         assert all(outcome is not None for outcome in outcomes)
+        for outcome in outcomes:
+            launcher_metrics.launches[_outcome_label(outcome)].inc()  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]  # every slot is filled above
 
     def _accepted(self, task: asyncio.Future[list[Accepted]]) -> None:
@@ -279,6 +286,18 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
 
 
 Outcome = pb.LaunchTaskResponse | InvalidField | UnknownTemplate | QueueFull
+
+
+def _outcome_label(outcome: Outcome) -> LaunchOutcome:
+    if isinstance(outcome, pb.LaunchTaskResponse):
+        return LaunchOutcome.ALREADY_EXISTED if outcome.already_existed else LaunchOutcome.ACCEPTED
+    if isinstance(outcome, PolicyDenied):
+        return LaunchOutcome.POLICY_DENIED
+    if isinstance(outcome, InvalidField):
+        return LaunchOutcome.INVALID
+    if isinstance(outcome, UnknownTemplate):
+        return LaunchOutcome.UNKNOWN_TEMPLATE
+    return LaunchOutcome.QUEUE_FULL
 
 
 def _prefixed(err: InvalidField, prefix: str) -> InvalidField:
@@ -336,6 +355,7 @@ async def serve(settings: LauncherSettings) -> None:
         lambda conn, rows: prune_launches(conn, rows, time.time()),
     )
     expiry = LaunchExpiry(store, ReconcilerClient(reconciler_channel), retention)
+    launcher_metrics.observe_creator(creator)
     replay = store.pending()
     for launch, pod in replay:
         creator.submit(launch, pod, replayed=True)

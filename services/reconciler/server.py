@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
+from services.reconciler import metrics as reconciler_metrics
 from services.reconciler.actions import PodActions
 from services.reconciler.adoption import Adopted, adopt
 from services.reconciler.engine import Engine, UnknownTask
@@ -21,7 +22,8 @@ from services.reconciler.statemachine import Policy
 from services.reconciler.store import TaskStore, decode_page_token, prune_finished
 from services.reconciler.streams import consume_launcher, consume_watcher
 from services.reconciler.sweep import sweep_finished, sweep_pending
-from shepherd import channels, logstream, podmeta
+from services.reconciler.upstream import UpstreamHealth
+from shepherd import channels, logstream, metrics, podmeta
 from shepherd.errors import abort_invalid, abort_unavailable
 from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import ApiError, KubeClient, load_connection
@@ -74,10 +76,11 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
     ) -> AsyncIterator[pb.WatchTaskStatesResponse]:
         log = self._store.transitions
         after = await logstream.start_cursor(log, request, context)
-        async for entries in logstream.serve_log(
-            log, after, context, interval_s=self._settings.stream_interval_s
-        ):
-            yield pb.WatchTaskStatesResponse(changes=[change for _, change in entries])
+        with metrics.subscribers[metrics.Stream.TASK_STATES].track_inprogress():
+            async for entries in logstream.serve_log(
+                log, after, context, interval_s=self._settings.stream_interval_s
+            ):
+                yield pb.WatchTaskStatesResponse(changes=[change for _, change in entries])
 
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
         try:
@@ -192,14 +195,15 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         assert row is not None
         task = row[0]
         try:
-            async for chunk in self._kube.pod_log(
-                task.namespace,
-                task.pod_name,
-                container=podmeta.BASE_CONTAINER,
-                tail_lines=request.tail_lines or 100,
-                follow=request.follow,
-            ):
-                yield pb.GetTaskLogsResponse(data=chunk)
+            with metrics.subscribers[metrics.Stream.TASK_LOGS].track_inprogress():
+                async for chunk in self._kube.pod_log(
+                    task.namespace,
+                    task.pod_name,
+                    container=podmeta.BASE_CONTAINER,
+                    tail_lines=request.tail_lines or 100,
+                    follow=request.follow,
+                ):
+                    yield pb.GetTaskLogsResponse(data=chunk)
         except ApiError as err:
             if err.status == 404:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"pod {task.pod_name} is gone: {err.message}")
@@ -250,7 +254,18 @@ async def serve(settings: ReconcilerSettings) -> None:
             namespaces=settings.namespaces,
         )
 
+    reconciler_metrics.observe(
+        actions_backlog=lambda: actions.backlog,
+        actions_retrying=actions.retrying,
+        engine_queue=lambda: engine.queue_depth,
+        active_tasks=lambda: engine.active_tasks,
+    )
     server = GrpcServer(settings, service_names=[SERVICE_NAME])
+    # Health follows the upstream streams too: NOT_SERVING once one is lost for too long.
+    upstreams = UpstreamHealth(
+        on_change=lambda ok: server.set_serving(ok, condition=Readiness.UPSTREAM),
+        loss_timeout_s=settings.upstream_loss_timeout_s,
+    )
     pb_grpc.add_ReconcilerServiceServicer_to_server(
         ReconcilerServicer(settings, store, engine, launcher, kube, adopt_dead), server.server
     )
@@ -285,8 +300,9 @@ async def serve(settings: ReconcilerSettings) -> None:
         ),
         name="cleanup-sweep",
     )
-    supervisor.spawn(consume_launcher(settings.launcher_address, engine), name="launcher-stream")
-    supervisor.spawn(consume_watcher(settings.watcher_address, engine), name="watcher-stream")
+    supervisor.spawn(consume_launcher(settings.launcher_address, engine, upstreams), name="launcher-stream")
+    supervisor.spawn(consume_watcher(settings.watcher_address, engine, upstreams), name="watcher-stream")
+    supervisor.spawn(upstreams.run(), name="upstream-health")
     supervisor.spawn(
         store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"
     )

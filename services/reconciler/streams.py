@@ -19,6 +19,8 @@ from services.reconciler.engine import (
     PodItem,
     SnapshotStart,
 )
+from services.reconciler.metrics import Upstream
+from services.reconciler.upstream import UpstreamHealth
 from shepherd import channels
 from shepherd.kube.client import sleep_backoff
 from shepherd.logging import get_logger
@@ -30,7 +32,7 @@ from shepherd.v1 import (
 )
 
 
-async def consume_launcher(address: str, engine: Engine) -> None:
+async def consume_launcher(address: str, engine: Engine, health: UpstreamHealth | None = None) -> None:
     log = get_logger(component="launcher-stream", address=address)
     failures = 0
     pruned = False  # our cursor was pruned by the launcher's retention: go on from its oldest
@@ -42,6 +44,7 @@ async def consume_launcher(address: str, engine: Engine) -> None:
                 stream = stub.WatchLaunchEvents(
                     launcher_service_pb2.WatchLaunchEventsRequest(after_cursor=after)
                 )
+                await _subscribed(stream, health, Upstream.LAUNCHER)
                 log.info("subscribed", after_cursor=after)
                 async for response in stream:
                     failures, pruned = 0, False
@@ -53,6 +56,8 @@ async def consume_launcher(address: str, engine: Engine) -> None:
                         )
             except grpc.aio.AioRpcError as err:
                 failures += 1
+                if health is not None:
+                    health.down(Upstream.LAUNCHER)
                 if err.code() == grpc.StatusCode.OUT_OF_RANGE and after:
                     # Down for longer than the launcher's retention: the events in between are
                     # gone. Their launches' pods still come through the watcher (the key is on
@@ -66,7 +71,7 @@ async def consume_launcher(address: str, engine: Engine) -> None:
                 await sleep_backoff(failures, cap_s=5.0)
 
 
-async def consume_watcher(address: str, engine: Engine) -> None:
+async def consume_watcher(address: str, engine: Engine, health: UpstreamHealth | None = None) -> None:
     log = get_logger(component="watcher-stream", address=address)
     failures = 0
     async with channels.aio_channel(address) as channel:
@@ -77,6 +82,7 @@ async def consume_watcher(address: str, engine: Engine) -> None:
             try:
                 request = watcher_service_pb2.WatchPodEventsRequest(after_cursor=after, snapshot=snapshot)
                 stream = stub.WatchPodEvents(request)
+                await _subscribed(stream, health, Upstream.WATCHER)
                 log.info("subscribed", after_cursor=after, snapshot=snapshot)
                 if snapshot:
                     await engine.submit(SnapshotStart())
@@ -92,6 +98,8 @@ async def consume_watcher(address: str, engine: Engine) -> None:
             except grpc.aio.AioRpcError as err:
                 failures += 1
                 engine.watcher_live = False
+                if health is not None:
+                    health.down(Upstream.WATCHER)
                 if err.code() == grpc.StatusCode.OUT_OF_RANGE:
                     log.warning(
                         "the watcher cannot resume our cursor; re-syncing from a snapshot",
@@ -101,3 +109,13 @@ async def consume_watcher(address: str, engine: Engine) -> None:
                     continue
                 log.warning("watcher stream broke; reconnecting", code=err.code().name, details=err.details())
                 await sleep_backoff(failures, cap_s=5.0)
+
+
+async def _subscribed(
+    stream: grpc.aio.UnaryStreamCall, health: UpstreamHealth | None, upstream: Upstream
+) -> None:
+    """Wait for the stream's headers (the upstreams send them at once), then count it as up. A
+    refused call ends without headers: the loop's next read raises, and it stays down."""
+    await stream.initial_metadata()
+    if health is not None and not stream.done():
+        health.up(upstream)

@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from services.watcher import metrics as watcher_metrics
 from services.watcher.informer import Informer
 from services.watcher.settings import WatcherSettings
-from shepherd import logstream, podmeta
+from shepherd import logstream, metrics, podmeta
 from shepherd.errors import abort_invalid
 from shepherd.eventlog import MemoryLog
 from shepherd.grpcserver import GrpcServer, run
@@ -43,24 +44,27 @@ class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
         if request.snapshot and request.start_at_head:
             await abort_invalid(context, InvalidField("start_at_head", "cannot be combined with snapshot"))
         after = await logstream.start_cursor(self._log, request, context)
-        if request.snapshot:
-            after, pods = self._informer.snapshot()
-            events = []
-            for pod in pods:
-                event = PodEvent()
-                event.CopyFrom(pod)
-                event.type, event.cursor = watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT, after
-                events.append(event)
-            events.append(PodEvent(type=watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT_COMPLETE, cursor=after))
-            for start in range(0, len(events), SNAPSHOT_CHUNK):
-                yield watcher_service_pb2.WatchPodEventsResponse(
-                    events=events[start : start + SNAPSHOT_CHUNK]
+        with metrics.subscribers[metrics.Stream.POD_EVENTS].track_inprogress():
+            if request.snapshot:
+                after, pods = self._informer.snapshot()
+                events = []
+                for pod in pods:
+                    event = PodEvent()
+                    event.CopyFrom(pod)
+                    event.type, event.cursor = watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT, after
+                    events.append(event)
+                events.append(
+                    PodEvent(type=watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT_COMPLETE, cursor=after)
                 )
-        # A snapshot always has a message (its end marker), which has carried the headers.
-        async for entries in logstream.serve_log(
-            self._log, after, context, interval_s=self._interval_s, headers_sent=request.snapshot
-        ):
-            yield watcher_service_pb2.WatchPodEventsResponse(events=[event for _, event in entries])
+                for start in range(0, len(events), SNAPSHOT_CHUNK):
+                    yield watcher_service_pb2.WatchPodEventsResponse(
+                        events=events[start : start + SNAPSHOT_CHUNK]
+                    )
+            # A snapshot always has a message (its end marker), which has carried the headers.
+            async for entries in logstream.serve_log(
+                self._log, after, context, interval_s=self._interval_s, headers_sent=request.snapshot
+            ):
+                yield watcher_service_pb2.WatchPodEventsResponse(events=[event for _, event in entries])
 
 
 async def serve(settings: WatcherSettings) -> None:
@@ -75,6 +79,7 @@ async def serve(settings: WatcherSettings) -> None:
         watch_timeout_s=settings.watch_timeout_s,
         inactivity_timeout_s=settings.inactivity_timeout_s,
     )
+    watcher_metrics.observe_informer(lambda: informer.last_heard, lambda: events.head)
     server = GrpcServer(settings, service_names=[SERVICE_NAME])
     watcher_service_pb2_grpc.add_WatcherServiceServicer_to_server(
         WatcherServicer(informer, events, interval_s=settings.stream_interval_s), server.server
