@@ -32,7 +32,7 @@ from shepherd.logging import get_logger
 PREFIX = "shepherd"
 # No <name>_created series beside each counter and histogram: a second series per child that
 # dashboards do not use, and that Prometheus' own clients stopped exposing by default.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Latency of calls to the API server and of SQLite commits: from a millisecond to tens of seconds.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

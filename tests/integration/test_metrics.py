@@ -10,15 +10,19 @@ import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane import ClusterInfo
 from controlplane.stack import SERVICES, ServiceStack
 from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import task_pb2
+from shepherd_cli.connection import Connection
+from shepherd_cli.main import cli
 from tests.helpers import task_key, unique_name
 from tests.helpers.eventually import eventually_async
 from tests.helpers.metrics import Scrape, scrape
@@ -154,8 +158,26 @@ async def test_every_metric_the_dashboard_uses_is_served(metrics_stack: ServiceS
     assert sorted(used - served) == []
 
 
+def _status(stack: ServiceStack, tmp_path: Path) -> dict[str, Any]:
+    """`shepherd status -o json` with a connection file naming this stack."""
+    path = tmp_path / "connection.json"
+    scheduler = stack.identities["scheduler"]
+    Connection(
+        **{name: stack.address(name) for name in SERVICES},
+        **{f"{name}_metrics": stack.metrics_url(name) for name in SERVICES},
+        executor_id=stack.executor_id,
+        ca=str(scheduler.ca),
+        cert=str(scheduler.cert),
+        key=str(scheduler.key),
+    ).write(path)
+    result = CliRunner().invoke(cli, ["--connection", str(path), "status", "-o", "json"])
+    assert result.exit_code in (0, 1), result.output  # 1: a service is not SERVING
+    parsed: dict[str, Any] = json.loads(result.output)
+    return parsed
+
+
 async def test_the_reconciler_is_not_serving_while_an_upstream_stream_is_lost(
-    metrics_stack: ServiceStack,
+    metrics_stack: ServiceStack, tmp_path: Path
 ) -> None:
     stack = metrics_stack
     await _subscribed(stack)
@@ -177,6 +199,11 @@ async def test_the_reconciler_is_not_serving_while_an_upstream_stream_is_lost(
             assert lost.value("shepherd_reconciler_upstream_connected", upstream="launcher") == 1
             down_s = lost.value("shepherd_reconciler_upstream_down_seconds", upstream="watcher")
             assert down_s >= LOSS_TIMEOUT_S
+            status = await asyncio.to_thread(_status, stack, tmp_path)
+            reconciler = next(s for s in status["services"] if s["service"] == "reconciler")
+            assert reconciler["health"] == "NOT_SERVING"
+            assert len(reconciler["why"]) == 1
+            assert reconciler["why"][0].startswith("lost its upstream streams (watcher for ")
 
             await asyncio.to_thread(stack.start, ("watcher",))
             await health.until(
