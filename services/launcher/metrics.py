@@ -55,6 +55,8 @@ class RetryCause(StrEnum):
 
 
 def retry_cause(error: BaseException) -> RetryCause:
+    if isinstance(error, ReconcilerUnavailable):  # a ConnectionError, but not the API server's
+        return RetryCause.RECONCILER_UNAVAILABLE
     if isinstance(error, ApiError):
         if error.status == 429:
             return RetryCause.THROTTLED
@@ -67,8 +69,6 @@ def retry_cause(error: BaseException) -> RetryCause:
         return RetryCause.OTHER
     if isinstance(error, aiohttp.ClientError | OSError | TimeoutError):
         return RetryCause.CONNECTION
-    if isinstance(error, ReconcilerUnavailable):
-        return RetryCause.RECONCILER_UNAVAILABLE
     return RetryCause.OTHER
 
 
