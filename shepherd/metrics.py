@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
+    Counter,
     Gauge,
     Histogram,
     disable_created_metrics,
@@ -59,6 +60,16 @@ class Stream(StrEnum):
     TASK_LOGS = "task_logs"
 
 
+class Refusal(StrEnum):
+    """Label values of shepherd_rpc_refused_total: calls the interceptor refused before the RPC ran."""
+
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"  # the authorization policy
+    TOO_MANY_STREAMS = "too_many_streams"  # max_streams_per_identity / max_streams
+    TOO_MANY_INFLIGHT = "too_many_inflight"  # max_inflight_unary
+    RATE_LIMITED = "rate_limited"  # launch_rate: launches beyond the caller's rate
+
+
 SERVING = Gauge(f"{PREFIX}_serving", "1 while the service's gRPC health is SERVING, else 0.")
 CONDITION_UNMET = Gauge(
     f"{PREFIX}_health_condition_unmet",
@@ -75,6 +86,12 @@ SQLITE_WRITABLE = Gauge(
     f"{PREFIX}_sqlite_writable",
     "1 while the last SQLite transaction committed, 0 while the store cannot write.",
 )
+_REFUSED = Counter(
+    f"{PREFIX}_rpc_refused_total",
+    "Calls refused before the RPC ran (authentication, policy, resource bounds, launch rate), by reason.",
+    ["reason"],
+)
+refused = {reason: _REFUSED.labels(reason.value) for reason in Refusal}
 # Bound once: each open stream increments its own child, never a label lookup.
 subscribers = {stream: SUBSCRIBERS.labels(stream.value) for stream in Stream}
 unmet = {condition: CONDITION_UNMET.labels(condition.value) for condition in Condition}

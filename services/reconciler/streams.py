@@ -44,8 +44,8 @@ async def consume_launcher(address: str, engine: Engine, health: UpstreamHealth 
                 stream = stub.WatchLaunchEvents(
                     launcher_service_pb2.WatchLaunchEventsRequest(after_cursor=after)
                 )
-                await _subscribed(stream, health, Upstream.LAUNCHER)
-                log.info("subscribed", after_cursor=after)
+                if await _subscribed(stream, health, Upstream.LAUNCHER):
+                    log.info("subscribed", after_cursor=after)
                 async for response in stream:
                     failures, pruned = 0, False
                     for event in response.events:
@@ -82,8 +82,8 @@ async def consume_watcher(address: str, engine: Engine, health: UpstreamHealth |
             try:
                 request = watcher_service_pb2.WatchPodEventsRequest(after_cursor=after, snapshot=snapshot)
                 stream = stub.WatchPodEvents(request)
-                await _subscribed(stream, health, Upstream.WATCHER)
-                log.info("subscribed", after_cursor=after, snapshot=snapshot)
+                if await _subscribed(stream, health, Upstream.WATCHER):
+                    log.info("subscribed", after_cursor=after, snapshot=snapshot)
                 if snapshot:
                     await engine.submit(SnapshotStart())
                 async for response in stream:
@@ -113,9 +113,13 @@ async def consume_watcher(address: str, engine: Engine, health: UpstreamHealth |
 
 async def _subscribed(
     stream: grpc.aio.UnaryStreamCall, health: UpstreamHealth | None, upstream: Upstream
-) -> None:
-    """Wait for the stream's headers (the upstreams send them at once), then count it as up. A
-    refused call ends without headers: the loop's next read raises, and it stays down."""
+) -> bool:
+    """Wait for the stream's headers (the upstreams send them at once), then count it as up;
+    whether it is. A refused call ends without headers: the loop's next read raises, and it stays
+    down."""
     await stream.initial_metadata()
-    if health is not None and not stream.done():
+    if stream.done():
+        return False
+    if health is not None:
         health.up(upstream)
+    return True

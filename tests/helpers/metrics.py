@@ -7,12 +7,14 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from shepherd_cli.servicemetrics import Samples, parse
+
 
 @dataclass(frozen=True)
 class Scrape:
     """One scrape: every sample by (name, sorted labels), and the metric families' names."""
 
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+    samples: Samples
     families: set[str]
 
     def value(self, name: str, **labels: str) -> float:
@@ -28,10 +30,5 @@ async def scrape(url: str) -> Scrape:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         response.raise_for_status()
         text = await response.text()
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    families: set[str] = set()
-    for family in text_string_to_metric_families(text):
-        families.add(family.name)
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return Scrape(samples, families)
+    families = {family.name for family in text_string_to_metric_families(text)}
+    return Scrape(parse(text), families)
