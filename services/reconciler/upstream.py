@@ -26,13 +26,14 @@ class UpstreamHealth:
     on_change: Callable[[bool], Awaitable[None]]  # told True/False each time the verdict changes
     loss_timeout_s: float = 30.0
     check_interval_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
     # Monotonic time each stream was lost (or the start, before its first subscription); absent: up.
     _down_since: dict[Upstream, float] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     healthy: bool | None = None  # None until the first verdict
 
     def __post_init__(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for upstream in Upstream:
             self._down_since[upstream] = now
             metrics.connected[upstream].set(0)
@@ -45,20 +46,20 @@ class UpstreamHealth:
 
     def down(self, upstream: Upstream) -> None:
         if upstream not in self._down_since:
-            self._down_since[upstream] = time.monotonic()
+            self._down_since[upstream] = self.clock()
             metrics.connected[upstream].set(0)
             metrics.reconnects[upstream].inc()
             self._changed.set()
 
     def lost(self) -> list[Upstream]:
         """The upstreams lost for longer than the timeout."""
-        now = time.monotonic()
+        now = self.clock()
         return [u for u, since in self._down_since.items() if now - since >= self.loss_timeout_s]
 
     def _seconds_down(self, upstream: Upstream) -> Callable[[], float]:
         def read() -> float:
             since = self._down_since.get(upstream)
-            return 0.0 if since is None else time.monotonic() - since
+            return 0.0 if since is None else self.clock() - since
 
         return read
 
