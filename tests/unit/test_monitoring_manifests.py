@@ -40,6 +40,7 @@ def test_the_monitoring_layer_builds_on_the_base_and_ships_the_dashboard() -> No
     kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
     assert "../" in kustomization["resources"]
     assert "podmonitor.yaml" in kustomization["resources"]
+    assert "network-policy.yaml" in kustomization["resources"]
     (generator,) = kustomization["configMapGenerator"]
     assert generator["files"] == ["grafana-dashboard.json"]
 
@@ -52,3 +53,10 @@ def test_the_dashboard_queries_only_shepherd_and_process_metrics() -> None:
         names = re.findall(r"\b([a-z_]+)\{", expr)
         assert names, expr
         assert all(n.startswith(("shepherd_", "process_")) for n in names), expr
+
+
+def test_the_network_policy_opens_the_metrics_port_and_only_it() -> None:
+    policy = yaml.safe_load((MONITORING / "network-policy.yaml").read_text())
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert rule["from"], "open to everyone"
