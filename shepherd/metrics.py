@@ -77,15 +77,31 @@ CONDITION_UNMET = Gauge(
     ["condition"],
 )
 SUBSCRIBERS = Gauge(f"{PREFIX}_stream_subscribers", "Open server streams, by stream.", ["stream"])
+# The store's metrics are registered by the first store opened (register_store_metrics): a
+# service without a store (the watcher) would otherwise report one that cannot write.
 SQLITE_COMMIT_SECONDS = Histogram(
     f"{PREFIX}_sqlite_commit_duration_seconds",
     "Time to run and commit one group-commit batch of SQLite writes.",
     buckets=LATENCY_BUCKETS_S,
+    registry=None,
 )
 SQLITE_WRITABLE = Gauge(
     f"{PREFIX}_sqlite_writable",
     "1 while the last SQLite transaction committed, 0 while the store cannot write.",
+    registry=None,
 )
+_store_metrics_registered = False
+
+
+def register_store_metrics() -> None:
+    """Expose the SQLite metrics (once per process: its one store opened)."""
+    global _store_metrics_registered
+    if not _store_metrics_registered:
+        REGISTRY.register(SQLITE_COMMIT_SECONDS)
+        REGISTRY.register(SQLITE_WRITABLE)
+        _store_metrics_registered = True
+
+
 _REFUSED = Counter(
     f"{PREFIX}_rpc_refused_total",
     "Calls refused before the RPC ran (authentication, policy, resource bounds, launch rate), by reason.",

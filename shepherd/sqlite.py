@@ -117,6 +117,7 @@ class Database:
             self._executor.shutdown(wait=False)
             raise StoreUnavailable(self.path, explain(self.path, err), doing="be used") from err
         self.writable = True  # whether the last transaction committed
+        metrics.register_store_metrics()
         metrics.SQLITE_WRITABLE.set(1)
         self._health = AppendSignal()  # notified when `writable` changes, or the commit loop dies
         self._dead: BaseException | None = None  # why the commit loop stopped, if it did

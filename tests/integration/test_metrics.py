@@ -134,6 +134,8 @@ async def test_counters_and_histograms_move_as_tasks_go_through(metrics_stack: S
     assert delta("watcher", events, type="modified", synthetic="false") >= 4
     assert delta("watcher", "shepherd_watcher_event_lag_seconds_count") >= 4
     assert after["watcher"].value("shepherd_stream_subscribers", stream="pod_events") >= 1
+    assert "shepherd_sqlite_writable" not in after["watcher"].names()  # it has no store
+    assert after["launcher"].value("shepherd_sqlite_writable") == 1
 
     transitions = "shepherd_reconciler_transitions_total"
     assert delta("reconciler", transitions, state="queued") == 4
