@@ -181,9 +181,12 @@ def _status(stack: ServiceStack, tmp_path: Path) -> dict[str, Any]:
         cert=str(scheduler.cert),
         key=str(scheduler.key),
     ).write(path)
-    result = CliRunner().invoke(cli, ["--connection", str(path), "status", "-o", "json"])
+    runner = CliRunner(env={"COLUMNS": "250"})
+    table = runner.invoke(cli, ["--connection", str(path), "status"])
+    result = runner.invoke(cli, ["--connection", str(path), "status", "-o", "json"])
     assert result.exit_code in (0, 1), result.output  # 1: a service is not SERVING
     parsed: dict[str, Any] = json.loads(result.output)
+    parsed["table"] = table.output
     return parsed
 
 
@@ -215,6 +218,7 @@ async def test_the_reconciler_is_not_serving_while_an_upstream_stream_is_lost(
             assert reconciler["health"] == "NOT_SERVING"
             assert len(reconciler["why"]) == 1
             assert reconciler["why"][0].startswith("lost its upstream streams (watcher for ")
+            assert "lost its upstream streams (watcher for " in status["table"]
 
             await asyncio.to_thread(stack.start, ("watcher",))
             await health.until(
