@@ -1,6 +1,8 @@
-"""Command line for the local control plane: `python -m controlplane up|down|status|env`, and
+"""Command line for the local control plane: `python -m controlplane up|down|status|env`,
 `python -m controlplane issue-cert <namespace>/<name>` for a client certificate of Shepherd's gRPC
-ports (a scheduler: namespace `schedulers`)."""
+ports (a scheduler: namespace `schedulers`), `build-image` for the services' image (built from the
+Dockerfile and imported into the real node), and `deploy` / `undeploy` for Shepherd itself running
+in the cluster from deploy/local/."""
 
 from __future__ import annotations
 
@@ -9,13 +11,17 @@ import json
 import sys
 from dataclasses import asdict
 
+from controlplane import serviceimage
 from controlplane.cluster import Cluster, ClusterError
+from controlplane.deploy import DeployError, Deployment
 from controlplane.identities import GrpcAuthority
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controlplane", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "status", "env", "issue-cert"])
+    parser.add_argument(
+        "command", choices=["up", "down", "status", "env", "issue-cert", "build-image", "deploy", "undeploy"]
+    )
     parser.add_argument(
         "identity", nargs="?", help="issue-cert: the ServiceAccount <namespace>/<name> to issue for"
     )
@@ -33,6 +39,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  --cacert {issued.ca} --cert {issued.cert} --key {issued.key}")
         return 0
     try:
+        if args.command == "build-image":
+            image = serviceimage.build(cluster.settings)
+            how = "built" if image.built else "cached"
+            print(f"{image.name} ({how}, {image.tar}) in {image.seconds:.1f}s")
+            return 0
+        if args.command in ("deploy", "undeploy"):
+            if args.command == "deploy":
+                image = serviceimage.build(cluster.settings)
+                Deployment(cluster, image.name).apply()
+                print(f"Shepherd runs in namespace shepherd from {image.name}; pods:")
+                for name, pod in sorted(Deployment(cluster, image.name).pods().items()):
+                    print(f"  {name:<10} {pod['metadata']['name']} {pod['status'].get('podIP')}")
+            else:
+                Deployment(cluster, serviceimage.image_name()).remove()
+            return 0
         if args.command == "up":
             info = cluster.up()
             print(f"kube-apiserver {info.version} is ready at {info.server}")
@@ -51,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("the local cluster is not running: `make cluster-up` starts it", file=sys.stderr)
                 return 1
             print(f"export KUBECONFIG={cluster.info().admin_kubeconfig}")
-    except ClusterError as exc:
+    except (ClusterError, serviceimage.ImageBuildError, DeployError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
