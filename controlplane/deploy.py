@@ -293,11 +293,10 @@ class Deployment:
         Services' ports on the bridge gateway)."""
         supervisor = self.cluster.supervisor
         argv = self._proxy_argv()
-        if supervisor.pid(PROXY) is not None:
-            running = json.loads((supervisor.run_dir / f"{PROXY}.json").read_text())["argv"]
-            if running == argv:
+        holder = self._proxy_holder()
+        if holder is not None:
+            if json.loads((supervisor.run_dir / f"{PROXY}.json").read_text())["argv"] == argv:
                 return
-            holder = running[running.index("--namespace") + 1]
             if holder != self.namespace:
                 raise DeployError(
                     f"the deployment in namespace {holder} holds the service proxy (one per cluster: "
@@ -305,6 +304,14 @@ class Deployment:
                 )
             supervisor.stop(PROXY)
         supervisor.start(Daemon(PROXY, argv, None))
+
+    def _proxy_holder(self) -> str | None:
+        """The namespace the running service proxy serves, if one runs."""
+        supervisor = self.cluster.supervisor
+        if supervisor.pid(PROXY) is None:
+            return None
+        argv: list[str] = json.loads((supervisor.run_dir / f"{PROXY}.json").read_text())["argv"]
+        return argv[argv.index("--namespace") + 1]
 
     def _proxy_argv(self) -> list[str]:
         s = self.cluster.settings
@@ -373,6 +380,14 @@ class Deployment:
         """Delete what `apply` made (namespaces last, waiting until they are gone) and stop the
         proxy. Objects that were not there are skipped; in `shepherd`, what the cluster's bootstrap
         applied stays."""
+        try:
+            self._delete_objects()
+        finally:
+            if self._proxy_holder() == self.namespace:
+                self.cluster.supervisor.stop(PROXY)
+        _log(f"removed the deployment in {self.namespace}, {self.workers}")
+
+    def _delete_objects(self) -> None:
         admin = self.admin
         for obj in reversed(self.objects):
             if self.namespace == SERVICE_NAMESPACE and obj["kind"] in _BOOTSTRAPPED:
@@ -392,5 +407,3 @@ class Deployment:
                         break
                     raise
                 time.sleep(1)
-        self.cluster.supervisor.stop(PROXY)
-        _log(f"removed the deployment in {self.namespace}, {self.workers}")
