@@ -12,6 +12,7 @@ pods: the in-cluster launcher's and reconciler's ServiceAccounts, from inside th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,8 +24,7 @@ import pytest
 from controlplane import Cluster, ClusterInfo, serviceimage
 from controlplane.deploy import PROXY, Deployment
 from controlplane.identities import GrpcAuthority
-from shepherd import channels
-from shepherd.taskstates import TERMINAL
+from shepherd import channels, podmeta
 from shepherd.v1 import launcher_service_pb2_grpc, reconciler_service_pb2_grpc, task_pb2
 from tests.helpers import task_key, unique_name
 from tests.helpers.audit import AuditLog
@@ -56,7 +56,7 @@ def deployment(cluster: ClusterInfo, real_node: str) -> Iterator[Deployment]:
 async def scheduler(deployment: Deployment) -> AsyncIterator[SchedulerClient]:
     """A scheduler with a certificate of its own (`issue-cert schedulers/<name>`), calling the
     launcher and the reconciler at their pod IPs; the names checked are the Services' names."""
-    pods = deployment.pods()
+    pods = await asyncio.to_thread(deployment.pods)
     issued = GrpcAuthority(deployment.cluster.settings.state_dir).client("schedulers", "incluster-test")
 
     def channel(name: str) -> grpc.aio.Channel:
@@ -126,26 +126,28 @@ async def test_launch_success_and_failure_through_the_pods(
     succeeds = task_key(task_id=unique_name("incluster-ok"))
     fails = task_key(task_id=unique_name("incluster-fail"))
     await scheduler.launch(succeeds)
-    await scheduler.launch(fails, annotations={"sim.shepherd.dev/outcome": "fail"})
+    await scheduler.launch(
+        fails, annotations={"sim.shepherd.dev/outcome": "fail", "sim.shepherd.dev/exit-code": "7"}
+    )
     done = await scheduler.final(succeeds, timeout=180)
     failed = await scheduler.final(fails, timeout=180)
-    assert done.state == task_pb2.TASK_STATE_SUCCEEDED
-    assert failed.state == task_pb2.TASK_STATE_FAILED
-    assert failed.failure.reason == "PodFailed"
-    for key in (succeeds, fails):
-        terminal = [s for s in scheduler.states(key) if s in TERMINAL]
-        assert len(set(terminal)) == 1, scheduler.states(key)
+    queued, running = task_pb2.TASK_STATE_QUEUED, task_pb2.TASK_STATE_RUNNING
+    assert scheduler.states(succeeds) == [queued, running, task_pb2.TASK_STATE_SUCCEEDED]
+    assert scheduler.states(fails) == [queued, running, task_pb2.TASK_STATE_FAILED]
+    assert (failed.failure.reason, failed.failure.pod_phase) == ("PodFailed", "Failed")
+    assert (failed.failure.container.name, failed.failure.container.exit_code) == ("base", 7)
 
     # The API server's witness: each worker pod created once, by the launcher's ServiceAccount
-    # from inside the launcher's pod (its token is bound to that pod), and deleted once finished,
-    # by the reconciler's from inside its pod.
-    pods = deployment.pods()
+    # from inside the launcher's pod (its token is bound to that pod); the succeeded task's pod
+    # deleted once, by the reconciler's from inside its pod. The failed task's pod is kept for
+    # debugging (delete_worker_pods_on_failure is off by default), marked done by the reconciler.
+    pods = await asyncio.to_thread(deployment.pods)
     names = {done.pod_name, failed.pod_name}
     assert all(names)
     launcher = f"system:serviceaccount:{deployment.namespace}:launcher"
     reconciler = f"system:serviceaccount:{deployment.namespace}:reconciler"
     assert await audit.until_called("create", names, user=launcher) == {n: 1 for n in names}
-    assert await audit.until_called("delete", names, user=reconciler) == {n: 1 for n in names}
+    assert await audit.until_called("delete", {done.pod_name}, user=reconciler) == {done.pod_name: 1}
     for verb, user, service in (("create", launcher, "launcher"), ("delete", reconciler, "reconciler")):
         for entry in audit.entries():
             ref = entry.get("objectRef") or {}
@@ -154,6 +156,16 @@ async def test_launch_success_and_failure_through_the_pods(
                 assert entry["user"]["extra"]["authentication.kubernetes.io/pod-name"] == [
                     pods[service]["metadata"]["name"]
                 ]
-    # Nothing left behind in the workers' namespace.
-    listed = deployment.admin.request("GET", f"/api/v1/namespaces/{deployment.workers}/pods")
-    assert not {p["metadata"]["name"] for p in listed["items"]} & names
+
+    async def workers_left() -> dict[str, dict[str, str]]:
+        """The worker pods left, by name, once the failed task's pod is marked done."""
+        path = f"/api/v1/namespaces/{deployment.workers}/pods"
+        while True:
+            listed = await asyncio.to_thread(deployment.admin.request, "GET", path)
+            left = {p["metadata"]["name"]: p["metadata"].get("labels", {}) for p in listed["items"]}
+            if podmeta.LABEL_DONE in left.get(failed.pod_name, {}):
+                return left
+            await asyncio.sleep(0.5)
+
+    left = await asyncio.wait_for(workers_left(), 120)
+    assert set(left) == {failed.pod_name}
