@@ -13,8 +13,11 @@ from dataclasses import asdict
 
 from controlplane import serviceimage
 from controlplane.cluster import Cluster, ClusterError
-from controlplane.deploy import DeployError, Deployment
+from controlplane.deploy import SERVICE_NAMESPACE, WORKER_NAMESPACE, DeployError, Deployment
 from controlplane.identities import GrpcAuthority
+
+# The services' gRPC ports in deploy/base/.
+PORTS = {"launcher": 50051, "watcher": 50052, "reconciler": 50053}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "identity", nargs="?", help="issue-cert: the ServiceAccount <namespace>/<name> to issue for"
+    )
+    parser.add_argument(
+        "--namespace",
+        default=SERVICE_NAMESPACE,
+        help="deploy/undeploy: the services' namespace (worker pods go to <namespace>-workers); "
+        "another than `shepherd` leaves the namespaces the cluster's own services use alone",
     )
     args = parser.parse_args(argv)
     cluster = Cluster()
@@ -45,14 +54,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{image.name} ({how}, {image.tar}) in {image.seconds:.1f}s")
             return 0
         if args.command in ("deploy", "undeploy"):
-            if args.command == "deploy":
-                image = serviceimage.build(cluster.settings)
-                Deployment(cluster, image.name).apply()
-                print(f"Shepherd runs in namespace shepherd from {image.name}; pods:")
-                for name, pod in sorted(Deployment(cluster, image.name).pods().items()):
-                    print(f"  {name:<10} {pod['metadata']['name']} {pod['status'].get('podIP')}")
-            else:
-                Deployment(cluster, serviceimage.image_name()).remove()
+            workers = WORKER_NAMESPACE if args.namespace == SERVICE_NAMESPACE else f"{args.namespace}-workers"
+            if args.command == "undeploy":
+                Deployment(cluster, serviceimage.image_name(), args.namespace, workers).remove()
+                return 0
+            image = serviceimage.build(cluster.settings)
+            deployment = Deployment(cluster, image.name, args.namespace, workers)
+            deployment.apply()
+            print(f"Shepherd runs in namespace {args.namespace} (workers: {workers}) from {image.name}")
+            for name, pod in sorted(deployment.pods().items()):
+                port = PORTS[name]
+                print(f"  {name:<10} {pod['metadata']['name']:<32} {pod['status'].get('podIP')}:{port}")
             return 0
         if args.command == "up":
             info = cluster.up()

@@ -42,6 +42,10 @@ def deployment(cluster: ClusterInfo, real_node: str) -> Iterator[Deployment]:
             "another in-cluster deployment holds the service proxy (`make deploy-local`?); "
             "`python -m controlplane undeploy` removes it"
         )
+    try:
+        serviceimage.ensure_tools()
+    except serviceimage.ImageBuildError as exc:
+        pytest.skip(f"cannot build the services' image here: {exc}")
     image = serviceimage.build(local.settings)  # cached: quick unless the sources changed
     namespace = f"incluster-{uuid.uuid4().hex[:6]}"
     deployed = Deployment(local, image.name, namespace=namespace, workers=f"{namespace}-workers")
