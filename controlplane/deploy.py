@@ -40,9 +40,6 @@ PROXY = "service-proxy"
 FIELD_MANAGER = "shepherd-deploy"
 # Created first (everything else lives in them or refers to them), deleted last.
 _ORDER = {"Namespace": 0, "ServiceAccount": 1, "ClusterRole": 1, "Role": 1, "ConfigMap": 2, "Secret": 2}
-# In `shepherd` / `shepherd-workers`, the cluster's own bootstrap applied these (deploy/namespace.yaml
-# and deploy/rbac/) for the services that run on the host: removing the deployment leaves them.
-_BOOTSTRAPPED = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 _KNOWN_FIELDS = {"apiVersion", "kind", "resources", "configMapGenerator", "images", "patches"}
 
 Object = dict[str, Any]
@@ -389,8 +386,9 @@ class Deployment:
 
     def _delete_objects(self) -> None:
         admin = self.admin
+        keep = _bootstrapped() if self.namespace == SERVICE_NAMESPACE else set()
         for obj in reversed(self.objects):
-            if self.namespace == SERVICE_NAMESPACE and obj["kind"] in _BOOTSTRAPPED:
+            if _identity(obj) in keep:
                 continue
             try:
                 admin.request("DELETE", object_path(obj))
@@ -407,3 +405,15 @@ class Deployment:
                         break
                     raise
                 time.sleep(1)
+
+
+def _identity(obj: Object) -> tuple[str, str | None, str]:
+    return obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]
+
+
+def _bootstrapped() -> set[tuple[str, str | None, str]]:
+    """What the cluster's own bootstrap applies for the host-run services (the same files as
+    Cluster._apply_manifests: deploy/namespace.yaml and deploy/rbac/): a deployment in `shepherd`
+    shares these objects, and removing it leaves them."""
+    files = [REPO_ROOT / "deploy" / "namespace.yaml", *sorted((REPO_ROOT / "deploy" / "rbac").glob("*.yaml"))]
+    return {_identity(d) for f in files for d in yaml.safe_load_all(f.read_text()) if d}

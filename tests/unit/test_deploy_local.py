@@ -3,9 +3,15 @@ objects with only the local differences, and the relocation a test deploys with.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from controlplane.deploy import OVERLAY, merge, relocate, render
+import pytest
+
+from controlplane import Cluster, ClusterSettings
+from controlplane.deploy import OVERLAY, Deployment, merge, relocate, render
+from controlplane.kubeapi import ApiError, object_path
+from controlplane.serviceproxy import NoEndpoint, ready_endpoint
 
 BASE = OVERLAY.parent
 
@@ -85,3 +91,84 @@ def test_relocation_leaves_nothing_in_the_shepherd_namespaces_or_under_their_clu
     assert bindings[0]["subjects"] == [
         {"kind": "ServiceAccount", "name": "launcher", "namespace": "elsewhere"}
     ]
+
+
+class _FakeAdmin:
+    """Records the API calls; every object is already gone (404 on GET)."""
+
+    def __init__(self, answers: dict[str, Any] | None = None) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.answers = answers or {}
+
+    def request(self, method: str, path: str, body: Any = None, **_: Any) -> Any:
+        self.calls.append((method, path))
+        if path in self.answers:
+            return self.answers[path]
+        if method == "GET":
+            raise ApiError(404, "not found")
+        return None
+
+
+def _deployment(tmp_path: Path, namespace: str, workers: str, admin: _FakeAdmin) -> Deployment:
+    cluster = Cluster(ClusterSettings(state_dir=tmp_path / "state", cache_dir=tmp_path / "cache"))
+    deployment = Deployment(cluster, "shepherd.local/shepherd:test", namespace, workers)
+    deployment.__dict__["admin"] = admin  # instead of the property's real client
+    return deployment
+
+
+@pytest.fixture(autouse=True)
+def _fake_admin_property(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Deployment, "admin", property(lambda self: self.__dict__["admin"]))
+
+
+def test_removing_the_shepherd_deployment_leaves_what_the_clusters_bootstrap_applied(tmp_path: Path) -> None:
+    admin = _FakeAdmin()
+    deployment = _deployment(tmp_path, "shepherd", "shepherd-workers", admin)
+    assert {o["metadata"].get("namespace") for o in deployment.objects} <= {
+        None,
+        "shepherd",
+        "shepherd-workers",
+    }
+    deployment.remove()
+    deleted = {path for method, path in admin.calls if method == "DELETE"}
+    assert "/apis/apps/v1/namespaces/shepherd/deployments/launcher" in deleted
+    assert "/api/v1/namespaces/shepherd/secrets/launcher-tls" in deleted
+    for kept in ("/api/v1/namespaces/shepherd", "/api/v1/namespaces/shepherd/serviceaccounts/launcher"):
+        assert kept not in deleted
+    assert not any("rbac.authorization.k8s.io" in p or "admissionregistration" in p for p in deleted)
+
+
+def test_removing_a_relocated_deployment_deletes_everything_it_applied(tmp_path: Path) -> None:
+    admin = _FakeAdmin()
+    deployment = _deployment(tmp_path, "elsewhere", "elsewhere-workers", admin)
+    deployment.remove()
+    deleted = {path for method, path in admin.calls if method == "DELETE"}
+    assert deleted == {object_path(o) for o in deployment.objects}
+    assert "/api/v1/namespaces/elsewhere" in deleted
+
+
+def test_the_service_proxy_picks_a_ready_endpoint_on_the_target_port_of_the_services_port() -> None:
+    service = {"spec": {"ports": [{"name": "grpc", "port": 50051, "targetPort": "grpc"}]}}
+    slices = {
+        "items": [
+            {
+                "ports": [{"name": "grpc", "port": 50051}],
+                "endpoints": [
+                    {"addresses": ["10.89.0.7"], "conditions": {"ready": False}},
+                    {"addresses": ["10.89.0.8"], "conditions": {"ready": True}},
+                ],
+            }
+        ]
+    }
+    admin = _FakeAdmin(
+        {
+            "/api/v1/namespaces/ns/services/launcher": service,
+            "/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices": slices,
+        }
+    )
+    assert ready_endpoint(admin, "ns", "launcher", 50051) == ("10.89.0.8", 50051)  # type: ignore[arg-type]
+    with pytest.raises(NoEndpoint):
+        ready_endpoint(admin, "ns", "launcher", 50052)  # type: ignore[arg-type]
+    slices["items"][0]["endpoints"] = []
+    with pytest.raises(NoEndpoint):
+        ready_endpoint(admin, "ns", "launcher", 50051)  # type: ignore[arg-type]
