@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -26,7 +27,7 @@ from controlplane.deploy import PROXY, Deployment
 from controlplane.identities import GrpcAuthority
 from shepherd import channels, podmeta
 from shepherd.v1 import launcher_service_pb2_grpc, reconciler_service_pb2_grpc, task_pb2
-from tests.helpers import task_key, unique_name
+from tests.helpers import eventually, task_key, unique_name
 from tests.helpers.audit import AuditLog
 from tests.helpers.scheduler import SchedulerClient
 
@@ -121,6 +122,33 @@ def test_the_services_run_on_the_real_node_hardened_and_ready_by_the_kubelets_pr
         assert "SHEPHERD_KUBECONFIG" not in env
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+
+    # The kubelet's own count of the probes it ran, from its metrics: both the gRPC readiness and
+    # the liveness probe of each service succeeded there.
+    wanted = {(name, kind) for name in PORTS for kind in ("Readiness", "Liveness")}
+    eventually(
+        lambda: wanted <= _successful_probes(deployment, real_node),
+        what="a successful readiness and liveness probe of each service in the kubelet's metrics",
+        timeout=120,
+        interval=2,
+    )
+
+
+def _successful_probes(deployment: Deployment, node: str) -> set[tuple[str, str]]:
+    """(container, probe type) of the deployment's pods with a successful probe, per the kubelet."""
+    text = deployment.admin.request("GET", f"/api/v1/nodes/{node}/proxy/metrics/probes")
+    found = set()
+    for line in str(text).splitlines():
+        if not line.startswith("prober_probe_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        if (
+            labels.get("namespace") == deployment.namespace
+            and labels.get("result") == "successful"
+            and float(line.rsplit(" ", 1)[1]) > 0
+        ):
+            found.add((labels["container"], labels["probe_type"]))
+    return found
 
 
 async def test_launch_success_and_failure_through_the_pods(
