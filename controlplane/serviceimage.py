@@ -54,6 +54,7 @@ _DPKG_OPTIONS = (
 )
 # Bump when the way an image is made changes, so tars made the old way are not reused.
 _RECIPE = "1"
+_KEEP_TARS = 3
 _HOST_BUILD_CONFIG = (Path("/etc/pip.conf"), Path("/etc/ssl/certs/ca-certificates.crt"))
 TOOLS = {"mmdebstrap": Path("/usr/bin/mmdebstrap"), "buildah": Path("/usr/bin/buildah")}
 _FIX = "or build the Dockerfile with any container engine and import the tar with `ctr images import`"
@@ -227,10 +228,10 @@ def build(settings: ClusterSettings, root: Path = REPO_ROOT, *, import_to_node: 
         settings.image_cache_dir.mkdir(parents=True, exist_ok=True)
         Builder(settings).build(name, tar, root)
         built = True
-        # Tars of older sources are never used again.
-        for old in settings.image_cache_dir.glob("shepherd-*.tar"):
-            if old != tar:
-                old.unlink(missing_ok=True)
+        # Tars of older sources are rarely used again; a few stay for other checkouts sharing the cache.
+        tars = sorted(settings.image_cache_dir.glob("shepherd-*.tar"), key=lambda t: t.stat().st_mtime)
+        for old in tars[:-_KEEP_TARS]:
+            old.unlink(missing_ok=True)
     imported = False
     if import_to_node:
         imported = import_image(name, tar)
