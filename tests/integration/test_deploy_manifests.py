@@ -74,7 +74,7 @@ def test_each_service_has_one_name_everywhere(name: str) -> None:
 
 
 def test_the_image_holds_what_the_deployments_run() -> None:
-    """The Dockerfile is not built here (no container engine), so its inputs are checked instead:
+    """Cheap checks of the Dockerfile without building it (test_in_cluster.py builds and runs it):
     everything it copies exists and passes .dockerignore, its entrypoint is the interpreter the
     Deployments' `-m services.<name>` args expect, and it runs as the manifests' user."""
     root = DEPLOY.parent
