@@ -59,7 +59,8 @@ class AirflowVenv:
         env.update(extra or {})
         return env
 
-    def run(self, args: list[str], home: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    def run(self, args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+        """The venv's Python with `args`, in `home`, in the clean environment; output captured."""
         return subprocess.run(
             [str(self.python), *args],
             env=self.env(home),
@@ -67,7 +68,6 @@ class AirflowVenv:
             capture_output=True,
             text=True,
             check=False,
-            **kwargs,  # type: ignore[call-overload]
         )
 
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import airflow
 from airflow.models.taskinstancekey import TaskInstanceKey
-
 from shepherd_airflow import ShepherdExecutor
 
 AIRFLOW_3 = int(airflow.__version__.split(".")[0]) >= 3
@@ -78,7 +77,9 @@ def queue(executor: Any, spec: dict[str, Any], task: dict[str, Any]) -> None:
         executor.queue_workload(workload, session=None)
     else:
         command = ["airflow", "tasks", "run", key.dag_id, key.task_id, key.run_id, "--local"]
-        ti = SimpleNamespace(key=key, executor_config=executor_config(task), priority_weight=1, queue="default")
+        ti = SimpleNamespace(
+            key=key, executor_config=executor_config(task), priority_weight=1, queue="default"
+        )
         executor.queue_command(ti, command, priority=1, queue="default")
 
 
@@ -93,10 +94,15 @@ def follow(executor: Any, spec: dict[str, Any], out: dict[str, Any]) -> None:
     seen_running: set[TaskInstanceKey] = set()
     deadline = time.monotonic() + spec.get("timeout_s", 120)
     first = True
-    while time.monotonic() < deadline and not (until <= done and until_running <= seen_running and not revoke):
+    while time.monotonic() < deadline and not (
+        until <= done and until_running <= seen_running and not revoke
+    ):
         executor.heartbeat()
         if first:
-            out["after_first_heartbeat"] = {"running": len(executor.running), "queued": len(executor.queued_tasks)}
+            out["after_first_heartbeat"] = {
+                "running": len(executor.running),
+                "queued": len(executor.queued_tasks),
+            }
             first = False
         out["max_running"] = max(out.get("max_running", 0), len(executor.running))
         for key, (state, info) in executor.get_event_buffer().items():
@@ -115,7 +121,8 @@ def follow(executor: Any, spec: dict[str, Any], out: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    spec = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as spec_file:
+        spec = json.load(spec_file)
     out: dict[str, Any] = {"airflow": airflow.__version__, "events": [], "revoked": []}
     executor = ShepherdExecutor(parallelism=spec.get("parallelism", 32))
     executor.job_id = spec.get("job_id", 1)

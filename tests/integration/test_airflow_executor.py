@@ -14,6 +14,7 @@ with Airflow imported (a few seconds).
 from __future__ import annotations
 
 import json
+import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,6 @@ def drive(
     home = tmp / f"airflow-home-{unique_name('h')[-6:]}"
     home.mkdir()
     (home / "spec.json").write_text(json.dumps(spec))
-    import subprocess
-
     result = subprocess.run(
         [str(venv.python), str(DRIVER), "spec.json", "result.json"],
         env=venv.env(home, executor_env(stack, cluster)),
@@ -82,7 +81,9 @@ def drive(
 def shepherd_task(stack: ServiceStack, key: task_pb2.TaskKey) -> task_pb2.Task:
     with channels.sync_channel(stack.address("reconciler"), stack.credentials()) as channel:
         stub = reconciler_service_pb2_grpc.ReconcilerServiceStub(channel)
-        reply = stub.GetTask(reconciler_service_pb2.GetTaskRequest(key=key), timeout=30)
+        reply: reconciler_service_pb2.GetTaskResponse = stub.GetTask(
+            reconciler_service_pb2.GetTaskRequest(key=key), timeout=30
+        )
     return reply.task
 
 
@@ -142,10 +143,19 @@ def test_tasks_succeed_fail_with_details_and_a_revoke_cancels(
         "tasks": [
             {"task_id": "ok1", "annotations": quick},
             {"task_id": "ok2", "annotations": quick},
-            {"task_id": "bad", "annotations": {**quick, "sim.shepherd.dev/outcome": "fail",
-                                               "sim.shepherd.dev/exit-code": "3"}},
-            {"task_id": "tmpl", "pod_template_file": str(template),
-             "annotations": {**quick, "sim.shepherd.dev/outcome": "fail"}},
+            {
+                "task_id": "bad",
+                "annotations": {
+                    **quick,
+                    "sim.shepherd.dev/outcome": "fail",
+                    "sim.shepherd.dev/exit-code": "3",
+                },
+            },
+            {
+                "task_id": "tmpl",
+                "pod_template_file": str(template),
+                "annotations": {**quick, "sim.shepherd.dev/outcome": "fail"},
+            },
             {"task_id": "long", "annotations": {"sim.shepherd.dev/outcome": "run-forever"}},
         ],
         "until": ["ok1", "ok2", "bad", "tmpl"],
@@ -161,12 +171,14 @@ def test_tasks_succeed_fail_with_details_and_a_revoke_cancels(
     assert out["max_running"] <= 2
     for ok in ("ok1", "ok2"):
         states = [s for s, _ in events_of(out, ok)]
-        assert states[-1] == "success" and states.count("success") == 1, states
+        assert states[-1] == "success", states
+        assert states.count("success") == 1, states
         running_info = [i for s, i in events_of(out, ok) if s == "running"]
         pod = podmeta.pod_name(task_key(dag_id=dag, task_id=ok, run_id=run))
         assert all(i == f"{cluster.namespace}/{pod}" for i in running_info), running_info
-    (bad_state, bad_info), *_ = [e for e in events_of(out, "bad") if e[0] == "failed"]
-    assert "PodFailed" in bad_info and "exited with code 3" in bad_info, bad_info
+    (_, bad_info), *_ = [e for e in events_of(out, "bad") if e[0] == "failed"]
+    assert "PodFailed" in bad_info, bad_info
+    assert "exited with code 3" in bad_info, bad_info
     (_, tmpl_info), *_ = [e for e in events_of(out, "tmpl") if e[0] == "failed"]
     assert "exited with code 7" in tmpl_info, tmpl_info
 
@@ -181,14 +193,17 @@ def test_tasks_succeed_fail_with_details_and_a_revoke_cancels(
     eventually(lambda: audit.calls("delete", {long_pod}, user=RECONCILER), what="the revoked pod's delete")
 
     # One pod per task instance, created once.
-    pods = {podmeta.pod_name(task_key(dag_id=dag, task_id=t, run_id=run)) for t in ("ok1", "ok2", "bad", "tmpl")}
+    pods = {
+        podmeta.pod_name(task_key(dag_id=dag, task_id=t, run_id=run)) for t in ("ok1", "ok2", "bad", "tmpl")
+    }
     pods.add(long_pod)
     assert dict(audit.creates(pods)) == dict.fromkeys(pods, 1)
     assert out["running_at_end"] == []
 
     # kwok nodes serve no logs: the UI gets Shepherd's reason as a message, not an exception.
     messages, logs = out["log"]
-    assert logs == [] and "no log" in messages[0], out["log"]
+    assert logs == [], out["log"]
+    assert "no log" in messages[0], out["log"]
 
 
 def test_adoption_reattaches_without_a_second_pod(

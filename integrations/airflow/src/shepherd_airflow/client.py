@@ -75,7 +75,7 @@ class ShepherdClient:
     def get(self, key: task_pb2.TaskKey) -> task_pb2.Task | None:
         """The task, or None when Shepherd has never heard of it."""
         try:
-            reply = self.reconciler.GetTask(
+            reply: reconciler_service_pb2.GetTaskResponse = self.reconciler.GetTask(
                 reconciler_service_pb2.GetTaskRequest(key=key), timeout=self.settings.rpc_timeout_s
             )
         except grpc.RpcError as err:
@@ -87,7 +87,7 @@ class ShepherdClient:
     def cancel(self, key: task_pb2.TaskKey, reason: str) -> task_pb2.Task | None:
         """Revoke the task; None when Shepherd never had it (nothing to cancel)."""
         try:
-            reply = self.reconciler.CancelTask(
+            reply: reconciler_service_pb2.CancelTaskResponse = self.reconciler.CancelTask(
                 reconciler_service_pb2.CancelTaskRequest(key=key, reason=reason[:1024]),
                 timeout=self.settings.rpc_timeout_s,
             )
@@ -174,7 +174,9 @@ class StateFeed(threading.Thread):
     def _resync(self, why: str) -> None:
         """The cursor is gone: start over from the oldest retained transition, and read every
         tracked task once, since transitions between the two may no longer be in the log."""
-        log.warning("shepherd: state stream cursor %d refused (%s); re-reading tracked tasks", self.cursor, why)
+        log.warning(
+            "shepherd: state stream cursor %d refused (%s); re-reading tracked tasks", self.cursor, why
+        )
         self.resyncs += 1
         self.cursor = 0
         for key in self._tracked():

@@ -104,7 +104,7 @@ class Settings:
         merged = {k: v for k, v in from_file.items() if v and k not in given}
         if not doc.get("ca") and "insecure" not in given:
             merged["insecure"] = True  # `shepherd serve --insecure` writes no credentials
-        return Settings(**{**self.__dict__, **merged})  # type: ignore[arg-type]
+        return Settings(**{**self.__dict__, **merged})
 
     def check(self) -> None:
         for name in ("launcher_address", "reconciler_address"):
@@ -122,7 +122,9 @@ class Settings:
                 if not Path(getattr(self, name)).expanduser().is_file():
                     raise SettingsError(f"[{SECTION}] {name}: no file at {getattr(self, name)}")
         if not 1 <= self.launch_batch_size <= 1000:
-            raise SettingsError(f"[{SECTION}] launch_batch_size must be 1 to 1000, got {self.launch_batch_size}")
+            raise SettingsError(
+                f"[{SECTION}] launch_batch_size must be 1 to 1000, got {self.launch_batch_size}"
+            )
         if not 1 <= self.log_tail_lines <= 10000:
             raise SettingsError(f"[{SECTION}] log_tail_lines must be 1 to 10000, got {self.log_tail_lines}")
         for name in ("rpc_timeout_s", "reconnect_initial_s", "reconnect_max_s"):

@@ -109,7 +109,9 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         for workload in workloads:
             ti = getattr(workload, "ti", None)
             if ti is None:
-                raise ValueError(f"ShepherdExecutor runs ExecuteTask workloads only, not {type(workload).__name__}")
+                raise ValueError(
+                    f"ShepherdExecutor runs ExecuteTask workloads only, not {type(workload).__name__}"
+                )
             key = ti.key
             self.queued_tasks.pop(key, None)
             self.running.add(key)
@@ -169,7 +171,8 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         self._apply_feed()
 
     def _launch_pending(self) -> None:
-        assert self.client is not None and self.settings is not None
+        assert self.client is not None
+        assert self.settings is not None
         pending = list(self._to_launch.items())
         for batch in translate.batches(pending, self.settings.launch_batch_size):
             try:
@@ -246,7 +249,9 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         self.running.discard(key)
         try:
             if _reset_for_another_try(key, info):
-                log.warning("shepherd: %s requeued without spending a retry: %s", translate.key_text(key), info)
+                log.warning(
+                    "shepherd: %s requeued without spending a retry: %s", translate.key_text(key), info
+                )
                 return
         except Exception:  # the database is Airflow's; any failure there falls back to FAILED
             log.exception("shepherd: could not requeue %s", translate.key_text(key))

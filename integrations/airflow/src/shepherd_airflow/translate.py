@@ -190,7 +190,8 @@ def pod_layers(
     unknown = sorted(set(config) - {"pod_override", "pod_template_file"})
     if unknown:
         raise ExecutorConfigError(
-            f"executor_config keys {unknown} are not understood; Shepherd reads pod_override and pod_template_file"
+            f"executor_config keys {unknown} are not understood; "
+            "Shepherd reads pod_override and pod_template_file"
         )
     template_file = config.get("pod_template_file") or default_template_file
     layers = PodLayers(template_name="" if template_file else default_template_name)
@@ -241,7 +242,8 @@ def workload_command(workload_json: str) -> list[str]:
     command = [*WORKLOAD_ENTRYPOINT, workload_json]
     if len(workload_json) > MAX_COMMAND_ITEM:
         raise ExecutorConfigError(
-            f"the workload is {len(workload_json)} characters; Shepherd takes at most {MAX_COMMAND_ITEM} per argument"
+            f"the workload is {len(workload_json)} characters; "
+            f"Shepherd takes at most {MAX_COMMAND_ITEM} per argument"
         )
     return command
 
