@@ -32,6 +32,8 @@ def make_key(spec: dict[str, Any], task: dict[str, Any]) -> TaskInstanceKey:
 def executor_config(task: dict[str, Any]) -> dict[str, Any]:
     from kubernetes.client import models as k8s
 
+    if "executor_config_raw" in task:
+        return dict(task["executor_config_raw"])
     config: dict[str, Any] = {}
     if task.get("annotations"):
         config["pod_override"] = k8s.V1Pod(

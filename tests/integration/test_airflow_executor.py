@@ -157,8 +157,9 @@ def test_tasks_succeed_fail_with_details_and_a_revoke_cancels(
                 "annotations": {**quick, "sim.shepherd.dev/outcome": "fail"},
             },
             {"task_id": "long", "annotations": {"sim.shepherd.dev/outcome": "run-forever"}},
+            {"task_id": "legacy", "executor_config_raw": {"KubernetesExecutor": {"image": "x"}}},
         ],
-        "until": ["ok1", "ok2", "bad", "tmpl"],
+        "until": ["ok1", "ok2", "bad", "tmpl", "legacy"],
         "revoke_when_running": ["long"],
         "log_of": "ok1",
         "timeout_s": 180,
@@ -167,7 +168,7 @@ def test_tasks_succeed_fail_with_details_and_a_revoke_cancels(
     out = drive(airflow3, stack, cluster, tmp_path, spec)
 
     # Parallelism 2: the first heartbeat launches two and keeps three queued; never more than two.
-    assert out["after_first_heartbeat"] == {"running": 2, "queued": 3}
+    assert out["after_first_heartbeat"] == {"running": 2, "queued": 4}
     assert out["max_running"] <= 2
     for ok in ("ok1", "ok2"):
         states = [s for s, _ in events_of(out, ok)]
@@ -181,6 +182,10 @@ def test_tasks_succeed_fail_with_details_and_a_revoke_cancels(
     assert "exited with code 3" in bad_info, bad_info
     (_, tmpl_info), *_ = [e for e in events_of(out, "tmpl") if e[0] == "failed"]
     assert "exited with code 7" in tmpl_info, tmpl_info
+    # An executor_config Shepherd cannot honour fails the task at once, by name, with no pod.
+    assert [s for s, _ in events_of(out, "legacy")] == ["failed"]
+    assert "pre-2.0 form" in events_of(out, "legacy")[0][1]
+    legacy_pod = podmeta.pod_name(task_key(dag_id=dag, task_id="legacy", run_id=run))
 
     # The revoke: no event for it in Airflow's buffer after it, the Shepherd task REVOKED, its pod deleted.
     assert out["revoked"] == ["long"]
@@ -198,6 +203,7 @@ def test_tasks_succeed_fail_with_details_and_a_revoke_cancels(
     }
     pods.add(long_pod)
     assert dict(audit.creates(pods)) == dict.fromkeys(pods, 1)
+    assert not audit.creates({legacy_pod})
     assert out["running_at_end"] == []
 
     # kwok nodes serve no logs: the UI gets Shepherd's reason as a message, not an exception.

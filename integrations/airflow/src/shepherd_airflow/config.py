@@ -50,7 +50,7 @@ class Settings:
     # A pod template file (YAML of a v1 Pod) sent with every launch, as the KubernetesExecutor's
     # [kubernetes_executor] pod_template_file; a task's executor_config may name its own.
     pod_template_file: str = ""
-    # A template the launcher was configured with (--pod-template NAME=FILE), used when no
+    # A named template of the launcher (<name>.yaml in its --templates-dir), used when no
     # pod_template_file applies; empty means the launcher's default template.
     template_name: str = ""
     # The state stream's reconnect backoff: it starts at the first value and doubles up to the second.

@@ -62,6 +62,10 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         self.feed: StateFeed | None = None
         # Accepted from Airflow, not yet accepted by Shepherd: launched at the next sync, in order.
         self._to_launch: dict[TaskInstanceKey, launcher_service_pb2.LaunchTaskRequest] = {}
+        # Refused before launching (a bad executor_config or command), reported FAILED at the next
+        # sync: Airflow 2 adds the key to `running` only after execute_async returns, so failing it
+        # there would leave it in `running` for good.
+        self._refused: dict[TaskInstanceKey, str] = {}
         self._template_cache: dict[str, str] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -118,7 +122,7 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
             try:
                 command = translate.workload_command(workload.model_dump_json())
             except ExecutorConfigError as err:
-                self.fail(key, f"shepherd: {err}")
+                self._refused[key] = f"shepherd: {err}"
                 continue
             self._accept(key, command, getattr(ti, "executor_config", None))
 
@@ -133,7 +137,7 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         try:
             args = translate.legacy_command(command)
         except ExecutorConfigError as err:
-            self.fail(key, f"shepherd: {err}")
+            self._refused[key] = f"shepherd: {err}"
             return
         self._accept(key, args, executor_config)
 
@@ -147,7 +151,7 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
                 read_file=self._read_template,
             )
         except ExecutorConfigError as err:
-            self.fail(key, f"shepherd: invalid executor_config: {err}")
+            self._refused[key] = f"shepherd: invalid executor_config: {err}"
             return
         self._to_launch[key] = launcher_service_pb2.LaunchTaskRequest(
             key=translate.task_key(key),
@@ -173,6 +177,9 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
     def _launch_pending(self) -> None:
         assert self.client is not None
         assert self.settings is not None
+        for key, info in list(self._refused.items()):
+            del self._refused[key]
+            self.fail(key, info)
         pending = list(self._to_launch.items())
         for batch in translate.batches(pending, self.settings.launch_batch_size):
             try:
