@@ -79,8 +79,13 @@ def queue(executor: Any, spec: dict[str, Any], task: dict[str, Any]) -> None:
         executor.queue_workload(workload, session=None)
     else:
         command = ["airflow", "tasks", "run", key.dag_id, key.task_id, key.run_id, "--local"]
+        # What Airflow 2.10's base class reads of a task instance when it hands the command over.
         ti = SimpleNamespace(
-            key=key, executor_config=executor_config(task), priority_weight=1, queue="default"
+            key=key,
+            executor_config=executor_config(task),
+            priority_weight=1,
+            queue="default",
+            dag_run=SimpleNamespace(start_date=None),
         )
         executor.queue_command(ti, command, priority=1, queue="default")
 
