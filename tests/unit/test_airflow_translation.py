@@ -41,10 +41,12 @@ def test_a_task_instance_key_is_a_shepherd_key_field_for_field() -> None:
     assert translate.key_text(AIRFLOW_KEY) == "etl/load/scheduled__2026-12-01T00:00:00+00:00/3/7"
 
 
-def task(state: int, **fields: object) -> T.Task:
-    return T.Task(
-        key=translate.task_key(AIRFLOW_KEY), state=state, namespace="work", pod_name="etl-load-abc", **fields
-    )  # type: ignore[arg-type]
+def task(state: int, failure: T.FailureDetails | None = None) -> T.Task:
+    made = T.Task(
+        key=translate.task_key(AIRFLOW_KEY), namespace="work", pod_name="etl-load-abc", failure=failure
+    )
+    made.state = state  # type: ignore[assignment]
+    return made
 
 
 @pytest.mark.parametrize(
@@ -126,6 +128,7 @@ def test_failure_details_name_init_containers_waiting_and_api_answers() -> None:
         state=T.TASK_STATE_FAILED,
         failure=T.FailureDetails(reason="LaunchRejected", message="namespace gone", api_status=404),
     )
+    refused.ClearField("pod_name")
     assert translate.failure_info(refused) == (
         "shepherd: LaunchRejected: namespace gone; Kubernetes API answered 404"
     )
