@@ -144,6 +144,8 @@ def main() -> None:
         if spec.get("log_of"):
             ti = SimpleNamespace(key=make_key(spec, {"task_id": spec["log_of"]}))
             out["log"] = executor.get_task_log(ti, 1)
+        if executor.feed is not None:
+            out["feed"] = {"reconnects": executor.feed.reconnects, "resyncs": executor.feed.resyncs}
     finally:
         if spec.get("die"):
             executor.terminate()  # the scheduler goes away without handing anything over

@@ -17,6 +17,7 @@ reinstalls the package (about 10 s per release) and the six tests take about 3 m
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import textwrap
 from pathlib import Path
@@ -64,24 +65,35 @@ def executor_env(stack: ServiceStack, cluster: ClusterInfo) -> dict[str, str]:
     }
 
 
-def drive(
+def start_driver(
     venv: airflow_venv.AirflowVenv, stack: ServiceStack, cluster: ClusterInfo, tmp: Path, spec: dict[str, Any]
-) -> dict[str, Any]:
+) -> tuple[subprocess.Popen[str], Path]:
     home = tmp / f"airflow-home-{unique_name('h')[-6:]}"
     home.mkdir()
     (home / "spec.json").write_text(json.dumps(spec))
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [str(venv.python), str(DRIVER), "spec.json", "result.json"],
         env=venv.env(home, executor_env(stack, cluster)),
         cwd=home,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=spec.get("timeout_s", 120) + 120,
-        check=False,
     )
-    assert result.returncode == 0, f"driver failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return proc, home
+
+
+def finish_driver(proc: subprocess.Popen[str], home: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    output, _ = proc.communicate(timeout=spec.get("timeout_s", 120) + 120)
+    assert proc.returncode == 0, f"driver failed:\n{output[-6000:]}"
     out: dict[str, Any] = json.loads((home / "result.json").read_text())
     return out
+
+
+def drive(
+    venv: airflow_venv.AirflowVenv, stack: ServiceStack, cluster: ClusterInfo, tmp: Path, spec: dict[str, Any]
+) -> dict[str, Any]:
+    proc, home = start_driver(venv, stack, cluster, tmp, spec)
+    return finish_driver(proc, home, spec)
 
 
 def shepherd_task(stack: ServiceStack, key: task_pb2.TaskKey) -> task_pb2.Task:
@@ -254,3 +266,37 @@ def test_adoption_reattaches_without_a_second_pod(
     with pytest.raises(grpc.RpcError) as never:
         shepherd_task(stack, task_key(dag_id=dag, task_id="never_launched", run_id=run))
     assert never.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_state_stream_resumes_after_the_reconciler_restarts(
+    airflow: airflow_venv.AirflowVenv, cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    """The reconciler of a stack of this test's own is killed and started again while the executor
+    follows its running tasks: the stream breaks, the feed reconnects (and, the new run's log not
+    knowing its cursor, re-reads its tasks), and every task still reaches Airflow exactly once, as
+    a success."""
+    own = ServiceStack(cluster, tmp_path / "stack", executor_id=f"af-{unique_name('r')[-8:]}")
+    own.start()
+    try:
+        dag, run = unique_name("afresume"), "manual__2026-12-01T00:00:00+00:00"
+        tasks = [f"t{i}" for i in range(4)]
+        spec = {
+            "dag_id": dag,
+            "run_id": run,
+            "tasks": [{"task_id": t, "annotations": {"sim.shepherd.dev/run-time": "20s"}} for t in tasks],
+            "until": tasks,
+            "timeout_s": 180,
+        }
+        pods = {podmeta.pod_name(task_key(dag_id=dag, task_id=t, run_id=run)) for t in tasks}
+        audit = AuditLog.from_now(Cluster().audit_log)
+        proc, home = start_driver(airflow, own, cluster, tmp_path, spec)
+        eventually(lambda: set(audit.creates(pods)) == pods, what="every pod created", timeout=120)
+        # Killed, not drained: a drained stream can outlive the tasks. The tasks run on meanwhile.
+        own.restart("reconciler", sig=signal.SIGKILL)
+        out = finish_driver(proc, home, spec)
+    finally:
+        own.stop_all()
+    assert out["feed"]["reconnects"] + out["feed"]["resyncs"] >= 1, out["feed"]
+    for t in tasks:
+        assert [s for s, _ in events_of(out, t) if s != "running"] == ["success"], events_of(out, t)
+    assert dict(audit.creates(pods)) == dict.fromkeys(pods, 1)
