@@ -314,15 +314,25 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         return readable
 
     def get_task_log(self, ti: Any, try_number: int) -> tuple[list[str], list[str]]:
-        """The tail of the try's `base` container log, through GetTaskLogs."""
-        if self.client is None:
-            return [], []
+        """The tail of the try's `base` container log, through GetTaskLogs.
+
+        Airflow's API server (its webserver in 2.10) calls this on an executor it made only to
+        read logs and never started, so such a call opens a client of its own for the one read.
+        """
         key = translate.task_key(ti.key)
         key.try_number = int(try_number)
+        client = self.client
         try:
-            text = self.client.log_tail(key)
+            if client is None:
+                client = ShepherdClient(load_settings())
+            text = client.log_tail(key)
         except grpc.RpcError as err:
             return [f"shepherd: no log for {translate.key_text(key)}: {err.details()}"], []
+        except ValueError as err:  # the settings (SettingsError) or the credential files
+            return [f"shepherd: cannot read logs: {err}"], []
+        finally:
+            if client is not None and client is not self.client:
+                client.close()
         return [f"shepherd: log of {translate.key_text(key)} via GetTaskLogs"], [text]
 
 
