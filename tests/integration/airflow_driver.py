@@ -15,6 +15,7 @@ import json
 import sys
 import time
 import uuid
+from datetime import UTC
 from types import SimpleNamespace
 from typing import Any
 
@@ -127,9 +128,67 @@ def follow(executor: Any, spec: dict[str, Any], out: dict[str, Any]) -> None:
     out["running_at_end"] = sorted(k.task_id for k in executor.running)
 
 
+def requeue(spec: dict[str, Any]) -> dict[str, Any]:
+    """Airflow 3 only: in a migrated metadata database with the DAG `spec["dag_id"]` serialized,
+    make a run whose instance `lost` is QUEUED and `moved_on` RUNNING under try 1, and hand both
+    to the executor as Shepherd's UP_FOR_RESCHEDULE would. What the database then holds."""
+    from datetime import datetime
+
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+    from airflow.utils.types import DagRunTriggeredByType, DagRunType
+    from shepherd_airflow.translate import KeyFields
+    from shepherd_airflow.v1 import task_pb2
+    from sqlalchemy import select
+
+    with create_session() as session:
+        dag = SerializedDagModel.get_dag(spec["dag_id"], session=session)
+        dag.create_dagrun(
+            run_id=spec["run_id"],
+            run_after=datetime.now(UTC),
+            run_type=DagRunType.MANUAL,
+            triggered_by=DagRunTriggeredByType.TEST,
+            state=DagRunState.RUNNING,
+            session=session,
+        )
+        session.flush()
+        for ti in session.scalars(select(TaskInstance).where(TaskInstance.run_id == spec["run_id"])):
+            ti.try_number, ti.max_tries = 1, 0
+            ti.state = TaskInstanceState.QUEUED if ti.task_id == "lost" else TaskInstanceState.RUNNING
+    executor = ShepherdExecutor()
+    for task_id in ("lost", "moved_on"):
+        key = TaskInstanceKey(spec["dag_id"], task_id, spec["run_id"], 1, -1)
+        executor.running.add(key)
+        shepherd_task = task_pb2.Task(
+            key=task_pb2.TaskKey(**KeyFields(*key)._asdict()),
+            state=task_pb2.TASK_STATE_UP_FOR_RESCHEDULE,
+            failure=task_pb2.FailureDetails(reason="PodLostBeforeStart", message="evicted while Pending"),
+        )
+        executor._apply(shepherd_task)
+    out: dict[str, Any] = {
+        "events": {
+            k.task_id: [str(getattr(s, "value", s)), i] for k, (s, i) in executor.event_buffer.items()
+        },
+        "running": len(executor.running),
+    }
+    with create_session() as session:
+        rows = session.scalars(select(TaskInstance).where(TaskInstance.run_id == spec["run_id"]))
+        out["tis"] = {
+            ti.task_id: [ti.state and str(getattr(ti.state, "value", ti.state)), ti.try_number, ti.max_tries]
+            for ti in rows
+        }
+    return out
+
+
 def main() -> None:
     with open(sys.argv[1]) as spec_file:
         spec = json.load(spec_file)
+    if spec.get("requeue"):
+        with open(sys.argv[2], "w") as result:
+            json.dump(requeue(spec), result)
+        return
     out: dict[str, Any] = {"airflow": airflow.__version__, "events": [], "revoked": []}
     executor = ShepherdExecutor(parallelism=spec.get("parallelism", 32))
     executor.job_id = spec.get("job_id", 1)

@@ -300,3 +300,59 @@ def test_the_state_stream_resumes_after_the_reconciler_restarts(
     for t in tasks:
         assert [s for s, _ in events_of(out, t) if s != "running"] == ["success"], events_of(out, t)
     assert dict(audit.creates(pods)) == dict.fromkeys(pods, 1)
+
+
+def test_a_pod_lost_before_it_ran_is_requeued_without_spending_a_retry(tmp_path: Path) -> None:
+    """Shepherd's UP_FOR_RESCHEDULE, in a real Airflow 3 metadata database (SQLite): the instance
+    still QUEUED under that try goes back to no state with one more try allowed (the scheduler
+    then runs it under the next try number, a new Shepherd task); one that moved on is reported
+    FAILED with the reason instead of being touched."""
+    venv = airflow_venv.ensure(*airflow_venv.AIRFLOW_3)
+    home = tmp_path / "airflow-home"
+    (home / "dags").mkdir(parents=True)
+    (home / "dags" / "shepherd_requeue.py").write_text(
+        textwrap.dedent(
+            """
+            from airflow.providers.standard.operators.empty import EmptyOperator
+            from airflow.sdk import DAG
+
+            with DAG("shepherd_requeue", schedule=None):
+                EmptyOperator(task_id="lost")
+                EmptyOperator(task_id="moved_on")
+            """
+        )
+    )
+    env = venv.env(
+        home,
+        {"AIRFLOW__CORE__DAGS_FOLDER": str(home / "dags"), "AIRFLOW__SHEPHERD_EXECUTOR__INSECURE": "true"},
+    )
+    for step in (["db", "migrate"], ["dags", "reserialize"]):
+        done = subprocess.run(
+            [str(venv.path / "bin" / "airflow"), *step],
+            env=env,
+            cwd=home,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (home / "spec.json").write_text(
+        json.dumps({"requeue": True, "dag_id": "shepherd_requeue", "run_id": "r1"})
+    )
+    done = subprocess.run(
+        [str(venv.python), str(DRIVER), "spec.json", "result.json"],
+        env=env,
+        cwd=home,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads((home / "result.json").read_text())
+    assert out["tis"]["lost"] == [None, 1, 1]  # no state, one more try allowed
+    assert "lost" not in out["events"]
+    assert out["tis"]["moved_on"] == ["running", 1, 0]  # untouched
+    state, info = out["events"]["moved_on"]
+    assert state == "failed"
+    assert "PodLostBeforeStart" in info
+    assert out["running"] == 0
