@@ -10,7 +10,7 @@ Every test runs once per supported release: Airflow 3.3.2 (workloads) and 2.10.5
 Slow on a first run: each release's virtualenv is built once (pip install of Airflow and the
 Kubernetes provider: 76 s for 3.3.2 with pip's download cache warm, 246 s for 2.10.5 with it cold,
 on the 2-core machine) and cached under ~/.cache/shepherd/airflow/; after that each session
-reinstalls the package (about 10 s per release) and the six tests take about 3 minutes.
+reinstalls the package (about 10 s per release) and the tests take about 4 minutes.
 `pytest -m "not airflow"` leaves them out.
 """
 
