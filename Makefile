@@ -94,7 +94,7 @@ SEED ?=
 chaos: venv binaries
 	$(BIN)/python -m chaos --seeds $(SEEDS) $(if $(SEED),--seed $(SEED)) $(CHAOS_ARGS)
 
-## protos: regenerate the Python code and .pyi stubs from protos/ (tests fail when it is stale).
+## protos: regenerate the Python code and .pyi stubs from protos/, and the Airflow package's copy (tests fail when stale).
 protos: venv
 	$(BIN)/python tools/gen_protos.py
 

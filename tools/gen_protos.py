@@ -4,6 +4,11 @@ One command, one output place: every service imports the same generated package,
 tests/contract/test_generated_code.py fails when the committed output differs from what this
 script produces, so stale code never lands.
 
+The Airflow executor (integrations/airflow) installs on its own, without the services, so it
+carries a copy of the same generated code under its own package, shepherd_airflow.v1: the same
+protoc output with the imports between the generated modules renamed to that package. Both copies
+register identical descriptors, so a process may import both.
+
 Usage: python tools/gen_protos.py [--out DIR]   (DIR defaults to the repository root)
 """
 
@@ -19,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "protos"
 PACKAGE_DIR = Path("shepherd") / "v1"
 INIT_TEXT = '"""Generated from protos/shepherd/v1 by tools/gen_protos.py; do not edit."""\n'
+AIRFLOW_SRC = Path("integrations") / "airflow" / "src"
+AIRFLOW_PACKAGE_DIR = Path("shepherd_airflow") / "v1"
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -50,11 +57,30 @@ def generate(out_root: Path) -> list[Path]:
     return sorted(target.iterdir())
 
 
+def generate_airflow_copy(out_root: Path) -> list[Path]:
+    """Generate the executor package's copy into out_root/integrations/airflow/src/shepherd_airflow/v1."""
+    import tempfile
+
+    target = out_root / AIRFLOW_SRC / AIRFLOW_PACKAGE_DIR
+    with tempfile.TemporaryDirectory() as scratch:
+        generated = generate(Path(scratch))
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        for path in generated:
+            text = path.read_text()
+            text = text.replace("from shepherd.v1 import", "from shepherd_airflow.v1 import")
+            text = text.replace("import shepherd.v1.", "import shepherd_airflow.v1.")
+            text = text.replace("shepherd.v1.task_pb2.", "shepherd_airflow.v1.task_pb2.")
+            (target / path.name).write_text(text)
+    return sorted(target.iterdir())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO, help="output root (default: the repository)")
     args = parser.parse_args()
-    for path in generate(args.out):
+    for path in [*generate(args.out), *generate_airflow_copy(args.out)]:
         print(path.relative_to(args.out))
     return 0
 
