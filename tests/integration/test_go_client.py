@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 
+from controlplane import Cluster
 from controlplane.stack import ServiceStack
 from tests.helpers import unique_name
+from tests.helpers.audit import LAUNCHER, calls_by_pod
 from tests.helpers.tools import built_tool, go_environment
 
 pytestmark = pytest.mark.integration
@@ -133,3 +135,10 @@ def test_a_go_client_sees_a_launch_fail_with_details(outcomes: dict[str, Any]) -
     assert failed["failure"]["reason"] == "PodFailed"
     assert failed["failure"]["container"]["exit_code"] == 4
     assert failed["failure"]["container"]["kind"] == "CONTAINER_KIND_MAIN"
+
+
+def test_each_of_its_tasks_had_one_pod_created_once(outcomes: dict[str, Any]) -> None:
+    pods = {outcomes[task]["pod_name"] for task in ("succeeds", "fails")}
+    assert len(pods) == 2, outcomes
+    # The API server's audit log is the witness, whatever the services recorded.
+    assert calls_by_pod(Cluster().audit_log, "create", LAUNCHER, pods) == dict.fromkeys(pods, 1)

@@ -7,7 +7,7 @@
 // fails with exit code 4; kwok's sim.shepherd.dev annotations decide), waits until both are
 // terminal, checks what a scheduler relies on and prints one JSON line:
 //
-//	{"succeeds": {"states": [...], "failure": null}, "fails": {"states": [...], "failure": {...}}}
+//	{"succeeds": {"states": [...], "pod_name": "...", "failure": null}, "fails": {...}}
 //
 // It exits 0 when both tasks ended as expected, 1 when one did not, 2 on a gRPC or usage error.
 package main
@@ -41,6 +41,7 @@ const (
 // outcome is what the client saw of one task, printed as JSON.
 type outcome struct {
 	States  []string        `json:"states"`
+	PodName string          `json:"pod_name"`
 	Failure json.RawMessage `json:"failure"`
 	task    *shepherdv1.Task
 }
@@ -168,6 +169,7 @@ func run(ctx context.Context, launcherAddr, reconcilerAddr, caFile, certFile, ke
 			}
 			seen.task = change.GetTask()
 			seen.States = append(seen.States, seen.task.GetState().String())
+			seen.PodName = seen.task.GetPodName()
 			if terminal(seen.task.GetState()) {
 				pending--
 				if failure := seen.task.GetFailure(); failure != nil {
