@@ -51,7 +51,8 @@ $(VENV_STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-## tools: buf (npm) plus the Go-built control plane, ghz and grpcurl (cached outside the checkout).
+## tools: buf (npm) plus the Go-built control plane, ghz, grpcurl, helm and the protoc plugins for Go
+## (cached outside the checkout).
 tools: $(NODE_STAMP) binaries
 # No lock file: buf is pinned exactly in package.json and pins its platform binary itself, and npm 11
 # leaves other platforms' optional packages out of a lock file, which `npm ci` then rejects.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real control-plane binaries (kube-apiserver, kube-scheduler, kube-controller-manager,
-# etcd, kwok), the real node's kubelet and pause process, and the gRPC
-# tools (ghz, grpcurl) from the Go module proxy, into a cache outside the checkout keyed by version.
+# etcd, kwok), the real node's kubelet and pause process, the gRPC tools (ghz, grpcurl), helm and
+# the Go code generators (protoc-gen-go, protoc-gen-go-grpc) from the Go module proxy, into a cache
+# outside the checkout keyed by version.
 #
 # Why a script and not `go install`: k8s.io/kubernetes and etcd's server module carry replace
 # directives, which `go install pkg@version` refuses. We generate a throw-away wrapper module per
@@ -160,6 +161,9 @@ build_etcd
 go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok kwok
 go_install ghz "$GHZ_VERSION" github.com/bojand/ghz/cmd/ghz ghz
 go_install grpcurl "$GRPCURL_VERSION" github.com/fullstorydev/grpcurl/cmd/grpcurl grpcurl
+go_install helm "$HELM_VERSION" helm.sh/helm/v4/cmd/helm helm
+go_install protoc-gen-go "$PROTOC_GEN_GO_VERSION" google.golang.org/protobuf/cmd/protoc-gen-go protoc-gen-go
+go_install protoc-gen-go-grpc "$PROTOC_GEN_GO_GRPC_VERSION" google.golang.org/grpc/cmd/protoc-gen-go-grpc protoc-gen-go-grpc
 build_kubernetes
 build_pause
 
@@ -176,5 +180,8 @@ ln -sf "$BIN/etcd-v$ETCD_VERSION/etcdctl" "$cur/etcdctl"
 ln -sf "$BIN/kwok-$KWOK_VERSION/kwok" "$cur/kwok"
 ln -sf "$BIN/ghz-$GHZ_VERSION/ghz" "$cur/ghz"
 ln -sf "$BIN/grpcurl-$GRPCURL_VERSION/grpcurl" "$cur/grpcurl"
+ln -sf "$BIN/helm-$HELM_VERSION/helm" "$cur/helm"
+ln -sf "$BIN/protoc-gen-go-$PROTOC_GEN_GO_VERSION/protoc-gen-go" "$cur/protoc-gen-go"
+ln -sf "$BIN/protoc-gen-go-grpc-$PROTOC_GEN_GO_GRPC_VERSION/protoc-gen-go-grpc" "$cur/protoc-gen-go-grpc"
 step "binaries ready in $cur ($((SECONDS - start))s)"
 echo "$cur"
