@@ -51,7 +51,7 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
         "allowedCommands": ["python", "bash"],
     },
     "tls": {"clientAuth": "token"},
-    "metrics": {"enabled": True, "port": 9100},
+    "metrics": {"enabled": True, "port": 9100, "podMonitor": True},
     "services": {"launcher": {"storage": "5Gi"}},
 }
 
@@ -129,7 +129,8 @@ def test_rendered_objects_pass_a_server_side_dry_run(cluster: ClusterInfo, tmp_p
         objects = render(tmp_path, values)
         assert {o["kind"] for o in objects} >= {"Deployment", "Service", "NetworkPolicy", "ConfigMap"}
         for obj in objects:
-            admin.apply(obj, dry_run=True)
+            if obj["kind"] != "PodMonitor":  # the Prometheus Operator's CRD is not in this cluster
+                admin.apply(obj, dry_run=True)
 
 
 def test_non_default_values_reach_the_services_as_settings_they_accept(tmp_path: Path) -> None:
@@ -176,10 +177,17 @@ def test_non_default_values_reach_the_services_as_settings_they_accept(tmp_path:
         namespaces=["shepherd-workers"],
         template_names=[Path(f).stem for f in maps["pod-templates"]],
     )
-    # Metrics are reachable through the NetworkPolicies, like the health port.
+    # Metrics are reachable from Prometheus's namespace alone, as in deploy/monitoring/.
+    scrape = next(
+        o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "prometheus-scrape"
+    )
+    [rule] = scrape["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == ["metrics"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
     for policy in (o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] in SERVICES):
-        ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
-        assert "metrics" in ports
+        assert "metrics" not in [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
     claims = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
     assert claims["launcher-state"]["spec"]["resources"]["requests"]["storage"] == "5Gi"
 
