@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from services.reconciler.collector import PostMortems
 from services.reconciler.store import PodActionRow, TaskStore
 from shepherd import podmeta
 from shepherd.kube import ApiError, KubeClient
@@ -61,6 +62,7 @@ class PodActions:
     concurrency: int = 256
     backoff_cap_s: float = 60.0
     report_interval_s: float = 60.0
+    post_mortems: PostMortems | None = None  # what to read of a finished pod around its action
     stats: ActionStats = field(default_factory=ActionStats)
     _queue: asyncio.Queue[PodActionRow] = field(default_factory=asyncio.Queue)
     _done: list[str] = field(default_factory=list)
@@ -94,6 +96,8 @@ class PodActions:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._record_done(), name="pod-actions-recorder")
                 group.create_task(self._report(), name="pod-actions-report")
+                if self.post_mortems is not None:
+                    group.create_task(self.post_mortems.run(), name="post-mortems")
                 for i in range(self.concurrency):
                     group.create_task(self._worker(), name=f"pod-actions-{i}")
         finally:
@@ -146,6 +150,9 @@ class PodActions:
                 self._again(row, err)
 
     async def _carry_out(self, row: PodActionRow) -> None:
+        if self.post_mortems is not None and row.keep_log and row.pod_uid not in self._failing:
+            # Bounded (collector.py): the log goes with the pod, so it is read first, once.
+            await self.post_mortems.keep_log(row)
         try:
             if row.action == "delete":
                 self.stats.delete_calls += 1
@@ -172,6 +179,8 @@ class PodActions:
         self._pending.discard(row.pod_uid)
         self._done.append(row.pod_uid)
         self._flush.set()
+        if self.post_mortems is not None:
+            self.post_mortems.read_events_later(row)  # Events outlive the pod: read them after
 
     def _again(self, row: PodActionRow, err: BaseException) -> None:
         """Ask again later, off the workers: soon for a transient error, at the cap for a refusal."""

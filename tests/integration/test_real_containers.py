@@ -164,7 +164,9 @@ async def _gone(namespace: str, name: str) -> None:
     await asyncio.wait_for(wait(), timeout=120)
 
 
-async def _logs(real: SchedulerClient, key: task_pb2.TaskKey, tail_lines: int, *, follow: bool = False) -> bytes:
+async def _logs(
+    real: SchedulerClient, key: task_pb2.TaskKey, tail_lines: int, *, follow: bool = False
+) -> bytes:
     stream = real.reconciler.GetTaskLogs(
         rpb.GetTaskLogsRequest(key=key, tail_lines=tail_lines, follow=follow), timeout=60
     )
@@ -210,7 +212,9 @@ async def test_a_missing_images_failure_details_carry_the_pull_failure_event(rea
     pulls = [e for e in found if e.reason == "Failed" and "shepherd.local/no-such-image:v2" in e.message]
     assert pulls, [f"{e.reason}: {e.message}" for e in found]
     assert (pulls[0].type, pulls[0].source) == ("Warning", "kubelet")
-    assert pulls[0].count >= 1 and pulls[0].HasField("last_time")
+    assert pulls[0].count >= 1
+    assert pulls[0].HasField("last_time")
     # Listed oldest first, and as many as the bound allows (10 by default).
     times = [e.last_time.ToNanoseconds() for e in found]
-    assert times == sorted(times) and len(found) <= 10
+    assert times == sorted(times)
+    assert len(found) <= 10
