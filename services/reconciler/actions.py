@@ -14,6 +14,9 @@ they are visible: a warning per action (its pod, how long it has been failing) a
 `report_interval_s`, a summary of the backlog as often, and the counts in `stats`. The marks
 that an action is done are what keep a restart from carrying it out again, so a mark the store
 cannot take is kept and written again.
+
+Around the action, collector.py reads what the pod leaves behind: the end of its log before (a
+bounded wait, once, not on retries) and, for a failed task, its Events after, off the workers.
 """
 
 from __future__ import annotations
