@@ -191,6 +191,16 @@ async def test_the_log_tail_of_a_finished_task_outlives_its_deleted_pod(real: Sc
     # ... and a follow of a finished task ends after the tail instead of waiting for more.
     followed = await asyncio.wait_for(_logs(real, key, 2, follow=True), timeout=60)
     assert followed == b"line 149\nline 150\n"
+    # The API server's record of the reads: the one the clean-up made (ours came after the pod).
+    reads = [
+        e
+        for e in audit.entries()
+        if (e.get("objectRef") or {}).get("subresource") == "log"
+        and (e.get("objectRef") or {}).get("name") == task.pod_name
+        and e.get("stage") == "ResponseComplete"
+        and (e.get("responseStatus") or {}).get("code") == 200
+    ]
+    assert len(reads) == 1
 
 
 async def test_a_missing_images_failure_details_carry_the_pull_failure_event(real: SchedulerClient) -> None:
