@@ -1,17 +1,22 @@
 # One image for the three services: each Deployment in deploy/base picks its service with
-# `args: ["-m", "services.<name>"]`. Build it with `docker build -t <registry>/shepherd:0.1.0 .`.
+# `args: ["-m", "services.<name>"]`.
 #
-# Not built on the development machine, which has no container engine. What the build stage does
-# (`pip install .` into a clean virtualenv, then running each service from outside the source tree)
-# is checked there by hand; see README.md, "With a real cluster".
-FROM python:3.11.7-slim-bookworm AS build
+# The base is a build argument: any Debian-like image with Python 3.11+ at `python` and the venv
+# module. The default is the official slim image (`docker build -t <registry>/shepherd:0.1.0 .`);
+# on a machine with no registry and no Docker, `make image` (python -m controlplane build-image)
+# builds a Debian base with mmdebstrap and builds this file on it with buildah
+# (controlplane/serviceimage.py). Both stages must use the same base: the virtualenv links to the
+# base's interpreter.
+ARG BASE=python:3.11.7-slim-bookworm
+
+FROM ${BASE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shepherd/ shepherd/
 COPY services/ services/
 RUN python -m venv /opt/shepherd && /opt/shepherd/bin/pip install --no-cache-dir .
 
-FROM python:3.11.7-slim-bookworm
+FROM ${BASE}
 COPY --from=build /opt/shepherd /opt/shepherd
 # Where the SQLite stores go unless SHEPHERD_STORE_PATH says otherwise (the manifests mount a
 # volume there), writable by the user below.

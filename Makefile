@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 NODE_STAMP := node_modules/.installed-$(shell sha1sum package.json | cut -c1-12)
 
-.PHONY: run serve test lint unit integration fuzz venv tools binaries cluster-up cluster-down cluster-status protos bench chaos clean
+.PHONY: run serve test lint unit integration fuzz venv tools binaries cluster-up cluster-down cluster-status image deploy-local undeploy-local protos bench chaos clean
 
 ## run: start the control plane and the three services, and run the demo workload (TASKS=300).
 TASKS ?= 300
@@ -71,6 +71,18 @@ cluster-down: venv
 
 cluster-status: venv
 	$(BIN)/python -m controlplane status
+
+## image: the services' image from the Dockerfile (mmdebstrap base + buildah, no registry, cached by
+## its inputs), imported into the local cluster's real node.
+image: cluster-up
+	$(BIN)/python -m controlplane build-image
+
+## deploy-local: Shepherd itself running in the local cluster from deploy/local/ (builds the image first).
+deploy-local: cluster-up
+	$(BIN)/python -m controlplane deploy
+
+undeploy-local: venv
+	$(BIN)/python -m controlplane undeploy
 
 ## bench: the performance figures (launch rate vs raw ceiling, event latency, memory); see README.
 bench: venv tools

@@ -39,6 +39,8 @@ from controlplane.settings import ClusterSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE_NAMESPACE = "shepherd"
+# Worker pods live apart from the services and their ServiceAccounts (deploy/namespace.yaml).
+WORKER_NAMESPACE = "shepherd-workers"
 SERVICE_IDENTITIES = ("launcher", "watcher", "reconciler")
 # Start order; stopping goes the other way so clients leave before their servers.
 DAEMONS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
@@ -61,7 +63,7 @@ class ClusterInfo:
     version: str
     admin_kubeconfig: str
     kubeconfigs: dict[str, str]
-    namespace: str
+    namespace: str  # where worker pods go (not the services' own namespace)
     state_dir: str
     real_node: str | None = None  # the real node's name, when it runs
     real_node_unavailable: str | None = None  # else why not, and what would fix it
@@ -301,7 +303,7 @@ class Cluster:
             version=version,
             admin_kubeconfig=str(s.admin_kubeconfig),
             kubeconfigs={n: str(s.kubeconfig_dir / f"{n}.kubeconfig") for n in SERVICE_IDENTITIES},
-            namespace=SERVICE_NAMESPACE,
+            namespace=WORKER_NAMESPACE,
             state_dir=str(s.state_dir),
             real_node=None if self._node_unavailable else s.real_node_name,
             real_node_unavailable=self._node_unavailable,
@@ -532,7 +534,7 @@ class Cluster:
 
     def _service_accounts_ready(self) -> bool:
         admin = self._admin()
-        for namespace in ("default", SERVICE_NAMESPACE):
+        for namespace in ("default", SERVICE_NAMESPACE, WORKER_NAMESPACE):
             admin.request("GET", f"/api/v1/namespaces/{namespace}/serviceaccounts/default")
             admin.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/kube-root-ca.crt")
         return True

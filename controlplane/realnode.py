@@ -197,9 +197,14 @@ def _memory_cgroup() -> bool:
     return Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
 
 
-def ensure_packages() -> None:
-    """`apt-get install` what the node needs from Debian, when something is missing (root only)."""
-    missing = [p for p, f in PACKAGES.items() if not f.exists()]
+def ensure_packages(
+    packages: dict[str, Path] = PACKAGES,
+    fix: str = _FIX,
+    error: type[Exception] = RealNodeUnavailable,
+) -> None:
+    """`apt-get install` what is missing of `packages` (Debian package -> a file it installs; root
+    only). Fails with `error`, saying what to install by hand, or `fix`."""
+    missing = [p for p, f in packages.items() if not f.exists()]
     if not missing:
         return
     _log(f"installing {' '.join(missing)} with apt-get (first start only)")
@@ -210,15 +215,27 @@ def ensure_packages() -> None:
     ):
         done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
-            raise RealNodeUnavailable(
+            raise error(
                 f"`{' '.join(argv)}` failed (exit {done.returncode}): {done.stderr.strip()[-500:]}; "
-                f"install {' '.join(missing)} by hand, or {_FIX}"
+                f"install {' '.join(missing)} by hand, or {fix}"
             )
-    still = [p for p, f in PACKAGES.items() if not f.exists()]
+    still = [p for p, f in packages.items() if not f.exists()]
     if still:
-        raise RealNodeUnavailable(
-            f"apt-get installed {' '.join(missing)} but {', '.join(still)} still lack files; {_FIX}"
-        )
+        raise error(f"apt-get installed {' '.join(missing)} but {', '.join(still)} still lack files; {fix}")
+
+
+def ctr(*args: str) -> str:
+    """`ctr` against the real node's containerd, in the namespace the CRI (the kubelet) uses."""
+    done = subprocess.run(
+        ["ctr", "--address", str(CONTAINERD_SOCKET), "--namespace", "k8s.io", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise RealNodeError(f"`ctr {' '.join(args)}` failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 # ---- the host record -------------------------------------------------------------------------
@@ -498,16 +515,7 @@ class RealNode:
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
     def _ctr(self, *args: str) -> str:
-        done = subprocess.run(
-            ["ctr", "--address", str(CONTAINERD_SOCKET), "--namespace", "k8s.io", *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
-        if done.returncode != 0:
-            raise RealNodeError(f"`ctr {' '.join(args)}` failed: {done.stderr.strip()}")
-        return done.stdout
+        return ctr(*args)
 
     def _containerd_ready(self) -> bool:
         if not CONTAINERD_SOCKET.exists():

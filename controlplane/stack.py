@@ -53,6 +53,7 @@ class ServiceStack:
     env: dict[str, dict[str, str]] = field(default_factory=dict)  # extra environment per service
     log_json: bool = True
     ports: dict[str, int] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # each service's /metrics (plaintext)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # False: plaintext on loopback with no authentication (the services warn about it).
     secure: bool = True
@@ -71,6 +72,10 @@ class ServiceStack:
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
+
+    def metrics_url(self, name: str) -> str:
+        """Where the service serves its Prometheus metrics."""
+        return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
 
     def credentials(self, identity: str = "scheduler") -> channels.ClientCredentials:
         """What a client acting as `identity` presents: a service's name, or "scheduler"."""
@@ -122,6 +127,8 @@ class ServiceStack:
     def command(self, name: str) -> list[str]:
         if name not in self.ports:
             self.ports[name] = free_port()
+        if name not in self.metrics_ports:
+            self.metrics_ports[name] = free_port()
         argv = [
             sys.executable,
             "-m",
@@ -136,6 +143,8 @@ class ServiceStack:
             self.executor_id,
             "--namespace",
             self.cluster.namespace,
+            "--metrics-port",
+            str(self.metrics_ports[name]),
         ]
         if not self.log_json:
             argv.append("--no-log-json")

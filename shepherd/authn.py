@@ -23,6 +23,7 @@ from shepherd.logging import get_logger
 
 AUTHORIZATION_HEADER = "authorization"
 XFCC_HEADER = "x-forwarded-client-cert"
+LINKERD_HEADER = "l5d-client-id"
 _MAX_CACHED = 65_536
 _TOKEN_TTL_S = 60.0
 _REJECTED_TTL_S = 5.0
@@ -115,25 +116,43 @@ def _split_quoted(text: str, separator: str) -> list[str]:
     return [p for p in (part.strip() for part in parts) if p]
 
 
-class MeshAuthenticator:
-    """The caller the mesh sidecar vouches for in x-forwarded-client-cert (Istio sets it from the
-    peer certificate of its mutual TLS, replacing any header the client sent)."""
+def linkerd_identity(client_id: str, trust_domain: str) -> str | None:
+    """A Linkerd client id (`<account>.<namespace>.serviceaccount.identity.<linkerd ns>.<domain>`)
+    as the SPIFFE ID of that ServiceAccount, so one policy covers Istio, Linkerd and certificates."""
+    parts = client_id.split(".")
+    if len(parts) < 5 or parts[2:4] != ["serviceaccount", "identity"] or not all(parts[:2]):
+        return None
+    return spiffe_id(trust_domain, parts[1], parts[0])
 
-    def __init__(self) -> None:
+
+class MeshAuthenticator:
+    """The caller the mesh sidecar vouches for: Istio's (Envoy's) x-forwarded-client-cert, or with
+    `linkerd` Linkerd's l5d-client-id. Each proxy sets its own header from the peer certificate of
+    its mutual TLS and replaces one the client sent, but neither touches the other's header, so
+    only the configured mesh's header is read: the other could be forged by the client."""
+
+    def __init__(self, linkerd: bool = False, trust_domain: str = "cluster.local") -> None:
+        self._header = LINKERD_HEADER if linkerd else XFCC_HEADER
+        self._trust_domain = trust_domain
         self._by_header: dict[str, str] = {}
 
     async def identify(self, context: Any) -> str:
         header = None
         for key, value in context.invocation_metadata() or ():
-            if key == XFCC_HEADER:
+            if key == self._header:
                 header = str(value)
         if not header:
-            raise Unauthenticated(f"no {XFCC_HEADER} header: is the mesh sidecar in front of this port?")
+            raise Unauthenticated(f"no {self._header} header: is the mesh sidecar in front of this port?")
         identity = self._by_header.get(header)
         if identity is None:
-            identity = xfcc_identity(header)
-            if identity is None:
-                raise Unauthenticated(f"the {XFCC_HEADER} header names no URI")
+            if self._header == XFCC_HEADER:
+                identity = xfcc_identity(header)
+                if identity is None:
+                    raise Unauthenticated(f"the {XFCC_HEADER} header names no URI")
+            else:
+                identity = linkerd_identity(header, self._trust_domain)
+                if identity is None:
+                    raise Unauthenticated(f"the {LINKERD_HEADER} header names no ServiceAccount")
             _remember(self._by_header, header, identity)
         return identity
 

@@ -30,12 +30,21 @@ MESSAGE_INTERVAL_S = 0.025
 
 
 class CursorOutOfRange(Exception):
-    """The cursor is not served by this log (too old, from an earlier run, or in the future)."""
+    """The cursor is not served by this log (too old, from an earlier run, or in the future).
+    `oldest` is the oldest cursor the log still serves: resuming after it misses nothing retained."""
+
+    def __init__(self, message: str, *, oldest: int) -> None:
+        super().__init__(message)
+        self.oldest = oldest
 
 
 class CursorLog(Protocol[T_co]):
     def read_after(self, cursor: int, limit: int) -> Sequence[tuple[int, T_co]]:
         """Entries with cursor > `cursor`, oldest first, at most `limit`. Raises CursorOutOfRange."""
+        ...
+
+    def newest(self) -> int:
+        """Cursor of the newest entry readable now: following after it gets only later entries."""
         ...
 
     async def wait_for_append(self, cursor: int) -> None:
@@ -73,6 +82,9 @@ class MemoryLog(Generic[T]):
         """Cursor of the newest entry (or of the run's start when empty)."""
         return self._base + self._next_seq - 1
 
+    def newest(self) -> int:
+        return self.head
+
     def append(self, item: T) -> int:
         self._entries.append(item)
         cursor = self._base + self._next_seq
@@ -86,18 +98,22 @@ class MemoryLog(Generic[T]):
 
     def read_after(self, cursor: int, limit: int) -> list[tuple[int, T]]:
         cursor = self._oldest_position(cursor)
+        first_seq = self._next_seq - len(self._entries)
+        oldest = self._base + first_seq - 1
         if cursor >> _SEQ_BITS != self.epoch:
             raise CursorOutOfRange(
-                f"cursor {cursor} is from another run of this log (this run is {self.epoch}); "
-                "re-sync with a snapshot"
+                f"cursor {cursor} is from another run of this log (this run is {self.epoch}; the "
+                f"oldest cursor still available is {oldest}); re-sync with a snapshot",
+                oldest=oldest,
             )
         seq = cursor - self._base
-        first_seq = self._next_seq - len(self._entries)
         if seq > self._next_seq - 1:
-            raise CursorOutOfRange(f"cursor {cursor} is ahead of the newest event {self.head}")
+            raise CursorOutOfRange(f"cursor {cursor} is ahead of the newest event {self.head}", oldest=oldest)
         if seq < first_seq - 1:
             raise CursorOutOfRange(
-                f"cursor {cursor} is older than the retained events; re-sync with a snapshot"
+                f"cursor {cursor} is older than the retained events (the oldest cursor still "
+                f"available is {oldest}); re-sync with a snapshot",
+                oldest=oldest,
             )
         start = seq - first_seq + 1
         stop = min(len(self._entries), start + limit)

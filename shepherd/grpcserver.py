@@ -10,6 +10,8 @@
 - SIGTERM/SIGINT: health flips to NOT_SERVING, new RPCs are refused, running ones get
   `shutdown_grace_s` to finish, then the service's own shutdown runs;
 - health is SERVING only while every Readiness condition holds (started, and the store can write);
+  shepherd_serving and shepherd_health_condition_unmet say so, and which condition is unmet;
+- Prometheus metrics (shepherd.metrics) in plaintext on `metrics_port`, when set;
 - `run` turns a failed start (a store that cannot be used) or a failed root task (see
   supervisor.py) into one logged line and a non-zero exit, never a bare traceback.
 """
@@ -29,12 +31,12 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from shepherd import authz, channels, failpoints, security
+from shepherd import authz, channels, failpoints, metrics, security
 from shepherd.authn import Authenticator, CertificateAuthenticator, MeshAuthenticator, TokenAuthenticator
 from shepherd.interceptors import Guard, RequestContextInterceptor
 from shepherd.limits import LaunchRate, StreamSlots
 from shepherd.logging import get_logger
-from shepherd.settings import ServiceSettings
+from shepherd.settings import ClientAuth, ServiceSettings
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import ServiceFailed
 
@@ -89,6 +91,7 @@ class Readiness(enum.Enum):
     STARTED = enum.auto()  # start-up is done (the watcher's first list, the reconciler in sync...)
     STORE = enum.auto()  # the service's store can write
     API = enum.auto()  # the Kubernetes API server answers (the launcher: it can do nothing without)
+    UPSTREAM = enum.auto()  # its event streams are up, or were lost only briefly (the reconciler)
 
 
 class _MethodAwarePool:
@@ -167,7 +170,7 @@ def _authenticator(settings: ServiceSettings, mode: security.Mode) -> Authentica
             settings.kubeconfig, settings.trust_domain, authz.split_list(settings.token_audiences)
         )
     if mode is security.Mode.MESH:
-        return MeshAuthenticator()
+        return MeshAuthenticator(settings.client_auth is ClientAuth.LINKERD, settings.trust_domain)
     return None
 
 
@@ -216,6 +219,10 @@ class GrpcServer:
             self.health_server = grpc.aio.server(options=_KEEPALIVE)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+        # Prometheus scrapes in plaintext, like the kubelet's probes: a port of its own.
+        self.metrics = (
+            metrics.MetricsServer(settings.host, settings.metrics_port) if settings.metrics_port else None
+        )
         self._stop = asyncio.Event()
         self._log = get_logger(component="grpc")
 
@@ -224,6 +231,8 @@ class GrpcServer:
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.metrics is not None:
+            await self.metrics.start()
         for warning in self.transport.warnings:
             self._log.warning(warning)
         self._log.info(
@@ -232,6 +241,7 @@ class GrpcServer:
             services=self.service_names,
             transport=self.transport.mode.value,
             health_port=self.health_port or None,
+            metrics_port=self.metrics.port if self.metrics is not None else None,
             policy_rules=[rule.name for rule in self.guard.policy.rules]
             if self.transport.authenticates
             else None,
@@ -243,7 +253,9 @@ class GrpcServer:
             self._unmet.discard(condition)
         else:
             self._unmet.add(condition)
+        metrics.unmet[metrics.condition_of(condition)].set(condition in self._unmet)
         serving = not self._unmet
+        metrics.SERVING.set(serving)
         if serving and not self._frozen:
             # What start-up built (modules, descriptors, settings, the first list) lives as long as
             # the process: moved out of the collector's sight, full collections stop re-walking it.
@@ -271,6 +283,8 @@ class GrpcServer:
         await self.server.stop(grace_s)
         if self.health_server is not None:
             await self.health_server.stop(0)
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self.guard.authenticator is not None:
             await self.guard.authenticator.close()
         self._log.info("drained")

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import structlog
 
+from shepherd import metrics
 from shepherd.authn import Authenticator, Unauthenticated, Unavailable
 from shepherd.authz import Policy
 from shepherd.errors import abort_exhausted, abort_invalid
@@ -70,12 +71,14 @@ class Guard:
         try:
             identity = await self.authenticator.identify(context)
         except Unauthenticated as err:
+            metrics.refused[metrics.Refusal.UNAUTHENTICATED].inc()
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{rpc}: {err}")
             raise AssertionError("unreachable: abort raises") from None
         except Unavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
             raise AssertionError("unreachable: abort raises") from None
         if not self.policy.allows(identity, rpc):
+            metrics.refused[metrics.Refusal.PERMISSION_DENIED].inc()
             self._log_denial(identity, rpc)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{identity} may not call {rpc}")
         return identity
@@ -166,6 +169,7 @@ async def _stream_slot(guard: Guard, identity: str | None, context: Any) -> Asyn
         return
     refused = guard.streams.acquire(identity)
     if refused is not None:
+        metrics.refused[metrics.Refusal.TOO_MANY_STREAMS].inc()
         await abort_exhausted(context, refused)
     try:
         yield
@@ -185,12 +189,14 @@ def _wrap(handler: grpc.RpcMethodHandler, rpc: str, guard: Guard) -> grpc.RpcMet
             if identity is None:
                 return await inner_uu(request, context)
             if guard.inflight_unary >= guard.max_inflight_unary:
+                metrics.refused[metrics.Refusal.TOO_MANY_INFLIGHT].inc()
                 await abort_exhausted(
                     context, f"{guard.inflight_unary} calls in flight (at most {guard.max_inflight_unary})"
                 )
             if cost is not None:
                 wait_s = guard.launch_rate.take(identity, cost(request))
                 if wait_s:
+                    metrics.refused[metrics.Refusal.RATE_LIMITED].inc()
                     await abort_exhausted(
                         context,
                         f"{identity} launches faster than {guard.launch_rate.rate:g}/s; "

@@ -62,15 +62,16 @@ def transport(settings: ServiceSettings) -> Transport:
             PLAINTEXT,
             (f"insecure: plaintext gRPC on {where} with no authentication; every caller may call every RPC",),
         )
-    if settings.client_auth is ClientAuth.MESH:
+    if settings.client_auth.is_mesh:
+        header = "l5d-client-id" if settings.client_auth is ClientAuth.LINKERD else "x-forwarded-client-cert"
         return Transport(
             Mode.MESH,
             None,
             PLAINTEXT,
             (
-                "client_auth=mesh: plaintext gRPC; callers are identified by the mesh's "
-                "x-forwarded-client-cert header, which is only trustworthy with the mesh's mutual TLS "
-                "STRICT for this port",
+                f"client_auth={settings.client_auth}: plaintext gRPC; callers are identified by the "
+                f"mesh's {header} header, which is only trustworthy with the mesh's mutual TLS "
+                "required for this port",
             ),
         )
     if settings.tls_cert is None or settings.tls_key is None or settings.tls_ca is None:

@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shepherd.eventlog import MESSAGE_INTERVAL_S
 
 S = TypeVar("S", bound="ServiceSettings")
+_DAY_S = 24 * 3600.0
 
 
 def state_dir() -> Path:
@@ -37,7 +38,12 @@ class ClientAuth(StrEnum):
 
     CERTIFICATE = "certificate"  # mutual TLS: the caller's certificate (SPIFFE URI SAN, else its CN)
     TOKEN = "token"  # TLS, and a bearer token checked with the Kubernetes TokenReview API
-    MESH = "mesh"  # a mesh sidecar does mutual TLS; its x-forwarded-client-cert header names the caller
+    MESH = "mesh"  # an Istio/Envoy sidecar does mutual TLS; its x-forwarded-client-cert names the caller
+    LINKERD = "linkerd"  # a Linkerd proxy does mutual TLS; its l5d-client-id header names the caller
+
+    @property
+    def is_mesh(self) -> bool:
+        return self in (ClientAuth.MESH, ClientAuth.LINKERD)
 
 
 DEFAULT_OPEN_RPCS = (
@@ -78,8 +84,9 @@ class ServiceSettings(BaseSettings):
         default=None, description="Kubeconfig to use; unset means in-cluster ServiceAccount credentials."
     )
     namespace: str = Field(
-        default="shepherd",
-        description="Namespace worker pods are created in unless a task's pod override names another.",
+        default="shepherd-workers",
+        description="Namespace worker pods are created in unless a task's pod override names another; "
+        "deploy/ keeps it apart from the services' own namespace.",
     )
     watch_namespaces: str = Field(
         default="",
@@ -115,9 +122,11 @@ class ServiceSettings(BaseSettings):
     client_auth: ClientAuth = Field(
         default=ClientAuth.CERTIFICATE,
         description="How callers are identified: 'certificate' (mutual TLS), 'token' (TLS plus a bearer "
-        "token checked with the TokenReview API, for clients that cannot hold certificates), or 'mesh' "
-        "(plaintext behind a mesh sidecar doing mutual TLS; the caller is read from the sidecar's "
-        "x-forwarded-client-cert header, so only use it with the mesh's mTLS set to STRICT).",
+        "token checked with the TokenReview API, for clients that cannot hold certificates), 'mesh' "
+        "(plaintext behind an Istio/Envoy sidecar doing mutual TLS; the caller is read from the sidecar's "
+        "x-forwarded-client-cert header, so only use it with the mesh's mTLS set to STRICT), or 'linkerd' "
+        "(the same behind a Linkerd proxy, reading its l5d-client-id header; only with the port's "
+        "Linkerd policy requiring mutual TLS).",
     )
     insecure: bool = Field(
         default=False,
@@ -156,6 +165,13 @@ class ServiceSettings(BaseSettings):
         description="Also serve grpc.health.v1 alone, in plaintext, on this port (for the kubelet's "
         "gRPC probes, which cannot do TLS); 0: no such port.",
     )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics (GET /metrics) in plaintext on this port, on `host`; 0: none. "
+        "Names start with shepherd_ (README.md, Metrics).",
+    )
     # ---- bounded resources ---------------------------------------------------------------------
     max_receive_message_bytes: int = Field(
         default=4 * 1024 * 1024,
@@ -184,7 +200,7 @@ class ServiceSettings(BaseSettings):
     def _transport_is_explicit(self) -> Self:
         files = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca}
         given = [name for name, path in files.items() if path is not None]
-        plaintext = self.insecure or self.client_auth is ClientAuth.MESH
+        plaintext = self.insecure or self.client_auth.is_mesh
         if plaintext and given:
             raise ValueError(f"{', '.join(given)}: no certificate files with insecure or client_auth=mesh")
         if not plaintext and given and len(given) != len(files):
@@ -242,4 +258,28 @@ class StoreSettings(ServiceSettings):
     store_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
         default="FULL",
         description="SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes.",
+    )
+    # ---- retention (shepherd.retention) ---------------------------------------------------------
+    retention_s: float = Field(
+        default=7 * _DAY_S,
+        gt=0,
+        description="Log entries (launch events, task transitions) older than this are pruned, and "
+        "with them finished tasks and launches whose task ended that long ago. A cursor older than "
+        "the retention gets OUT_OF_RANGE, and a LaunchTask repeated for a pruned key is a new launch.",
+    )
+    retention_max_entries: int = Field(
+        default=0,
+        ge=0,
+        description="Also prune the oldest log entries beyond this many (0: no count limit). Never "
+        "removes a task that has not finished, nor a launch still waiting for its pod.",
+    )
+    retention_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="How often retention runs: a tick marks the log's head with the time (the age "
+        "resolution) and prunes what is due, in small batches.",
+    )
+    retention_batch: int = Field(
+        default=500, ge=1, le=10_000, description="Log entries pruned per transaction at most."
     )

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-from shepherd import failpoints
+from shepherd import failpoints, metrics
 from shepherd.eventlog import AppendSignal, CursorOutOfRange
 from shepherd.logging import get_logger
 
@@ -117,6 +117,8 @@ class Database:
             self._executor.shutdown(wait=False)
             raise StoreUnavailable(self.path, explain(self.path, err), doing="be used") from err
         self.writable = True  # whether the last transaction committed
+        metrics.register_store_metrics()
+        metrics.SQLITE_WRITABLE.set(1)
         self._health = AppendSignal()  # notified when `writable` changes, or the commit loop dies
         self._dead: BaseException | None = None  # why the commit loop stopped, if it did
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
@@ -217,6 +219,7 @@ class Database:
             for log, entries in appended:
                 log._publish(entries)  # before the writers resume: what they committed is readable
             elapsed = time.monotonic() - started
+            metrics.SQLITE_COMMIT_SECONDS.observe(elapsed)
             if elapsed > _SLOW_COMMIT_S:
                 get_logger(component="sqlite", path=self.path).warning(
                     "slow commit", seconds=round(elapsed, 3), writes=len(batch)
@@ -233,6 +236,7 @@ class Database:
         if writable == self.writable:
             return
         self.writable = writable
+        metrics.SQLITE_WRITABLE.set(writable)
         log = get_logger(component="sqlite", path=self.path)
         if error is not None:
             log.error("the store cannot write: writes fail as retryable until it can", error=error.cause)
@@ -361,7 +365,12 @@ class TableLog(Generic[T]):
     Owners append inside their write transactions (append()); entries become readable, and
     followers are woken, when the transaction commits. The newest entries are also kept decoded in
     memory, so followers that keep up (the usual case) are served without a query or a decode;
-    older cursors are read from the table."""
+    older cursors are read from the table.
+
+    The oldest entries may be pruned (shepherd.retention): `forget_through` moves the log's start
+    before the rows go, so a cursor from before it is refused (CursorOutOfRange) instead of
+    silently skipping what was pruned. Cursors are never reused: AUTOINCREMENT remembers the
+    highest one even once every row is gone."""
 
     def __init__(
         self,
@@ -374,12 +383,22 @@ class TableLog(Generic[T]):
         tail: int = 4096,
     ):
         self._db = db
+        self.table = table
         self._insert_sql = f"INSERT INTO {table}({column}) VALUES (?)"
         self._read_sql = f"SELECT cursor, {column} FROM {table} WHERE cursor > ? ORDER BY cursor LIMIT ?"
         self._decode = decode
         self._noun = noun
         self._signal = AppendSignal()
-        self._head = int(db.reader.execute(f"SELECT COALESCE(MAX(cursor), 0) FROM {table}").fetchone()[0])
+        self._head = int(
+            db.reader.execute(
+                f"SELECT MAX(COALESCE((SELECT MAX(cursor) FROM {table}), 0), "
+                "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = ?), 0))",
+                (table,),
+            ).fetchone()[0]
+        )
+        first = db.reader.execute(f"SELECT MIN(cursor) FROM {table}").fetchone()[0]
+        # Entries up to `_oldest` are gone (pruned); a reader may resume after it, not before.
+        self._oldest = self._head if first is None else int(first) - 1
         self._tail_size = tail
         self._tail: list[tuple[int, T]] = []  # event-loop thread: contiguous cursors, ending at head
         self._staged: list[tuple[int, T]] = []  # writer thread: appended by the open transaction
@@ -409,7 +428,28 @@ class TableLog(Generic[T]):
     def head(self) -> int:
         return self._head
 
+    def newest(self) -> int:
+        return self._head
+
+    def oldest(self) -> int:
+        """The oldest cursor still served: entries up to it were pruned."""
+        return self._oldest
+
+    def forget_through(self, cursor: int) -> None:
+        """Event-loop thread: entries up to `cursor` are about to be pruned; refuse them from now."""
+        if cursor > self._oldest:
+            self._oldest = cursor
+            self._tail = [entry for entry in self._tail if entry[0] > cursor]
+
     def read_after(self, cursor: int, limit: int) -> list[tuple[int, T]]:
+        if cursor == 0:
+            cursor = self._oldest  # "from the oldest retained entry"
+        elif cursor < self._oldest:
+            raise CursorOutOfRange(
+                f"cursor {cursor} is older than the retention: {self._noun}s up to {self._oldest} were "
+                f"pruned; the oldest cursor still available is {self._oldest}",
+                oldest=self._oldest,
+            )
         tail = self._tail
         if tail and tail[0][0] <= cursor + 1:
             start = cursor + 1 - tail[0][0]
@@ -420,10 +460,12 @@ class TableLog(Generic[T]):
             if rows:
                 return [(c, self._decode(c, blob)) for c, blob in rows]
         if cursor > self._head:
-            raise CursorOutOfRange(f"cursor {cursor} is ahead of the newest {self._noun} {self._head}")
+            raise CursorOutOfRange(
+                f"cursor {cursor} is ahead of the newest {self._noun} {self._head}", oldest=self._oldest
+            )
         return []
 
     async def wait_for_append(self, cursor: int) -> None:
-        if self._head > cursor:
+        if self._head > max(cursor, self._oldest):
             return
         await self._signal.wait()

@@ -43,9 +43,16 @@ class Connection:
     cert: str = ""
     key: str = ""
     identity: str = ""
+    # Each service's Prometheus endpoint (http://host:port/metrics); empty: not known.
+    launcher_metrics: str = ""
+    watcher_metrics: str = ""
+    reconciler_metrics: str = ""
 
     def address(self, service: str) -> str:
         return str(getattr(self, service))
+
+    def metrics_url(self, service: str) -> str:
+        return str(getattr(self, f"{service}_metrics"))
 
     def credentials(self) -> channels.ClientCredentials:
         if not self.ca:

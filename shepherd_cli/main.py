@@ -36,7 +36,7 @@ from shepherd.v1 import (
     task_pb2,
 )
 from shepherd_cli import connection as conn
-from shepherd_cli import output
+from shepherd_cli import output, servicemetrics
 from shepherd_cli.errors import describe_rpc_error
 from shepherd_cli.keys import KEY_SYNTAX, KeySyntaxError, format_key, parse_key
 from shepherd_cli.output import Format
@@ -129,7 +129,9 @@ def cli(connection: Path) -> None:
 @click.option(
     "--context", "kube_context", default=None, help="Context of --kubeconfig (default: its current one)."
 )
-@click.option("--namespace", default="shepherd", help="Namespace of the task pods, with --kubeconfig.")
+@click.option(
+    "--namespace", default="shepherd-workers", help="Namespace of the task pods, with --kubeconfig."
+)
 @click.option("--executor-id", default="shepherd", help="Executor id on the pods' labels.")
 @click.option("--launcher-port", default=50051, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--watcher-port", default=50052, type=click.IntRange(0, 65535), help="0 picks a free port.")
@@ -191,7 +193,8 @@ def serve(
 @_output_option
 @click.pass_context
 def status(ctx: click.Context, fmt: str) -> None:
-    """Each service's address, health (grpc.health.v1) and round-trip time."""
+    """Each service's address, health (grpc.health.v1), round-trip time, and from its metrics
+    port: why it is not ready, its backlog, and the watch's silence."""
     connection = _connection(ctx)
     rows: list[dict[str, Any]] = []
     for name in conn.SERVICES:
@@ -204,17 +207,33 @@ def status(ctx: click.Context, fmt: str) -> None:
         except grpc.RpcError as err:
             health = f"unreachable ({describe_rpc_error(err)[0]})"
         rtt_ms = round((time.monotonic() - started) * 1000, 1)
-        rows.append({"service": name, "address": address, "health": health, "rtt_ms": rtt_ms})
+        row: dict[str, Any] = {"service": name, "address": address, "health": health, "rtt_ms": rtt_ms}
+        if url := connection.metrics_url(name):
+            try:
+                row.update(servicemetrics.summary(name, servicemetrics.fetch(url)))
+            except (OSError, ValueError) as err:
+                row["metrics_error"] = str(err)
+        rows.append(row)
     healthy = all(row["health"] == "SERVING" for row in rows)
     fmt_ = Format(fmt)
     if fmt_ is Format.TABLE:
         table = Table(show_edge=False, header_style="bold")
-        for column in ("SERVICE", "ADDRESS", "HEALTH", "RTT"):
+        for column in ("SERVICE", "ADDRESS", "HEALTH", "RTT", "BACKLOG", "WHY"):
             table.add_column(column)
         for row in rows:
             style = "green" if row["health"] == "SERVING" else "red"
+            figures = []
+            if "backlog" in row:
+                figures.append(str(row["backlog"]))
+            if "watch_silence_s" in row:
+                figures.append(f"silent {row['watch_silence_s']} s")
             table.add_row(
-                row["service"], row["address"], f"[{style}]{row['health']}[/]", f"{row['rtt_ms']} ms"
+                row["service"],
+                row["address"],
+                f"[{style}]{row['health']}[/]",
+                f"{row['rtt_ms']} ms",
+                ", ".join(figures),
+                "; ".join(row.get("why", [])) or row.get("metrics_error", ""),
             )
         console.print(table)
         console.print(f"executor {connection.executor_id}, client {PROG} {_package_version()}")

@@ -95,10 +95,14 @@ def serve(options: ServeOptions, say: Callable[[str], None], *, stop: threading.
             cert=str(scheduler.cert),
             key=str(scheduler.key),
             identity=scheduler.spiffe_id,
+            launcher_metrics=stack.metrics_url("launcher"),
+            watcher_metrics=stack.metrics_url("watcher"),
+            reconciler_metrics=stack.metrics_url("reconciler"),
         )
         connection.write(options.connection_path)
         for name in SERVICES:
             say(f"  {name:<10} {stack.address(name):<22} log {stack.log_path(name)}")
+            say(f"  {'':<10} metrics {stack.metrics_url(name)}")
         say(f"scheduler identity {scheduler.spiffe_id}")
         say(f"  --cacert {scheduler.ca} --cert {scheduler.cert} --key {scheduler.key}")
         say(f"connection file {options.connection_path}")

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from services.launcher import metrics
+from services.launcher.metrics import CreateOutcome
 from services.launcher.reconciler_client import ReconcilerUnavailable
 from services.launcher.replay import Replay, decide
 from services.launcher.store import LaunchStore, stamp_cancelled, stamp_created, stamp_failed
@@ -95,6 +97,15 @@ class PodCreator:
         """Launches accepted and not yet settled (queued, being checked or being created)."""
         return self._queue.qsize() + len(self._inflight) + len(self._unsure)
 
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def replays_waiting(self) -> int:
+        return len(self._unsure)
+
     def submit(self, launch: Launch, pod: dict[str, Any], *, replayed: bool = False) -> None:
         """Create the launch's pod. `replayed`: a launch from before a restart whose outcome was
         never stored, checked first so that its pod is never made twice (replay.py)."""
@@ -148,12 +159,15 @@ class PodCreator:
                 return  # cancelled (or relaunched) while it was being retried
             if (wait := self._resume_at - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
+            started = time.monotonic()
             try:
                 await self.kube.create_pod(launch.namespace, pod)
             except _API_FAILURES as err:
+                metrics.CREATE_SECONDS.observe(time.monotonic() - started)
                 self._observe(err)
                 if isinstance(err, ApiError) and err.already_exists:
                     self.stats.already_existed += 1
+                    metrics.creates[CreateOutcome.ALREADY_EXISTED].inc()
                     self._settle(stamp_created(launch))
                     log.info("pod already existed: launch is settled")
                     return
@@ -161,8 +175,10 @@ class PodCreator:
                     continue
                 self._fail(launch, err, retries, log)
                 return
+            metrics.CREATE_SECONDS.observe(time.monotonic() - started)
             self._observe(None)
             self.stats.created += 1
+            metrics.creates[CreateOutcome.CREATED].inc()
             self._settle(stamp_created(launch))
             return
 
@@ -243,6 +259,7 @@ class PodCreator:
         if not retries.another(err):
             return False
         self.stats.retries += 1
+        metrics.retries[metrics.retry_cause(err)].inc()
         retry_after = err.retry_after_s if isinstance(err, ApiError) else None
         if retry_after:
             self._resume_at = max(self._resume_at, time.monotonic() + retry_after)
@@ -257,6 +274,7 @@ class PodCreator:
 
     def _fail(self, launch: Launch, err: BaseException, retries: Retries, log: BoundLogger) -> None:
         self.stats.failed += 1
+        metrics.creates[CreateOutcome.QUEUED_TIMEOUT if retries.timed_out else CreateOutcome.REJECTED].inc()
         self._settle(stamp_failed(launch, self._failure(err, retries)))
         log.warning(
             "pod creation failed",

@@ -1,4 +1,5 @@
-"""The one call the launcher makes to the reconciler: GetTask, for a replayed launch (replay.py).
+"""The one call the launcher makes to the reconciler: GetTask, for a replayed launch (replay.py),
+and for a launch it may forget once its task ended a retention period ago (expiry.py).
 
 Through the generated stub, over a channel from shepherd.channels: services never import one
 another. Any answer but the task or NOT_FOUND means the reconciler cannot say now (down,
@@ -28,11 +29,13 @@ class ReconcilerClient:
     def __post_init__(self) -> None:
         self._stub = reconciler_service_pb2_grpc.ReconcilerServiceStub(self.channel)
 
-    async def get_task(self, key: task_pb2.TaskKey) -> task_pb2.Task | None:
-        """The reconciler's record of the task, or None if it has none."""
+    async def get_task(self, key: task_pb2.TaskKey, *, stored_only: bool = False) -> task_pb2.Task | None:
+        """The reconciler's record of the task, or None if it has none (with `stored_only`, none in
+        its store: it does not ask the launcher back about an unknown key)."""
         try:
             reply = await self._stub.GetTask(
-                reconciler_service_pb2.GetTaskRequest(key=key), timeout=self.timeout_s
+                reconciler_service_pb2.GetTaskRequest(key=key, stored_only=stored_only),
+                timeout=self.timeout_s,
             )
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:

@@ -7,6 +7,7 @@ health is NOT_SERVING; both end by themselves once it can (see shepherd/sqlite.p
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -14,20 +15,23 @@ import grpc
 import orjson
 from google.rpc import code_pb2
 
+from services.launcher import metrics as launcher_metrics
 from services.launcher.admission import Admission, PolicyDenied
 from services.launcher.creator import PodCreator
+from services.launcher.expiry import LaunchExpiry, prune_launches
+from services.launcher.metrics import LaunchOutcome
 from services.launcher.policy import PodPolicy
 from services.launcher.reconciler_client import ReconcilerClient
 from services.launcher.settings import LauncherSettings
 from services.launcher.store import Accepted, LaunchStore, stamp_cancelled
 from services.launcher.templates import TemplateCatalog, UnknownTemplate
-from shepherd import channels, podmeta
+from shepherd import channels, logstream, metrics, podmeta
 from shepherd.errors import MAX_FIELD_LEN, MAX_PROBLEM_LEN, abort_fields, abort_invalid, abort_unavailable
-from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import KubeClient, load_connection
 from shepherd.kube.reachability import ApiReachability
 from shepherd.logging import configure, get_logger
+from shepherd.retention import Pruner, Retention
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor
 from shepherd.v1 import launcher_service_pb2 as pb
@@ -68,6 +72,7 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         try:
             (outcome,) = await self._launch([request], [""])
         except StoreUnavailable as err:
+            launcher_metrics.launches[LaunchOutcome.STORE_UNAVAILABLE].inc()
             await abort_unavailable(context, str(err))
         if isinstance(outcome, PolicyDenied):
             await abort_fields(context, code_pb2.PERMISSION_DENIED, outcome.violations)
@@ -90,6 +95,7 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         try:
             outcomes = await self._launch(request.requests, prefixes)
         except StoreUnavailable as err:  # the batch is stored in one transaction: none of it was
+            launcher_metrics.launches[LaunchOutcome.STORE_UNAVAILABLE].inc(len(request.requests))
             await abort_unavailable(context, str(err))
         return pb.BatchLaunchTasksResponse(
             results=[
@@ -170,15 +176,15 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
     async def WatchLaunchEvents(
         self, request: pb.WatchLaunchEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchLaunchEventsResponse]:
-        try:
-            async for entries in follow(
-                self._store.events, request.after_cursor, interval_s=self._settings.stream_interval_s
+        log = self._store.events
+        after = await logstream.start_cursor(log, request, context)
+        with metrics.subscribers[metrics.Stream.LAUNCH_EVENTS].track_inprogress():
+            async for entries in logstream.serve_log(
+                log, after, context, interval_s=self._settings.stream_interval_s
             ):
                 yield pb.WatchLaunchEventsResponse(
                     events=[pb.LaunchEvent(cursor=cursor, launch=launch) for cursor, launch in entries]
                 )
-        except CursorOutOfRange as err:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
 
     # ---- the work behind LaunchTask -------------------------------------------------------------
 
@@ -249,6 +255,8 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
                     launch=result.launch, already_existed=result.already_existed
                 )
         assert all(outcome is not None for outcome in outcomes)
+        for outcome in outcomes:
+            launcher_metrics.launches[_outcome_label(outcome)].inc()  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]  # every slot is filled above
 
     def _accepted(self, task: asyncio.Future[list[Accepted]]) -> None:
@@ -278,6 +286,18 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
 
 
 Outcome = pb.LaunchTaskResponse | InvalidField | UnknownTemplate | QueueFull
+
+
+def _outcome_label(outcome: Outcome) -> LaunchOutcome:
+    if isinstance(outcome, pb.LaunchTaskResponse):
+        return LaunchOutcome.ALREADY_EXISTED if outcome.already_existed else LaunchOutcome.ACCEPTED
+    if isinstance(outcome, PolicyDenied):
+        return LaunchOutcome.POLICY_DENIED
+    if isinstance(outcome, InvalidField):
+        return LaunchOutcome.INVALID
+    if isinstance(outcome, UnknownTemplate):
+        return LaunchOutcome.UNKNOWN_TEMPLATE
+    return LaunchOutcome.QUEUE_FULL
 
 
 def _prefixed(err: InvalidField, prefix: str) -> InvalidField:
@@ -326,6 +346,16 @@ async def serve(settings: LauncherSettings) -> None:
         api=api,
         reconciler=ReconcilerClient(reconciler_channel),
     )
+    retention = Retention.of(settings)
+    pruner = Pruner(
+        store.db,
+        store.events,
+        "launch",
+        retention,
+        lambda conn, rows: prune_launches(conn, rows, time.time()),
+    )
+    expiry = LaunchExpiry(store, ReconcilerClient(reconciler_channel), retention)
+    launcher_metrics.observe_creator(creator)
     replay = store.pending()
     for launch, pod in replay:
         creator.submit(launch, pod, replayed=True)
@@ -341,6 +371,8 @@ async def serve(settings: LauncherSettings) -> None:
     supervisor.spawn(
         store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"
     )
+    supervisor.spawn(pruner.run(), name="retention")
+    supervisor.spawn(expiry.run(), name="launch-expiry")
     log.info("ready", replayed=len(replay), templates=templates.names, executor_id=settings.executor_id)
     # Accepted launches not yet created stay ACCEPTED in the store and are replayed on next start.
     await supervisor.run_until_stopped(settings.shutdown_grace_s)

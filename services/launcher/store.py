@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from shepherd import podmeta, timestamps
+from shepherd import podmeta, retention, timestamps
 from shepherd.sqlite import Database, Synchronous, TableLog
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
@@ -36,6 +36,17 @@ CREATE TABLE IF NOT EXISTS launch_events (
 """
 
 
+# Retention (services/launcher/expiry.py): a launch whose pod was created outlives its last event
+# until the reconciler says its task ended longer than the retention period ago.
+EXPIRY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS launch_expiry (
+    key TEXT PRIMARY KEY,           -- a CREATED launch whose last event was pruned
+    due REAL NOT NULL               -- Unix time at which to ask the reconciler about its task
+);
+CREATE INDEX IF NOT EXISTS launch_expiry_due ON launch_expiry(due);
+"""
+
+
 @dataclass(frozen=True)
 class Accepted:
     launch: Launch
@@ -45,7 +56,7 @@ class Accepted:
 
 class LaunchStore:
     def __init__(self, path: Path | str, *, synchronous: Synchronous = "FULL") -> None:
-        self.db = Database(path, SCHEMA, synchronous=synchronous)
+        self.db = Database(path, SCHEMA + EXPIRY_SCHEMA + retention.SCHEMA, synchronous=synchronous)
         self.events: TableLog[Launch] = TableLog(
             self.db, "launch_events", "launch", lambda _, blob: Launch.FromString(blob), "launch event"
         )

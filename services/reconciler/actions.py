@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from services.reconciler import metrics
 from services.reconciler.collector import PostMortems
+from services.reconciler.metrics import Action, ActionOutcome
 from services.reconciler.store import PodActionRow, TaskStore
 from shepherd import podmeta
 from shepherd.kube import ApiError, KubeClient
@@ -85,6 +87,10 @@ class PodActions:
     def backlog(self) -> int:
         """Actions not carried out yet: queued, or failing and waiting to be asked again."""
         return self._queue.qsize() + len(self._failing)
+
+    def retrying(self) -> int:
+        """Actions failing now, waiting to be asked again."""
+        return len(self._failing)
 
     def refresh_stats(self) -> ActionStats:
         now = time.monotonic()
@@ -156,11 +162,14 @@ class PodActions:
         if self.post_mortems is not None and row.keep_log and row.pod_uid not in self._failing:
             # Bounded (collector.py): the log goes with the pod, so it is read first, once.
             await self.post_mortems.keep_log(row)
+        action = Action.DELETE if row.action == "delete" else Action.MARK_DONE
+        outcome = ActionOutcome.DONE
         try:
-            if row.action == "delete":
+            if action is Action.DELETE:
                 self.stats.delete_calls += 1
                 if not await self.kube.delete_pod(row.namespace, row.name, uid=row.pod_uid):
                     self.stats.already_gone += 1
+                    outcome = ActionOutcome.ALREADY_GONE
             else:
                 self.stats.patch_calls += 1
                 await self.kube.patch_pod(
@@ -168,9 +177,12 @@ class PodActions:
                 )
         except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as err:
             if not (isinstance(err, ApiError) and err.status == 404):
+                metrics.actions[(action, ActionOutcome.FAILED)].inc()
                 self._again(row, err)
                 return
             self.stats.already_gone += 1
+            outcome = ActionOutcome.ALREADY_GONE
+        metrics.actions[(action, outcome)].inc()
         failing = self._failing.pop(row.pod_uid, None)
         if failing is not None:
             get_logger(component="pod-actions", pod=row.name, namespace=row.namespace).info(

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.reconciler import metrics
 from services.reconciler.postmortem import ran_in_a_runtime
 from services.reconciler.statemachine import (
     TERMINAL,
@@ -73,6 +74,7 @@ class Tracked:
     task: task_pb2.Task
     pod_uid: str = ""
     pending_note: str = ""  # why the pod is still Pending (the scheduler's message), for timeouts
+    state_since: float = 0.0  # epoch seconds it entered its state, if this process saw it (metrics)
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,10 @@ class Engine:
         return row is not None and row[0].state in TERMINAL
 
     @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
     def active_tasks(self) -> int:
         return len(self._active)
 
@@ -410,6 +416,13 @@ class Engine:
         task = tracked.task
         previous = task.state
         now = timestamps.now()
+        # Counted as applied: a batch that then fails to commit stops the service (crash-only),
+        # and its counts go with the process.
+        seconds = time.time()
+        if tracked.state_since and previous != task_pb2.TASK_STATE_UNSPECIFIED:
+            metrics.time_in_state[previous].observe(seconds - tracked.state_since)
+        tracked.state_since = seconds
+        metrics.transitions[state].inc()
         task.state = state
         if failure is not None:
             task.failure.CopyFrom(failure)

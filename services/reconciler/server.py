@@ -7,10 +7,12 @@ answered UNAVAILABLE, with RetryInfo.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
+from services.reconciler import metrics as reconciler_metrics
 from services.reconciler.actions import PodActions
 from services.reconciler.adoption import Adopted, adopt
 from services.reconciler.collector import PostMortems
@@ -19,21 +21,34 @@ from services.reconciler.launcher_calls import LauncherCalls, LauncherUnavailabl
 from services.reconciler.postmortem import last_lines
 from services.reconciler.settings import ReconcilerSettings
 from services.reconciler.statemachine import Policy
-from services.reconciler.store import TaskStore, decode_page_token
+from services.reconciler.store import TaskStore, decode_page_token, prune_finished
 from services.reconciler.streams import consume_launcher, consume_watcher
 from services.reconciler.sweep import sweep_finished, sweep_pending
-from shepherd import channels, podmeta
+from services.reconciler.upstream import UpstreamHealth
+from shepherd import channels, logstream, metrics, podmeta
 from shepherd.errors import abort_invalid, abort_unavailable
-from shepherd.eventlog import CursorOutOfRange, follow
 from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import ApiError, KubeClient, load_connection
 from shepherd.logging import configure, get_logger
+from shepherd.retention import Pruner, Retention
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor
-from shepherd.v1 import launcher_service_pb2_grpc, task_pb2
+from shepherd.v1 import launcher_service_pb2, launcher_service_pb2_grpc, task_pb2
 from shepherd.v1 import reconciler_service_pb2 as pb
 from shepherd.v1 import reconciler_service_pb2_grpc as pb_grpc
 from shepherd.validation import InvalidField, check_key, check_text
+
+Launch = launcher_service_pb2.Launch
+
+
+def pruned_here(launch: Launch, now: float, retention_s: float) -> bool:
+    """Whether a launch the reconciler has no task for is one whose task it pruned: its pod was
+    created (or its launch ended) longer ago than the retention. A task is pruned only once it
+    ended a retention period ago, and it ended after its launch was accepted."""
+    if launch.state == launcher_service_pb2.LAUNCH_STATE_ACCEPTED or not launch.HasField("accept_time"):
+        return False
+    return launch.accept_time.ToNanoseconds() / 1e9 + retention_s <= now
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReconcilerService"].full_name
 MAX_PAGE = 1000
@@ -61,13 +76,13 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
     async def WatchTaskStates(
         self, request: pb.WatchTaskStatesRequest, context: Context
     ) -> AsyncIterator[pb.WatchTaskStatesResponse]:
-        try:
-            async for entries in follow(
-                self._store.transitions, request.after_cursor, interval_s=self._settings.stream_interval_s
+        log = self._store.transitions
+        after = await logstream.start_cursor(log, request, context)
+        with metrics.subscribers[metrics.Stream.TASK_STATES].track_inprogress():
+            async for entries in logstream.serve_log(
+                log, after, context, interval_s=self._settings.stream_interval_s
             ):
                 yield pb.WatchTaskStatesResponse(changes=[change for _, change in entries])
-        except CursorOutOfRange as err:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
 
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
         try:
@@ -75,6 +90,8 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         except InvalidField as err:
             await abort_invalid(context, err)
         row = self._store.get(podmeta.key_string(request.key))
+        if row is None and request.stored_only:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with this key is stored")
         if row is None:
             task = await self._learn(request.key, context)
         else:
@@ -97,10 +114,12 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
                 ) from None
         except InvalidField as err:
             await abort_invalid(context, err)
+        # Read before the page: every transition up to it is committed, so the page reflects it.
+        cursor = self._store.transitions.newest()
         tasks, token = self._store.list_tasks(
             page_size=request.page_size or 100, after_key=after, state=request.state, dag_id=request.dag_id
         )
-        return pb.ListTasksResponse(tasks=tasks, next_page_token=token)
+        return pb.ListTasksResponse(tasks=tasks, next_page_token=token, cursor=cursor)
 
     async def CancelTask(self, request: pb.CancelTaskRequest, context: Context) -> pb.CancelTaskResponse:
         try:
@@ -129,11 +148,15 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         """A task not known here yet: the launcher may have accepted it (committed before its
         LaunchTask answered) while its event is still on the way. Ask the launcher and apply
         what it has, so whoever got that answer finds the task; only a key neither knows is
-        NOT_FOUND."""
+        NOT_FOUND. Not a launch whose pod was created longer ago than the retention: its task was
+        pruned here, and the launcher forgets it soon; learnt again, it would look like a pod
+        lost before it ran, and be relaunched."""
         try:
             launch = await self._launcher.get_launch(key)
         except LauncherUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"key: not known here, and {err}")
+        if launch is not None and pruned_here(launch, time.time(), self._settings.retention_s):
+            launch = None
         try:
             task = await self._engine.learn_launch(launch) if launch is not None else None
         except StoreUnavailable as err:
@@ -176,14 +199,15 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         task, pod_uid = row
         tail_lines = request.tail_lines or 100
         try:
-            async for chunk in self._kube.pod_log(
-                task.namespace,
-                task.pod_name,
-                container=podmeta.BASE_CONTAINER,
-                tail_lines=tail_lines,
-                follow=request.follow,
-            ):
-                yield pb.GetTaskLogsResponse(data=chunk)
+            with metrics.subscribers[metrics.Stream.TASK_LOGS].track_inprogress():
+                async for chunk in self._kube.pod_log(
+                    task.namespace,
+                    task.pod_name,
+                    container=podmeta.BASE_CONTAINER,
+                    tail_lines=tail_lines,
+                    follow=request.follow,
+                ):
+                    yield pb.GetTaskLogsResponse(data=chunk)
         except ApiError as err:
             kept = self._store.kept_log(key)
             if kept is not None and kept[0] == pod_uid:
@@ -253,7 +277,18 @@ async def serve(settings: ReconcilerSettings) -> None:
             namespaces=settings.namespaces,
         )
 
+    reconciler_metrics.observe(
+        actions_backlog=lambda: actions.backlog,
+        actions_retrying=actions.retrying,
+        engine_queue=lambda: engine.queue_depth,
+        active_tasks=lambda: engine.active_tasks,
+    )
     server = GrpcServer(settings, service_names=[SERVICE_NAME])
+    # Health follows the upstream streams too: NOT_SERVING once one is lost for too long.
+    upstreams = UpstreamHealth(
+        on_change=lambda ok: server.set_serving(ok, condition=Readiness.UPSTREAM),
+        loss_timeout_s=settings.upstream_loss_timeout_s,
+    )
     pb_grpc.add_ReconcilerServiceServicer_to_server(
         ReconcilerServicer(settings, store, engine, launcher, kube, adopt_dead), server.server
     )
@@ -288,11 +323,14 @@ async def serve(settings: ReconcilerSettings) -> None:
         ),
         name="cleanup-sweep",
     )
-    supervisor.spawn(consume_launcher(settings.launcher_address, engine), name="launcher-stream")
-    supervisor.spawn(consume_watcher(settings.watcher_address, engine), name="watcher-stream")
+    supervisor.spawn(consume_launcher(settings.launcher_address, engine, upstreams), name="launcher-stream")
+    supervisor.spawn(consume_watcher(settings.watcher_address, engine, upstreams), name="watcher-stream")
+    supervisor.spawn(upstreams.run(), name="upstream-health")
     supervisor.spawn(
         store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"
     )
+    pruner = Pruner(store.db, store.transitions, "change", Retention.of(settings), prune_finished)
+    supervisor.spawn(pruner.run(), name="retention")
 
     async def mark_ready() -> None:
         # Ready means in sync: the watcher's snapshot of current pods has been applied, so no

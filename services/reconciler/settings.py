@@ -17,6 +17,15 @@ class ReconcilerSettings(StoreSettings):
 
     launcher_address: str = Field(default="127.0.0.1:50051", description="host:port of the Launcher.")
     watcher_address: str = Field(default="127.0.0.1:50052", description="host:port of the Watcher.")
+    upstream_loss_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=24 * 3600,
+        description="Health is NOT_SERVING while the event stream from the launcher or the watcher has been "
+        "lost for longer than this (states would stop moving), and SERVING again by itself once both are "
+        'back; shepherd_health_condition_unmet{condition="upstream"} and '
+        "shepherd_reconciler_upstream_connected say so.",
+    )
     store_path: Path = Field(
         default_factory=lambda: state_dir() / "reconciler.db",
         description="SQLite file holding tasks and transitions; put it on a persistent volume.",

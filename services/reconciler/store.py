@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shepherd import podmeta, retention
 from shepherd.sqlite import Database, StoreUnavailable, Synchronous, TableLog
+from shepherd.taskstates import TERMINAL
 from shepherd.v1 import task_pb2
 
 _BATCHES = "batch"  # the cursors row numbering the engine batches committed so far
@@ -98,7 +100,7 @@ class Committed:
 
 class TaskStore:
     def __init__(self, path: Path | str, *, synchronous: Synchronous = "FULL") -> None:
-        self.db = Database(path, SCHEMA, synchronous=synchronous)
+        self.db = Database(path, SCHEMA + retention.SCHEMA, synchronous=synchronous)
         self.transitions: TableLog[task_pb2.TaskStateChange] = TableLog(
             self.db, "transitions", "change", _decode_change, "transition"
         )
@@ -269,6 +271,35 @@ class TaskStore:
         )
 
 
+def prune_finished(conn: sqlite3.Connection, pruned: list[tuple[int, bytes]]) -> int:
+    """Writer thread, as transitions are pruned (shepherd.retention): a task goes with its terminal
+    transition, so a snapshot (ListTasks) never lists a task whose history is gone from the log.
+    A task is deleted only if it is still in that terminal state: never one that is not finished.
+    The actions done on a deleted task's pod go too (a deleted pod is never seen again), and so
+    do what was read of it (its post-mortem row, its kept log tail)."""
+    finished: list[tuple[str, int]] = []
+    for _, blob in pruned:
+        task = task_pb2.TaskStateChange.FromString(blob).task
+        if task.state in TERMINAL:
+            finished.append((podmeta.key_string(task.key), task.state))
+    deleted = 0
+    for key, state in finished:
+        row = conn.execute("DELETE FROM tasks WHERE key = ? AND state = ? RETURNING pod_uid", (key, state))
+        for (uid,) in row.fetchall():
+            deleted += 1
+            conn.execute("DELETE FROM kept_logs WHERE task_key = ?", (key,))
+            if uid:
+                conn.execute(
+                    "DELETE FROM pod_actions WHERE pod_uid = ? AND done = 1 AND action = 'delete'", (uid,)
+                )
+                conn.execute(
+                    "DELETE FROM post_mortems WHERE pod_uid = ? "
+                    "AND NOT EXISTS (SELECT 1 FROM pod_actions WHERE pod_uid = ?)",
+                    (uid, uid),
+                )
+    return deleted
+
+
 def _decode_change(cursor: int, blob: bytes) -> task_pb2.TaskStateChange:
     change = task_pb2.TaskStateChange.FromString(blob)
     change.cursor = cursor  # stored without it: the row's key is the cursor
@@ -287,4 +318,4 @@ def decode_page_token(token: str) -> str:
         raise ValueError("malformed page token") from err
 
 
-__all__ = ["Batch", "Committed", "PodActionRow", "TaskStore"]
+__all__ = ["Batch", "Committed", "PodActionRow", "TaskStore", "prune_finished"]

@@ -19,6 +19,8 @@ from services.reconciler.engine import (
     PodItem,
     SnapshotStart,
 )
+from services.reconciler.metrics import Upstream
+from services.reconciler.upstream import UpstreamHealth
 from shepherd import channels
 from shepherd.kube.client import sleep_backoff
 from shepherd.logging import get_logger
@@ -30,20 +32,22 @@ from shepherd.v1 import (
 )
 
 
-async def consume_launcher(address: str, engine: Engine) -> None:
+async def consume_launcher(address: str, engine: Engine, health: UpstreamHealth | None = None) -> None:
     log = get_logger(component="launcher-stream", address=address)
     failures = 0
+    pruned = False  # our cursor was pruned by the launcher's retention: go on from its oldest
     async with channels.aio_channel(address) as channel:
         stub = launcher_service_pb2_grpc.LauncherServiceStub(channel)
         while True:
-            after = engine.resume_cursor(SOURCE_LAUNCHER)
+            after = 0 if pruned else engine.resume_cursor(SOURCE_LAUNCHER)
             try:
                 stream = stub.WatchLaunchEvents(
                     launcher_service_pb2.WatchLaunchEventsRequest(after_cursor=after)
                 )
-                log.info("subscribed", after_cursor=after)
+                if await _subscribed(stream, health, Upstream.LAUNCHER):
+                    log.info("subscribed", after_cursor=after)
                 async for response in stream:
-                    failures = 0
+                    failures, pruned = 0, False
                     for event in response.events:
                         await engine.submit(
                             LaunchItem(event.cursor, event.launch),
@@ -52,13 +56,22 @@ async def consume_launcher(address: str, engine: Engine) -> None:
                         )
             except grpc.aio.AioRpcError as err:
                 failures += 1
+                if health is not None:
+                    health.down(Upstream.LAUNCHER)
+                if err.code() == grpc.StatusCode.OUT_OF_RANGE and after:
+                    # Down for longer than the launcher's retention: the events in between are
+                    # gone. Their launches' pods still come through the watcher (the key is on
+                    # each pod); launches still waiting for a pod are never pruned.
+                    log.error("launch events were pruned before we read them", details=err.details())
+                    pruned = True
+                    continue
                 log.warning(
                     "launcher stream broke; reconnecting", code=err.code().name, details=err.details()
                 )
                 await sleep_backoff(failures, cap_s=5.0)
 
 
-async def consume_watcher(address: str, engine: Engine) -> None:
+async def consume_watcher(address: str, engine: Engine, health: UpstreamHealth | None = None) -> None:
     log = get_logger(component="watcher-stream", address=address)
     failures = 0
     async with channels.aio_channel(address) as channel:
@@ -69,7 +82,8 @@ async def consume_watcher(address: str, engine: Engine) -> None:
             try:
                 request = watcher_service_pb2.WatchPodEventsRequest(after_cursor=after, snapshot=snapshot)
                 stream = stub.WatchPodEvents(request)
-                log.info("subscribed", after_cursor=after, snapshot=snapshot)
+                if await _subscribed(stream, health, Upstream.WATCHER):
+                    log.info("subscribed", after_cursor=after, snapshot=snapshot)
                 if snapshot:
                     await engine.submit(SnapshotStart())
                 async for response in stream:
@@ -84,6 +98,8 @@ async def consume_watcher(address: str, engine: Engine) -> None:
             except grpc.aio.AioRpcError as err:
                 failures += 1
                 engine.watcher_live = False
+                if health is not None:
+                    health.down(Upstream.WATCHER)
                 if err.code() == grpc.StatusCode.OUT_OF_RANGE:
                     log.warning(
                         "the watcher cannot resume our cursor; re-syncing from a snapshot",
@@ -93,3 +109,17 @@ async def consume_watcher(address: str, engine: Engine) -> None:
                     continue
                 log.warning("watcher stream broke; reconnecting", code=err.code().name, details=err.details())
                 await sleep_backoff(failures, cap_s=5.0)
+
+
+async def _subscribed(
+    stream: grpc.aio.UnaryStreamCall, health: UpstreamHealth | None, upstream: Upstream
+) -> bool:
+    """Wait for the stream's headers (the upstreams send them at once), then count it as up;
+    whether it is. A refused call ends without headers: the loop's next read raises, and it stays
+    down."""
+    await stream.initial_metadata()
+    if stream.done():
+        return False
+    if health is not None:
+        health.up(upstream)
+    return True

@@ -20,11 +20,14 @@ copy of the last state seen, so it is always read.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
+from services.watcher import metrics
+from services.watcher.metrics import Restart
 from shepherd import timestamps
 from shepherd.eventlog import MemoryLog
 from shepherd.kube import ApiError, KubeClient, WatchExpired, is_transient
@@ -72,6 +75,7 @@ class Informer:
     _cache: dict[str, _Known] = field(default_factory=dict)  # pod uid -> last known state
     _listed: set[str] = field(default_factory=set)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    last_heard: float | None = None  # monotonic time any watch last received an event or bookmark
 
     @property
     def ready(self) -> asyncio.Event:
@@ -128,6 +132,7 @@ class Informer:
         event.cursor = self.log.append(event)  # subscribers read it only after this call returns
         self.stats.events += 1
         self.stats.synthetic_events += event.synthetic
+        metrics.events[(event.type, event.synthetic)].inc()
         if event.type == watcher_service_pb2.POD_EVENT_TYPE_DELETED:
             self._cache.pop(event.pod_uid, None)
         else:
@@ -193,15 +198,18 @@ class Informer:
                     server_timeout_s=self.watch_timeout_s,
                     inactivity_timeout_s=self.inactivity_timeout_s,
                 ):
+                    self.last_heard = time.monotonic()
                     obj = raw.get("object") or {}
                     resource_version = (obj.get("metadata") or {}).get("resourceVersion") or resource_version
                     if raw.get("type") == "DELETED":
                         await self._emit_deleted(obj)
                     elif raw.get("type") != "BOOKMARK":
+                        metrics.observe_lag(obj)
                         self._emit(str(raw.get("type")), obj, synthetic=False)
                     failures = 0
             except WatchExpired:
                 self.stats.relists_after_gone += 1
+                metrics.restarts[Restart.EXPIRED].inc()
                 log.warning(
                     "watch expired (410 Gone): re-listing to rebuild the gap",
                     resource_version=resource_version,
@@ -209,12 +217,14 @@ class Informer:
                 resource_version = None
             except TimeoutError:
                 self.stats.silent_restarts += 1
+                metrics.restarts[Restart.SILENT].inc()
                 log.warning(
                     "watch went silent: resuming from the last resourceVersion",
                     resource_version=resource_version,
                 )
             except Exception as err:  # the loop must outlive any API or network failure
                 failures += 1
+                metrics.restarts[Restart.ERROR].inc()
                 log.warning(
                     "watch failed; retrying", error=str(err), transient=is_transient(err), failures=failures
                 )

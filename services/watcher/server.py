@@ -6,15 +6,18 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from services.watcher import metrics as watcher_metrics
 from services.watcher.informer import Informer
 from services.watcher.settings import WatcherSettings
-from shepherd import podmeta
-from shepherd.eventlog import CursorOutOfRange, MemoryLog, follow
+from shepherd import logstream, metrics, podmeta
+from shepherd.errors import abort_invalid
+from shepherd.eventlog import MemoryLog
 from shepherd.grpcserver import GrpcServer, run
 from shepherd.kube import KubeClient, load_connection
 from shepherd.logging import configure, get_logger
 from shepherd.supervisor import Supervisor
 from shepherd.v1 import watcher_service_pb2, watcher_service_pb2_grpc
+from shepherd.validation import InvalidField
 
 PodEvent = watcher_service_pb2.PodEvent
 SERVICE_NAME = watcher_service_pb2.DESCRIPTOR.services_by_name["WatcherService"].full_name
@@ -38,25 +41,30 @@ class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "the watcher has not finished its first list yet"
             )
-        after = request.after_cursor
-        if request.snapshot:
-            after, pods = self._informer.snapshot()
-            events = []
-            for pod in pods:
-                event = PodEvent()
-                event.CopyFrom(pod)
-                event.type, event.cursor = watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT, after
-                events.append(event)
-            events.append(PodEvent(type=watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT_COMPLETE, cursor=after))
-            for start in range(0, len(events), SNAPSHOT_CHUNK):
-                yield watcher_service_pb2.WatchPodEventsResponse(
-                    events=events[start : start + SNAPSHOT_CHUNK]
+        if request.snapshot and request.start_at_head:
+            await abort_invalid(context, InvalidField("start_at_head", "cannot be combined with snapshot"))
+        after = await logstream.start_cursor(self._log, request, context)
+        with metrics.subscribers[metrics.Stream.POD_EVENTS].track_inprogress():
+            if request.snapshot:
+                after, pods = self._informer.snapshot()
+                events = []
+                for pod in pods:
+                    event = PodEvent()
+                    event.CopyFrom(pod)
+                    event.type, event.cursor = watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT, after
+                    events.append(event)
+                events.append(
+                    PodEvent(type=watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT_COMPLETE, cursor=after)
                 )
-        try:
-            async for entries in follow(self._log, after, interval_s=self._interval_s):
+                for start in range(0, len(events), SNAPSHOT_CHUNK):
+                    yield watcher_service_pb2.WatchPodEventsResponse(
+                        events=events[start : start + SNAPSHOT_CHUNK]
+                    )
+            # A snapshot always has a message (its end marker), which has carried the headers.
+            async for entries in logstream.serve_log(
+                self._log, after, context, interval_s=self._interval_s, headers_sent=request.snapshot
+            ):
                 yield watcher_service_pb2.WatchPodEventsResponse(events=[event for _, event in entries])
-        except CursorOutOfRange as err:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
 
 
 async def serve(settings: WatcherSettings) -> None:
@@ -71,6 +79,7 @@ async def serve(settings: WatcherSettings) -> None:
         watch_timeout_s=settings.watch_timeout_s,
         inactivity_timeout_s=settings.inactivity_timeout_s,
     )
+    watcher_metrics.observe_informer(lambda: informer.last_heard, lambda: events.head)
     server = GrpcServer(settings, service_names=[SERVICE_NAME])
     watcher_service_pb2_grpc.add_WatcherServiceServicer_to_server(
         WatcherServicer(informer, events, interval_s=settings.stream_interval_s), server.server

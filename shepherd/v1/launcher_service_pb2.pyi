@@ -566,16 +566,25 @@ class WatchLaunchEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    START_AT_HEAD_FIELD_NUMBER: _builtins.int
     after_cursor: _builtins.int
-    """Resume after this cursor; 0 starts from the beginning of the retained log."""
+    """Resume after this cursor; 0 starts from the beginning of the retained log (launch events are
+    kept for the launcher's retention period, 7 days by default, and at most its retention
+    count). A cursor older than that gets OUT_OF_RANGE.
+    """
+    start_at_head: _builtins.bool
+    """Start at the head, "from now": only events logged after the call are sent. Must not be
+    combined with a non-zero after_cursor.
+    """
     def __init__(
         self,
         *,
         after_cursor: _builtins.int = ...,
+        start_at_head: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "start_at_head", b"start_at_head"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

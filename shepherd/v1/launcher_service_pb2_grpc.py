@@ -89,7 +89,11 @@ class LauncherServiceServicer:
     def LaunchTask(self, request, context):
         """LaunchTask accepts one task and creates its pod in the background.
         Idempotent: launching a key that was already accepted returns the existing launch and
-        creates nothing. The pod is built as template -> generated pod -> override, and the pod
+        creates nothing, for as long as the launch is retained. A launch is kept until its last event
+        (pod created, failed or cancelled) is older than the launcher's retention period (7 days by
+        default) or beyond its retention count; one still waiting for its pod (ACCEPTED) is never
+        pruned. A key launched again after its launch was pruned is a new launch (while the first
+        pod still exists, its deterministic name keeps a second one from being created). The pod is built as template -> generated pod -> override, and the pod
         policy is checked on that final pod before anything is stored. Errors, each with a
         google.rpc.BadRequest naming the field: INVALID_ARGUMENT (a malformed key, command, template
         or override, within the limits given on LaunchTaskRequest's fields), PERMISSION_DENIED (the
@@ -151,7 +155,10 @@ class LauncherServiceServicer:
 
     def WatchLaunchEvents(self, request, context):
         """WatchLaunchEvents streams every launch outcome (accepted, pod created, failed, cancelled)
-        in order, resumable from a cursor. Errors: OUT_OF_RANGE (the cursor is newer than the log).
+        in order, resumable from a cursor, or from the head (start_at_head). The response headers are
+        sent at once. Errors: INVALID_ARGUMENT (start_at_head with after_cursor), OUT_OF_RANGE
+        (after_cursor is older than the retention, or newer than the log; the message names the
+        field and the oldest cursor still available).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shepherd.v1 import task_pb2 as shepherd_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$shepherd/v1/reconciler_service.proto\x12\x0bshepherd.v1\x1a\x16shepherd/v1/task.proto\".\n\x16WatchTaskStatesRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04\"H\n\x17WatchTaskStatesResponse\x12-\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1c.shepherd.v1.TaskStateChange\"3\n\x0eGetTaskRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\"2\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.shepherd.v1.Task\"p\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.shepherd.v1.TaskState\x12\x0e\n\x06\x64\x61g_id\x18\x04 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.shepherd.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x11\x43\x61ncelTaskRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x0e\n\x06reason\x18\x02 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.shepherd.v1.Task\".\n\x11\x41\x64optTasksRequest\x12\x19\n\x11\x64\x65\x61\x64_executor_ids\x18\x01 \x03(\t\"Q\n\x12\x41\x64optTasksResponse\x12%\n\x07\x61\x64opted\x18\x01 \x03(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x14\n\x0c\x63leaned_pods\x18\x02 \x01(\x05\"[\n\x12GetTaskLogsRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x12\n\ntail_lines\x18\x02 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"#\n\x13GetTaskLogsResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xf7\x03\n\x11ReconcilerService\x12^\n\x0fWatchTaskStates\x12#.shepherd.v1.WatchTaskStatesRequest\x1a$.shepherd.v1.WatchTaskStatesResponse0\x01\x12\x44\n\x07GetTask\x12\x1b.shepherd.v1.GetTaskRequest\x1a\x1c.shepherd.v1.GetTaskResponse\x12J\n\tListTasks\x12\x1d.shepherd.v1.ListTasksRequest\x1a\x1e.shepherd.v1.ListTasksResponse\x12M\n\nCancelTask\x12\x1e.shepherd.v1.CancelTaskRequest\x1a\x1f.shepherd.v1.CancelTaskResponse\x12M\n\nAdoptTasks\x12\x1e.shepherd.v1.AdoptTasksRequest\x1a\x1f.shepherd.v1.AdoptTasksResponse\x12R\n\x0bGetTaskLogs\x12\x1f.shepherd.v1.GetTaskLogsRequest\x1a .shepherd.v1.GetTaskLogsResponse0\x01\x42y\n\x0f\x64\x65v.shepherd.v1B\x16ReconcilerServiceProtoP\x01Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\xaa\x02\x0bShepherd.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$shepherd/v1/reconciler_service.proto\x12\x0bshepherd.v1\x1a\x16shepherd/v1/task.proto\"E\n\x16WatchTaskStatesRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04\x12\x15\n\rstart_at_head\x18\x02 \x01(\x08\"H\n\x17WatchTaskStatesResponse\x12-\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1c.shepherd.v1.TaskStateChange\"H\n\x0eGetTaskRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x13\n\x0bstored_only\x18\x02 \x01(\x08\"2\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.shepherd.v1.Task\"p\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.shepherd.v1.TaskState\x12\x0e\n\x06\x64\x61g_id\x18\x04 \x01(\t\"^\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.shepherd.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x04\"F\n\x11\x43\x61ncelTaskRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x0e\n\x06reason\x18\x02 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.shepherd.v1.Task\".\n\x11\x41\x64optTasksRequest\x12\x19\n\x11\x64\x65\x61\x64_executor_ids\x18\x01 \x03(\t\"Q\n\x12\x41\x64optTasksResponse\x12%\n\x07\x61\x64opted\x18\x01 \x03(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x14\n\x0c\x63leaned_pods\x18\x02 \x01(\x05\"[\n\x12GetTaskLogsRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x12\n\ntail_lines\x18\x02 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"#\n\x13GetTaskLogsResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xf7\x03\n\x11ReconcilerService\x12^\n\x0fWatchTaskStates\x12#.shepherd.v1.WatchTaskStatesRequest\x1a$.shepherd.v1.WatchTaskStatesResponse0\x01\x12\x44\n\x07GetTask\x12\x1b.shepherd.v1.GetTaskRequest\x1a\x1c.shepherd.v1.GetTaskResponse\x12J\n\tListTasks\x12\x1d.shepherd.v1.ListTasksRequest\x1a\x1e.shepherd.v1.ListTasksResponse\x12M\n\nCancelTask\x12\x1e.shepherd.v1.CancelTaskRequest\x1a\x1f.shepherd.v1.CancelTaskResponse\x12M\n\nAdoptTasks\x12\x1e.shepherd.v1.AdoptTasksRequest\x1a\x1f.shepherd.v1.AdoptTasksResponse\x12R\n\x0bGetTaskLogs\x12\x1f.shepherd.v1.GetTaskLogsRequest\x1a .shepherd.v1.GetTaskLogsResponse0\x01\x42y\n\x0f\x64\x65v.shepherd.v1B\x16ReconcilerServiceProtoP\x01Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\xaa\x02\x0bShepherd.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,29 +34,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.shepherd.v1B\026ReconcilerServiceProtoP\001Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\252\002\013Shepherd.V1'
   _globals['_WATCHTASKSTATESREQUEST']._serialized_start=77
-  _globals['_WATCHTASKSTATESREQUEST']._serialized_end=123
-  _globals['_WATCHTASKSTATESRESPONSE']._serialized_start=125
-  _globals['_WATCHTASKSTATESRESPONSE']._serialized_end=197
-  _globals['_GETTASKREQUEST']._serialized_start=199
-  _globals['_GETTASKREQUEST']._serialized_end=250
-  _globals['_GETTASKRESPONSE']._serialized_start=252
-  _globals['_GETTASKRESPONSE']._serialized_end=302
-  _globals['_LISTTASKSREQUEST']._serialized_start=304
-  _globals['_LISTTASKSREQUEST']._serialized_end=416
-  _globals['_LISTTASKSRESPONSE']._serialized_start=418
-  _globals['_LISTTASKSRESPONSE']._serialized_end=496
-  _globals['_CANCELTASKREQUEST']._serialized_start=498
-  _globals['_CANCELTASKREQUEST']._serialized_end=568
-  _globals['_CANCELTASKRESPONSE']._serialized_start=570
-  _globals['_CANCELTASKRESPONSE']._serialized_end=623
-  _globals['_ADOPTTASKSREQUEST']._serialized_start=625
-  _globals['_ADOPTTASKSREQUEST']._serialized_end=671
-  _globals['_ADOPTTASKSRESPONSE']._serialized_start=673
-  _globals['_ADOPTTASKSRESPONSE']._serialized_end=754
-  _globals['_GETTASKLOGSREQUEST']._serialized_start=756
-  _globals['_GETTASKLOGSREQUEST']._serialized_end=847
-  _globals['_GETTASKLOGSRESPONSE']._serialized_start=849
-  _globals['_GETTASKLOGSRESPONSE']._serialized_end=884
-  _globals['_RECONCILERSERVICE']._serialized_start=887
-  _globals['_RECONCILERSERVICE']._serialized_end=1390
+  _globals['_WATCHTASKSTATESREQUEST']._serialized_end=146
+  _globals['_WATCHTASKSTATESRESPONSE']._serialized_start=148
+  _globals['_WATCHTASKSTATESRESPONSE']._serialized_end=220
+  _globals['_GETTASKREQUEST']._serialized_start=222
+  _globals['_GETTASKREQUEST']._serialized_end=294
+  _globals['_GETTASKRESPONSE']._serialized_start=296
+  _globals['_GETTASKRESPONSE']._serialized_end=346
+  _globals['_LISTTASKSREQUEST']._serialized_start=348
+  _globals['_LISTTASKSREQUEST']._serialized_end=460
+  _globals['_LISTTASKSRESPONSE']._serialized_start=462
+  _globals['_LISTTASKSRESPONSE']._serialized_end=556
+  _globals['_CANCELTASKREQUEST']._serialized_start=558
+  _globals['_CANCELTASKREQUEST']._serialized_end=628
+  _globals['_CANCELTASKRESPONSE']._serialized_start=630
+  _globals['_CANCELTASKRESPONSE']._serialized_end=683
+  _globals['_ADOPTTASKSREQUEST']._serialized_start=685
+  _globals['_ADOPTTASKSREQUEST']._serialized_end=731
+  _globals['_ADOPTTASKSRESPONSE']._serialized_start=733
+  _globals['_ADOPTTASKSRESPONSE']._serialized_end=814
+  _globals['_GETTASKLOGSREQUEST']._serialized_start=816
+  _globals['_GETTASKLOGSREQUEST']._serialized_end=907
+  _globals['_GETTASKLOGSRESPONSE']._serialized_start=909
+  _globals['_GETTASKLOGSRESPONSE']._serialized_end=944
+  _globals['_RECONCILERSERVICE']._serialized_start=947
+  _globals['_RECONCILERSERVICE']._serialized_end=1450
 # @@protoc_insertion_point(module_scope)

@@ -28,16 +28,25 @@ class WatchTaskStatesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    START_AT_HEAD_FIELD_NUMBER: _builtins.int
     after_cursor: _builtins.int
-    """Resume after this cursor (exclusive). 0 starts from the first transition."""
+    """Resume after this cursor (exclusive). 0 starts from the oldest transition still retained
+    (transitions are kept for the reconciler's retention period, 7 days by default, and at most
+    its retention count). A cursor older than that gets OUT_OF_RANGE.
+    """
+    start_at_head: _builtins.bool
+    """Start at the head, "from now": only transitions committed after the call are sent. Must not
+    be combined with a non-zero after_cursor.
+    """
     def __init__(
         self,
         *,
         after_cursor: _builtins.int = ...,
+        start_at_head: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "start_at_head", b"start_at_head"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -76,6 +85,12 @@ class GetTaskRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
+    STORED_ONLY_FIELD_NUMBER: _builtins.int
+    stored_only: _builtins.bool
+    """Answer from the reconciler's own store only: NOT_FOUND for a task it does not have, without
+    asking the launcher whether it has just accepted it. The launcher sets it when it asks
+    whether a launch may be forgotten (a task pruned by the retention must stay pruned).
+    """
     @_builtins.property
     def key(self) -> _task_pb2.TaskKey:
         """The task try. Required."""
@@ -84,10 +99,11 @@ class GetTaskRequest(_message.Message):
         self,
         *,
         key: _task_pb2.TaskKey | None = ...,
+        stored_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "stored_only", b"stored_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,8 +175,16 @@ class ListTasksResponse(_message.Message):
 
     TASKS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
+    cursor: _builtins.int
+    """The transition cursor this page is consistent with: every transition up to it is reflected
+    in the page. A client that pages through a snapshot then calls WatchTaskStates with
+    after_cursor set to the first page's cursor misses nothing (changes made while it paged are
+    streamed again, in order). A snapshot is only as complete as the retention: tasks that ended
+    longer ago than the retention period (7 days by default) are pruned and no longer listed.
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Task]:
         """The tasks of this page."""
@@ -170,10 +194,11 @@ class ListTasksResponse(_message.Message):
         *,
         tasks: _abc.Iterable[_task_pb2.Task] | None = ...,
         next_page_token: _builtins.str = ...,
+        cursor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -74,8 +74,13 @@ class ReconcilerServiceServicer:
     """
 
     def WatchTaskStates(self, request, context):
-        """WatchTaskStates streams committed task transitions after a cursor, resumable.
-        Errors: OUT_OF_RANGE (the cursor is newer than the log), UNAVAILABLE (shutting down).
+        """WatchTaskStates streams committed task transitions after a cursor, resumable, or from the
+        head (start_at_head). The response headers are sent at once, so a client can tell it is
+        subscribed before any transition. To start without a full replay, take a snapshot with
+        ListTasks, then follow from the `cursor` of its first page: nothing is missed.
+        Errors: INVALID_ARGUMENT (start_at_head with after_cursor), OUT_OF_RANGE (after_cursor is
+        older than the retention, or newer than the log; the message names the field and the oldest
+        cursor still available), UNAVAILABLE (shutting down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,8 +38,13 @@ class ReconcilerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ReconcilerServiceAsyncStub: ...
     WatchTaskStates: _grpc.UnaryStreamMultiCallable[_reconciler_service_pb2.WatchTaskStatesRequest, _reconciler_service_pb2.WatchTaskStatesResponse]
-    """WatchTaskStates streams committed task transitions after a cursor, resumable.
-    Errors: OUT_OF_RANGE (the cursor is newer than the log), UNAVAILABLE (shutting down).
+    """WatchTaskStates streams committed task transitions after a cursor, resumable, or from the
+    head (start_at_head). The response headers are sent at once, so a client can tell it is
+    subscribed before any transition. To start without a full replay, take a snapshot with
+    ListTasks, then follow from the `cursor` of its first page: nothing is missed.
+    Errors: INVALID_ARGUMENT (start_at_head with after_cursor), OUT_OF_RANGE (after_cursor is
+    older than the retention, or newer than the log; the message names the field and the oldest
+    cursor still available), UNAVAILABLE (shutting down).
     """
     GetTask: _grpc.UnaryUnaryMultiCallable[_reconciler_service_pb2.GetTaskRequest, _reconciler_service_pb2.GetTaskResponse]
     """GetTask returns one task. Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (unknown task)."""
@@ -75,8 +80,13 @@ class ReconcilerServiceAsyncStub(ReconcilerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     WatchTaskStates: _aio.UnaryStreamMultiCallable[_reconciler_service_pb2.WatchTaskStatesRequest, _reconciler_service_pb2.WatchTaskStatesResponse]  # type: ignore[assignment]
-    """WatchTaskStates streams committed task transitions after a cursor, resumable.
-    Errors: OUT_OF_RANGE (the cursor is newer than the log), UNAVAILABLE (shutting down).
+    """WatchTaskStates streams committed task transitions after a cursor, resumable, or from the
+    head (start_at_head). The response headers are sent at once, so a client can tell it is
+    subscribed before any transition. To start without a full replay, take a snapshot with
+    ListTasks, then follow from the `cursor` of its first page: nothing is missed.
+    Errors: INVALID_ARGUMENT (start_at_head with after_cursor), OUT_OF_RANGE (after_cursor is
+    older than the retention, or newer than the log; the message names the field and the oldest
+    cursor still available), UNAVAILABLE (shutting down).
     """
     GetTask: _aio.UnaryUnaryMultiCallable[_reconciler_service_pb2.GetTaskRequest, _reconciler_service_pb2.GetTaskResponse]  # type: ignore[assignment]
     """GetTask returns one task. Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (unknown task)."""
@@ -115,8 +125,13 @@ class ReconcilerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _reconciler_service_pb2.WatchTaskStatesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_reconciler_service_pb2.WatchTaskStatesResponse], _abc.AsyncIterator[_reconciler_service_pb2.WatchTaskStatesResponse]]:
-        """WatchTaskStates streams committed task transitions after a cursor, resumable.
-        Errors: OUT_OF_RANGE (the cursor is newer than the log), UNAVAILABLE (shutting down).
+        """WatchTaskStates streams committed task transitions after a cursor, resumable, or from the
+        head (start_at_head). The response headers are sent at once, so a client can tell it is
+        subscribed before any transition. To start without a full replay, take a snapshot with
+        ListTasks, then follow from the `cursor` of its first page: nothing is missed.
+        Errors: INVALID_ARGUMENT (start_at_head with after_cursor), OUT_OF_RANGE (after_cursor is
+        older than the retention, or newer than the log; the message names the field and the oldest
+        cursor still available), UNAVAILABLE (shutting down).
         """
 
     @_abc_1.abstractmethod

@@ -292,19 +292,25 @@ class WatchPodEventsRequest(_message.Message):
 
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
+    START_AT_HEAD_FIELD_NUMBER: _builtins.int
     after_cursor: _builtins.int
     """Resume after this cursor (exclusive). 0 starts from the oldest retained event."""
     snapshot: _builtins.bool
     """Start with a snapshot of every current pod, then continue live; after_cursor is ignored."""
+    start_at_head: _builtins.bool
+    """Start at the head, "from now": only events after the call are sent. Must not be combined
+    with a non-zero after_cursor or with snapshot.
+    """
     def __init__(
         self,
         *,
         after_cursor: _builtins.int = ...,
         snapshot: _builtins.bool = ...,
+        start_at_head: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "snapshot", b"snapshot", "start_at_head", b"start_at_head"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -53,9 +53,12 @@ class WatcherServiceServicer:
     """
 
     def WatchPodEvents(self, request, context):
-        """WatchPodEvents streams pod events after a cursor, or a snapshot of all current pods followed
-        by live events. Errors: OUT_OF_RANGE (the cursor is older than the retained events, or newer
-        than any event: re-sync with snapshot=true), UNAVAILABLE (not ready yet, or shutting down).
+        """WatchPodEvents streams pod events after a cursor, from the head (start_at_head), or a snapshot
+        of all current pods followed by live events. The response headers are sent at once. Errors:
+        INVALID_ARGUMENT (start_at_head with after_cursor or snapshot), OUT_OF_RANGE (the cursor is
+        older than the retained events, or newer than any event; the message names after_cursor and
+        the oldest cursor still available: re-sync with snapshot=true), UNAVAILABLE (not ready yet,
+        or shutting down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,9 +38,12 @@ class WatcherServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WatcherServiceAsyncStub: ...
     WatchPodEvents: _grpc.UnaryStreamMultiCallable[_watcher_service_pb2.WatchPodEventsRequest, _watcher_service_pb2.WatchPodEventsResponse]
-    """WatchPodEvents streams pod events after a cursor, or a snapshot of all current pods followed
-    by live events. Errors: OUT_OF_RANGE (the cursor is older than the retained events, or newer
-    than any event: re-sync with snapshot=true), UNAVAILABLE (not ready yet, or shutting down).
+    """WatchPodEvents streams pod events after a cursor, from the head (start_at_head), or a snapshot
+    of all current pods followed by live events. The response headers are sent at once. Errors:
+    INVALID_ARGUMENT (start_at_head with after_cursor or snapshot), OUT_OF_RANGE (the cursor is
+    older than the retained events, or newer than any event; the message names after_cursor and
+    the oldest cursor still available: re-sync with snapshot=true), UNAVAILABLE (not ready yet,
+    or shutting down).
     """
 
 @_typing.type_check_only
@@ -53,9 +56,12 @@ class WatcherServiceAsyncStub(WatcherServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     WatchPodEvents: _aio.UnaryStreamMultiCallable[_watcher_service_pb2.WatchPodEventsRequest, _watcher_service_pb2.WatchPodEventsResponse]  # type: ignore[assignment]
-    """WatchPodEvents streams pod events after a cursor, or a snapshot of all current pods followed
-    by live events. Errors: OUT_OF_RANGE (the cursor is older than the retained events, or newer
-    than any event: re-sync with snapshot=true), UNAVAILABLE (not ready yet, or shutting down).
+    """WatchPodEvents streams pod events after a cursor, from the head (start_at_head), or a snapshot
+    of all current pods followed by live events. The response headers are sent at once. Errors:
+    INVALID_ARGUMENT (start_at_head with after_cursor or snapshot), OUT_OF_RANGE (the cursor is
+    older than the retained events, or newer than any event; the message names after_cursor and
+    the oldest cursor still available: re-sync with snapshot=true), UNAVAILABLE (not ready yet,
+    or shutting down).
     """
 
 class WatcherServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -71,9 +77,12 @@ class WatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _watcher_service_pb2.WatchPodEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_watcher_service_pb2.WatchPodEventsResponse], _abc.AsyncIterator[_watcher_service_pb2.WatchPodEventsResponse]]:
-        """WatchPodEvents streams pod events after a cursor, or a snapshot of all current pods followed
-        by live events. Errors: OUT_OF_RANGE (the cursor is older than the retained events, or newer
-        than any event: re-sync with snapshot=true), UNAVAILABLE (not ready yet, or shutting down).
+        """WatchPodEvents streams pod events after a cursor, from the head (start_at_head), or a snapshot
+        of all current pods followed by live events. The response headers are sent at once. Errors:
+        INVALID_ARGUMENT (start_at_head with after_cursor or snapshot), OUT_OF_RANGE (the cursor is
+        older than the retained events, or newer than any event; the message names after_cursor and
+        the oldest cursor still available: re-sync with snapshot=true), UNAVAILABLE (not ready yet,
+        or shutting down).
         """
 
 def add_WatcherServiceServicer_to_server(servicer: WatcherServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -20,4 +21,18 @@ def eventually(
         if last:
             return last
         time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last value: {last!r})")
+
+
+async def eventually_async(
+    probe: Callable[[], Awaitable[T | None]], *, what: str, timeout: float = 60.0, interval: float = 0.2
+) -> T:
+    """eventually() for async tests: awaits `probe` and sleeps without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last value: {last!r})")

@@ -32,14 +32,27 @@ class SchedulerClient:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, stack: ServiceStack) -> AsyncIterator[SchedulerClient]:
-        async with stack.scheduler_stubs() as (launcher, reconciler):
-            client = cls(launcher, reconciler)
-            follower = asyncio.create_task(client._follow())
-            try:
-                yield client
-            finally:
-                follower.cancel()
-                await asyncio.gather(follower, return_exceptions=True)
+        async with (
+            stack.scheduler_stubs() as (launcher, reconciler),
+            cls.following(launcher, reconciler) as client,
+        ):
+            yield client
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def following(
+        cls,
+        launcher: launcher_service_pb2_grpc.LauncherServiceStub,
+        reconciler: reconciler_service_pb2_grpc.ReconcilerServiceStub,
+    ) -> AsyncIterator[SchedulerClient]:
+        """A client of these stubs (of services run anywhere) that follows every task state."""
+        client = cls(launcher, reconciler)
+        follower = asyncio.create_task(client._follow())
+        try:
+            yield client
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
 
     async def _follow(self) -> None:
         """Follow every transition; like a real scheduler, reconnect after the last cursor seen."""

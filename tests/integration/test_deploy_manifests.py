@@ -53,7 +53,9 @@ def test_every_manifest_is_accepted_by_the_api_server(cluster: ClusterInfo) -> N
 
 def test_kustomization_lists_every_manifest() -> None:
     listed = set(yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["resources"])
-    on_disk = {str(p.relative_to(DEPLOY)) for d in ("base", "rbac") for p in (DEPLOY / d).glob("*.yaml")}
+    on_disk = {
+        str(p.relative_to(DEPLOY)) for d in ("base", "rbac", "network") for p in (DEPLOY / d).glob("*.yaml")
+    }
     assert on_disk <= listed
 
 
@@ -72,7 +74,7 @@ def test_each_service_has_one_name_everywhere(name: str) -> None:
 
 
 def test_the_image_holds_what_the_deployments_run() -> None:
-    """The Dockerfile is not built here (no container engine), so its inputs are checked instead:
+    """Cheap checks of the Dockerfile without building it (test_in_cluster.py builds and runs it):
     everything it copies exists and passes .dockerignore, its entrypoint is the interpreter the
     Deployments' `-m services.<name>` args expect, and it runs as the manifests' user."""
     root = DEPLOY.parent

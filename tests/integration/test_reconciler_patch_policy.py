@@ -6,14 +6,8 @@ reconciler's own ServiceAccount token, dry-run and real."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import http.client
-import json
-import ssl
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -25,57 +19,12 @@ from shepherd import podmeta
 from shepherd.v1 import task_pb2
 from tests.helpers import task_key, unique_name
 from tests.helpers.cluster import spare_settings
+from tests.helpers.kube import RESTRICTED_CONTAINER, RESTRICTED_POD, Caller
 from tests.helpers.scheduler import SchedulerClient
 
 pytestmark = pytest.mark.integration
 VARIANTS = Path(__file__).resolve().parents[2] / "deploy" / "variants"
 POLICY_MESSAGE = "the reconciler may change only shepherd.dev/ labels on a pod"
-
-
-class Caller:
-    """PATCHes pods as the identity a kubeconfig holds (a bearer token or a client certificate)."""
-
-    def __init__(self, kubeconfig: str) -> None:
-        doc = yaml.safe_load(Path(kubeconfig).read_text())
-        cluster = doc["clusters"][0]["cluster"]
-        user = doc["users"][0]["user"]
-        server = cluster["server"].removeprefix("https://")
-        self.host, port = server.rsplit(":", 1)
-        self.port = int(port)
-        self.ctx = ssl.create_default_context(
-            cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
-        )
-        self.headers: dict[str, str] = {}
-        if "token" in user:
-            self.headers["Authorization"] = f"Bearer {user['token']}"
-        else:
-            self._keep = tempfile.TemporaryDirectory()
-            cert, key = Path(self._keep.name, "c.pem"), Path(self._keep.name, "k.pem")
-            cert.write_bytes(base64.b64decode(user["client-certificate-data"]))
-            key.write_bytes(base64.b64decode(user["client-key-data"]))
-            self.ctx.load_cert_chain(str(cert), str(key))
-
-    def request(self, method: str, path: str, body: Any = None, content_type: str = "") -> tuple[int, Any]:
-        conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=30)
-        try:
-            headers = {**self.headers, "Accept": "application/json"}
-            if content_type:
-                headers["Content-Type"] = content_type
-            conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
-            resp = conn.getresponse()
-            return resp.status, json.loads(resp.read() or b"null")
-        finally:
-            conn.close()
-
-    def patch_pod(self, namespace: str, name: str, patch: Any, *, dry_run: bool) -> tuple[int, Any]:
-        path = f"/api/v1/namespaces/{namespace}/pods/{name}" + ("?dryRun=All" if dry_run else "")
-        return self.request("PATCH", path, patch, "application/merge-patch+json")
-
-    def pod(self, namespace: str, name: str) -> dict[str, Any]:
-        status, body = self.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
-        assert status == 200, body
-        pod: dict[str, Any] = body
-        return pod
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +61,14 @@ def make_pod(spare: ClusterInfo, namespace: str) -> str:
             "spec": {
                 "serviceAccountName": "shepherd-worker",
                 "automountServiceAccountToken": False,
-                "containers": [{"name": podmeta.BASE_CONTAINER, "image": "registry.local/task:1"}],
+                "securityContext": RESTRICTED_POD,
+                "containers": [
+                    {
+                        "name": podmeta.BASE_CONTAINER,
+                        "image": "registry.local/task:1",
+                        "securityContext": RESTRICTED_CONTAINER,
+                    }
+                ],
             },
         },
         "application/json",
@@ -127,7 +83,18 @@ def pod(spare: ClusterInfo) -> str:
 
 
 REFUSED = {
-    "image": {"spec": {"containers": [{"name": podmeta.BASE_CONTAINER, "image": "evil.example/x:1"}]}},
+    # A merge patch replaces the whole list, so the container keeps its (required) security context.
+    "image": {
+        "spec": {
+            "containers": [
+                {
+                    "name": podmeta.BASE_CONTAINER,
+                    "image": "evil.example/x:1",
+                    "securityContext": RESTRICTED_CONTAINER,
+                }
+            ]
+        }
+    },
     "annotation": {"metadata": {"annotations": {podmeta.ANNOTATION_DAG_ID: "other"}}},
     "new annotation": {"metadata": {"annotations": {"note": "x"}}},
     "other label": {"metadata": {"labels": {"team": "b"}}},

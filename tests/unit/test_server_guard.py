@@ -98,6 +98,11 @@ async def test_mesh_mode_takes_the_caller_from_the_sidecars_header() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.GetLaunch(request, timeout=10)
             assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # Istio does not strip Linkerd's header, so a client could forge it: it is not read.
+            forged = (("l5d-client-id", "reconciler.shepherd.serviceaccount.identity.linkerd.cluster.local"),)
+            with pytest.raises(grpc.aio.AioRpcError) as ignored:
+                await stub.GetLaunch(request, metadata=forged, timeout=10)
+            assert ignored.value.code() == grpc.StatusCode.UNAUTHENTICATED
             scheduler = "spiffe://cluster.local/ns/schedulers/sa/airflow"
             assert (await stub.GetLaunch(request, metadata=xfcc(scheduler), timeout=10)).launch.attempt == 1
             relaunch = lpb.RelaunchTaskRequest(key=task_key(), from_attempt=1)
@@ -108,3 +113,37 @@ async def test_mesh_mode_takes_the_caller_from_the_sidecars_header() -> None:
                 denied.value.details()
                 == f"{scheduler} may not call /shepherd.v1.LauncherService/RelaunchTask"
             )
+
+
+async def test_mesh_mode_takes_a_linkerd_callers_identity_from_l5d_client_id() -> None:
+    """Linkerd's inbound proxy sets l5d-client-id from the peer certificate it verified (and
+    strips one a client sent); its DNS-like name maps to the same SPIFFE ID the policy uses."""
+    settings = ServiceSettings(host="127.0.0.1", port=0, client_auth=ClientAuth.LINKERD)
+    servicer = HeldLauncher()  # type: ignore[abstract]
+    servicer.release.set()
+
+    def l5d(account: str, namespace: str) -> tuple[tuple[str, str], ...]:
+        return (("l5d-client-id", f"{account}.{namespace}.serviceaccount.identity.linkerd.cluster.local"),)
+
+    async for server in serving(settings, servicer):
+        async with channels.aio_channel(f"127.0.0.1:{server.port}", channels.PLAINTEXT) as channel:
+            stub = lpb_grpc.LauncherServiceStub(channel)
+            request = lpb.GetLaunchRequest(key=task_key())
+            assert (
+                await stub.GetLaunch(request, metadata=l5d("airflow", "schedulers"), timeout=10)
+            ).launch.attempt == 1
+            relaunch = lpb.RelaunchTaskRequest(key=task_key(), from_attempt=1)
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await stub.RelaunchTask(relaunch, metadata=l5d("airflow", "schedulers"), timeout=10)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert (denied.value.details() or "").startswith(
+                "spiffe://cluster.local/ns/schedulers/sa/airflow "
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as odd:
+                await stub.GetLaunch(request, metadata=(("l5d-client-id", "not-an-identity"),), timeout=10)
+            assert odd.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # Linkerd does not strip Istio's header, so a client could forge it: it is not read.
+            forged = (("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/shepherd/sa/reconciler"),)
+            with pytest.raises(grpc.aio.AioRpcError) as ignored:
+                await stub.GetLaunch(request, metadata=forged, timeout=10)
+            assert ignored.value.code() == grpc.StatusCode.UNAUTHENTICATED

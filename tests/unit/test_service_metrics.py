@@ -1,0 +1,56 @@
+"""Pure pieces of the metrics: which label a retry gets, and how `shepherd status` turns a
+service's /metrics into the reason it is not ready."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from services.launcher.metrics import RetryCause, retry_cause
+from services.launcher.reconciler_client import ReconcilerUnavailable
+from shepherd.kube import ApiError
+from shepherd_cli import servicemetrics
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (ApiError(429, "TooManyRequests", "slow down"), RetryCause.THROTTLED),
+        (ApiError(409, "Conflict", "object modified"), RetryCause.CONFLICT),
+        (ApiError(503, "ServiceUnavailable", ""), RetryCause.SERVER_ERROR),
+        (ApiError(403, "Forbidden", "exceeded quota: pods"), RetryCause.QUOTA),
+        (ApiError(403, "Forbidden", "cannot create pods"), RetryCause.FORBIDDEN),
+        (aiohttp.ClientConnectionError("refused"), RetryCause.CONNECTION),
+        (TimeoutError(), RetryCause.CONNECTION),
+        (ReconcilerUnavailable("down"), RetryCause.RECONCILER_UNAVAILABLE),
+    ],
+)
+def test_each_retry_is_labelled_with_its_cause(error: BaseException, cause: RetryCause) -> None:
+    assert retry_cause(error) is cause
+
+
+RECONCILER_LOST_WATCHER = """
+# TYPE shepherd_health_condition_unmet gauge
+shepherd_health_condition_unmet{condition="started"} 0.0
+shepherd_health_condition_unmet{condition="upstream"} 1.0
+# TYPE shepherd_reconciler_upstream_connected gauge
+shepherd_reconciler_upstream_connected{upstream="launcher"} 1.0
+shepherd_reconciler_upstream_connected{upstream="watcher"} 0.0
+# TYPE shepherd_reconciler_upstream_down_seconds gauge
+shepherd_reconciler_upstream_down_seconds{upstream="launcher"} 0.0
+shepherd_reconciler_upstream_down_seconds{upstream="watcher"} 42.4
+# TYPE shepherd_reconciler_engine_queue_depth gauge
+shepherd_reconciler_engine_queue_depth 3.0
+# TYPE shepherd_reconciler_pod_actions_backlog gauge
+shepherd_reconciler_pod_actions_backlog 4.0
+"""
+
+
+def test_status_names_the_lost_upstream_and_for_how_long() -> None:
+    summary = servicemetrics.summary("reconciler", servicemetrics.parse(RECONCILER_LOST_WATCHER))
+    assert summary == {"why": ["lost its upstream streams (watcher for 42 s)"], "backlog": 7}
+
+
+def test_a_ready_service_has_no_reason() -> None:
+    text = '# TYPE shepherd_health_condition_unmet gauge\nshepherd_health_condition_unmet{condition="api"} 0'
+    assert servicemetrics.why(servicemetrics.parse(text)) == []
