@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from services.reconciler import metrics
+from services.reconciler.metrics import PostMortemOutcome, PostMortemRead
 from services.reconciler.postmortem import TailBuffer, recent_events
 from services.reconciler.store import PodActionRow, TaskStore
 from shepherd import podmeta
@@ -93,13 +95,16 @@ class PostMortems:
             )
         except (*_READ_ERRORS, StoreUnavailable) as err:
             self.stats.log_reads_failed += 1
+            metrics.post_mortems[(PostMortemRead.LOG_TAIL, PostMortemOutcome.FAILED)].inc()
             log.warning("could not keep the log tail of a finished pod", error=str(err) or type(err).__name__)
             return
         except Exception as err:  # best effort: nothing here may stop the clean-up
             self.stats.log_reads_failed += 1
+            metrics.post_mortems[(PostMortemRead.LOG_TAIL, PostMortemOutcome.FAILED)].inc()
             log.exception("keeping a log tail failed unexpectedly", error=str(err))
             return
         self.stats.logs_kept += 1
+        metrics.post_mortems[(PostMortemRead.LOG_TAIL, PostMortemOutcome.DONE)].inc()
 
     def read_events_later(self, row: PodActionRow) -> None:
         """Queue the read of a failed task's pod Events (after its action went through)."""
@@ -109,6 +114,7 @@ class PostMortems:
             self._events.put_nowait(row)
         except asyncio.QueueFull:
             self.stats.event_reads_dropped += 1
+            metrics.post_mortems[(PostMortemRead.EVENTS, PostMortemOutcome.DROPPED)].inc()
 
     async def _event_reader(self) -> None:
         while True:
@@ -117,6 +123,7 @@ class PostMortems:
                 await self._read_events(row)
             except Exception as err:  # one bad read must not stop the readers
                 self.stats.event_reads_failed += 1
+                metrics.post_mortems[(PostMortemRead.EVENTS, PostMortemOutcome.FAILED)].inc()
                 get_logger(component="post-mortem", pod=row.name).exception(
                     "reading a pod's events failed unexpectedly", error=str(err)
                 )
@@ -127,11 +134,13 @@ class PostMortems:
                 items = await self.kube.pod_events(row.namespace, row.pod_uid)
         except _READ_ERRORS as err:
             self.stats.event_reads_failed += 1
+            metrics.post_mortems[(PostMortemRead.EVENTS, PostMortemOutcome.FAILED)].inc()
             get_logger(component="post-mortem", pod=row.name, namespace=row.namespace).warning(
                 "could not read a failed pod's events", error=str(err) or type(err).__name__
             )
             return
         self.stats.events_read += 1
+        metrics.post_mortems[(PostMortemRead.EVENTS, PostMortemOutcome.DONE)].inc()
         events = recent_events(items, self.events_max)
         if events:
             await self.on_events(row.task_key, row.pod_uid, events)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.reconciler.actions import PodActions
 from services.reconciler.collector import PostMortems
@@ -228,6 +229,11 @@ async def test_a_log_read_that_hangs_delays_the_delete_only_up_to_its_bound(tmp_
     async def no_events(*_: Any) -> None:
         raise AssertionError("a failed read hands nothing to the engine")
 
+    def failed_reads() -> float:
+        labels = {"read": "log_tail", "outcome": "failed"}
+        return REGISTRY.get_sample_value("shepherd_reconciler_post_mortem_reads_total", labels) or 0.0
+
+    before = failed_reads()
     post = PostMortems(kube=kube, store=store, on_events=no_events, timeout_s=0.3, concurrency=1)
     actions = PodActions(kube=kube, store=store, concurrency=4, post_mortems=post)
     runner = asyncio.create_task(actions.run())
@@ -243,6 +249,7 @@ async def test_a_log_read_that_hangs_delays_the_delete_only_up_to_its_bound(tmp_
             assert time.monotonic() - started < 30, "the deletes waited on the log reads"
         assert sorted(kube.deleted) == ["p0", "p1", "p2"]  # one delete each, nothing kept
         assert post.stats.log_reads_failed == 3
+        assert failed_reads() - before == 3  # operators see them too
         assert post.stats.event_reads_failed == 3
         assert [store.kept_log(f"k{i}") for i in range(3)] == [None, None, None]
     finally:
