@@ -422,8 +422,9 @@ class Cluster:
 
     @property
     def audit_log(self) -> Path:
-        """JSON lines, one per completed pod create or delete request and per pod status write by
-        kwok (who, which pod, what answer, when to the microsecond)."""
+        """JSON lines, one per completed pod create or delete request, per pod status write by
+        kwok, and per log or Events read by the reconciler (who, which pod, what answer, when to
+        the microsecond)."""
         return self.settings.state_dir / "logs" / "audit.log"
 
     def _audit_policy(self) -> Path:
@@ -444,6 +445,14 @@ class Cluster:
                     "users": ["kwok-controller"],
                     "verbs": ["patch", "update"],
                     "resources": [{"group": "", "resources": ["pods/status"]}],
+                },
+                {
+                    # What the reconciler reads of finished pods (their log tails, a failed
+                    # pod's Events): tests check that pods on the fake nodes cost no log read.
+                    "level": "Metadata",
+                    "users": ["system:serviceaccount:shepherd:reconciler"],
+                    "verbs": ["get", "list"],
+                    "resources": [{"group": "", "resources": ["pods/log", "events"]}],
                 },
                 {"level": "None"},
             ],

@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from shepherd import podmeta, timestamps
 from shepherd.v1 import task_pb2, watcher_service_pb2
 
+MAX_CONTAINER_ID = 256  # the contract's bound (task.proto, ContainerStatus.container_id)
 _EVENT_TYPES = {
     "ADDED": watcher_service_pb2.POD_EVENT_TYPE_ADDED,
     "MODIFIED": watcher_service_pb2.POD_EVENT_TYPE_MODIFIED,
@@ -31,6 +32,7 @@ def container_status(raw: dict[str, Any], kind: task_pb2.ContainerKind.ValueType
         name=raw.get("name", ""),
         kind=kind,
         restart_count=int(raw.get("restartCount") or 0),
+        container_id=str(raw.get("containerID") or "")[:MAX_CONTAINER_ID],
     )
     if (waiting := state.get("waiting")) is not None:
         status.phase = task_pb2.CONTAINER_PHASE_WAITING

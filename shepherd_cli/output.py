@@ -148,6 +148,9 @@ def task_detail(task: task_pb2.Task) -> Table:
         if failure.HasField("container"):
             c = failure.container
             rows.append(("container", f"{c.name} {c.reason} exit={c.exit_code}".strip()))
+        for event in failure.events:  # the pod's recent Kubernetes Events, oldest first
+            count = f" x{event.count}" if event.count > 1 else ""
+            rows.append(("event", f"{event.type} {event.reason}{count} ({event.source}): {event.message}"))
     for name, value in rows:
         if value:
             table.add_row(name, value)

@@ -14,6 +14,9 @@ they are visible: a warning per action (its pod, how long it has been failing) a
 `report_interval_s`, a summary of the backlog as often, and the counts in `stats`. The marks
 that an action is done are what keep a restart from carrying it out again, so a mark the store
 cannot take is kept and written again.
+
+Around the action, collector.py reads what the pod leaves behind: the end of its log before (a
+bounded wait, once, not on retries) and, for a failed task, its Events after, off the workers.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from services.reconciler import metrics
+from services.reconciler.collector import PostMortems
 from services.reconciler.metrics import Action, ActionOutcome
 from services.reconciler.store import PodActionRow, TaskStore
 from shepherd import podmeta
@@ -63,6 +67,7 @@ class PodActions:
     concurrency: int = 256
     backoff_cap_s: float = 60.0
     report_interval_s: float = 60.0
+    post_mortems: PostMortems | None = None  # what to read of a finished pod around its action
     stats: ActionStats = field(default_factory=ActionStats)
     _queue: asyncio.Queue[PodActionRow] = field(default_factory=asyncio.Queue)
     _done: list[str] = field(default_factory=list)
@@ -100,6 +105,8 @@ class PodActions:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._record_done(), name="pod-actions-recorder")
                 group.create_task(self._report(), name="pod-actions-report")
+                if self.post_mortems is not None:
+                    group.create_task(self.post_mortems.run(), name="post-mortems")
                 for i in range(self.concurrency):
                     group.create_task(self._worker(), name=f"pod-actions-{i}")
         finally:
@@ -152,6 +159,9 @@ class PodActions:
                 self._again(row, err)
 
     async def _carry_out(self, row: PodActionRow) -> None:
+        if self.post_mortems is not None and row.keep_log and row.pod_uid not in self._failing:
+            # Bounded (collector.py): the log goes with the pod, so it is read first, once.
+            await self.post_mortems.keep_log(row)
         action = Action.DELETE if row.action == "delete" else Action.MARK_DONE
         outcome = ActionOutcome.DONE
         try:
@@ -184,6 +194,8 @@ class PodActions:
         self._pending.discard(row.pod_uid)
         self._done.append(row.pod_uid)
         self._flush.set()
+        if self.post_mortems is not None:
+            self.post_mortems.read_events_later(row)  # Events outlive the pod: read them after
 
     def _again(self, row: PodActionRow, err: BaseException) -> None:
         """Ask again later, off the workers: soon for a transient error, at the cap for a refusal."""

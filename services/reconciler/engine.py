@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.reconciler import metrics
+from services.reconciler.postmortem import ran_in_a_runtime
 from services.reconciler.statemachine import (
     TERMINAL,
     Decision,
@@ -132,7 +133,26 @@ class KnownLaunch:
     done: asyncio.Future[task_pb2.Task | None]
 
 
-Item = LaunchItem | PodItem | SnapshotStart | CancelItem | PendingExpired | RelaunchRefused | KnownLaunch
+@dataclass(frozen=True)
+class FailureEvents:
+    """The Kubernetes Events read about a failed task's pod once it was cleaned up: they go into
+    the task's failure details (no transition: the task stays FAILED)."""
+
+    key: str
+    pod_uid: str
+    events: list[task_pb2.KubernetesEvent]
+
+
+Item = (
+    LaunchItem
+    | PodItem
+    | SnapshotStart
+    | CancelItem
+    | PendingExpired
+    | RelaunchRefused
+    | KnownLaunch
+    | FailureEvents
+)
 Answered = CancelItem | KnownLaunch  # items whose caller waits for the commit and a reply
 
 
@@ -201,6 +221,9 @@ class Engine:
     def forget_watcher_position(self) -> None:
         """The watcher cannot resume our cursor (it restarted): the next connection asks for a snapshot."""
         self._last[SOURCE_WATCHER] = 0
+
+    async def failure_events(self, key: str, pod_uid: str, events: list[task_pb2.KubernetesEvent]) -> None:
+        await self._queue.put(FailureEvents(key, pod_uid, events))
 
     async def relaunch_refused(self, key: task_pb2.TaskKey, why: str) -> None:
         await self._queue.put(RelaunchRefused(key, why))
@@ -334,6 +357,8 @@ class Engine:
                 self._enact(key, tracked, decide_relaunch_refused(tracked.task.state, item.why), batch)
         elif isinstance(item, KnownLaunch):
             return self._apply_known_launch(item.launch, batch)
+        elif isinstance(item, FailureEvents):
+            self._attach_events(item, batch)
         else:
             return self._apply_cancel(item, batch)
         return None
@@ -539,7 +564,20 @@ class Engine:
         decision = decide(tracked.task.state, event, self.policy, acted_on_pod=acted)
         self._track_pending(key, tracked, event, deleted)
         self._disarm(_TASK_DEADLINE + key)  # its pod is in view: the pod's own deadline applies now
-        self._enact(key, tracked, decision, batch, pod)
+        self._enact(key, tracked, decision, batch, pod, keep_log=ran_in_a_runtime(event))
+
+    def _attach_events(self, item: FailureEvents, batch: Batch) -> None:
+        tracked = self._lookup(item.key)
+        if (
+            tracked is None
+            or tracked.task.state != task_pb2.TASK_STATE_FAILED
+            or tracked.pod_uid != item.pod_uid
+            or not item.events
+        ):
+            return  # relaunched, or a pod of another attempt: these events are not its failure's
+        del tracked.task.failure.events[:]
+        tracked.task.failure.events.extend(item.events)
+        self._save(item.key, tracked, batch)
 
     def _acted_on(self, pod_uid: str, batch: Batch) -> bool:
         """Whether this reconciler has deleted the pod or marked it done (a rare read: only for a
@@ -549,10 +587,20 @@ class Engine:
     # ---- applying decisions -------------------------------------------------------------------
 
     def _enact(
-        self, key: str, tracked: Tracked, decision: Decision, batch: Batch, pod: PodRef | None = None
+        self,
+        key: str,
+        tracked: Tracked,
+        decision: Decision,
+        batch: Batch,
+        pod: PodRef | None = None,
+        *,
+        keep_log: bool = False,
     ) -> None:
         """Apply one decision of the state machine: the transition if it moves the task forward,
-        a relaunch for a pod lost before it ran, and the pod action (recorded once per pod)."""
+        a relaunch for a pod lost before it ran, and the pod action (recorded once per pod). An
+        action that cleans up the pod of a task this decision finished also keeps its log tail
+        (`keep_log`: its `base` container ran in a runtime) and, for a failure, reads its Events."""
+        before = tracked.task.state
         if decision.lost_before_start and tracked.task.state not in TERMINAL:
             self._enact(
                 key,
@@ -573,7 +621,19 @@ class Engine:
         elif decision.state is not None and moves_forward(tracked.task.state, decision.state):
             self._transition(key, tracked, decision.state, batch, decision.failure)
         if decision.action is not PodAction.NONE and pod is not None:
-            batch.actions.append(PodActionRow(pod.uid, pod.namespace, pod.name, decision.action.value))
+            now = tracked.task.state
+            finished = now != before and now in (task_pb2.TASK_STATE_SUCCEEDED, task_pb2.TASK_STATE_FAILED)
+            batch.actions.append(
+                PodActionRow(
+                    pod.uid,
+                    pod.namespace,
+                    pod.name,
+                    decision.action.value,
+                    task_key=key if finished else "",
+                    keep_log=finished and keep_log,
+                    read_events=finished and now == task_pb2.TASK_STATE_FAILED,
+                )
+            )
 
     # ---- pending timeout ---------------------------------------------------------------------
 

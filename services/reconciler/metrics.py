@@ -52,6 +52,29 @@ _ACTIONS = Counter(
 actions = {(a, o): _ACTIONS.labels(a.value, o.value) for a in Action for o in ActionOutcome}
 
 
+class PostMortemRead(StrEnum):
+    """What the reconciler reads of a finished pod (collector.py)."""
+
+    LOG_TAIL = "log_tail"  # before its action, for a pod whose base container ran in a runtime
+    EVENTS = "events"  # after its action, for a failed task's pod
+
+
+class PostMortemOutcome(StrEnum):
+    DONE = "done"  # kept (the tail) or read (the events)
+    FAILED = "failed"  # failed or timed out: not retried, and the action went ahead
+    DROPPED = "dropped"  # not read: the bounded queue of event reads was full
+
+
+_POST_MORTEMS = Counter(
+    f"{_P}_post_mortem_reads_total",
+    "Reads of what a finished pod leaves behind, by read and outcome.",
+    ["read", "outcome"],
+)
+post_mortems = {
+    (r, o): _POST_MORTEMS.labels(r.value, o.value) for r in PostMortemRead for o in PostMortemOutcome
+}
+
+
 class Upstream(StrEnum):
     """The event streams the reconciler consumes."""
 

@@ -15,8 +15,10 @@ import grpc
 from services.reconciler import metrics as reconciler_metrics
 from services.reconciler.actions import PodActions
 from services.reconciler.adoption import Adopted, adopt
+from services.reconciler.collector import PostMortems
 from services.reconciler.engine import Engine, UnknownTask
 from services.reconciler.launcher_calls import LauncherCalls, LauncherUnavailable
+from services.reconciler.postmortem import last_lines
 from services.reconciler.settings import ReconcilerSettings
 from services.reconciler.statemachine import Policy
 from services.reconciler.store import TaskStore, decode_page_token, prune_finished
@@ -189,24 +191,34 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
                 )
         except InvalidField as err:
             await abort_invalid(context, err)
-        row = self._store.get(podmeta.key_string(request.key))
+        key = podmeta.key_string(request.key)
+        row = self._store.get(key)
         if row is None or not row[0].pod_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with a pod for this key")
         assert row is not None
-        task = row[0]
+        task, pod_uid = row
+        tail_lines = request.tail_lines or 100
         try:
             with metrics.subscribers[metrics.Stream.TASK_LOGS].track_inprogress():
                 async for chunk in self._kube.pod_log(
                     task.namespace,
                     task.pod_name,
                     container=podmeta.BASE_CONTAINER,
-                    tail_lines=request.tail_lines or 100,
+                    tail_lines=tail_lines,
                     follow=request.follow,
                 ):
                     yield pb.GetTaskLogsResponse(data=chunk)
         except ApiError as err:
+            kept = self._store.kept_log(key)
+            if kept is not None and kept[0] == pod_uid:
+                # The pod is gone (or its kubelet): the tail kept at its clean-up is all there is,
+                # and a follow ends with it, since the task has finished.
+                yield pb.GetTaskLogsResponse(data=last_lines(kept[1], tail_lines))
+                return
             if err.status == 404:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"pod {task.pod_name} is gone: {err.message}")
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"pod {task.pod_name} is gone, and no log tail was kept"
+                )
             # The API server proxies logs from the node's kubelet; without one (kwok nodes) or with
             # the pod not started, it answers with an error that says so.
             await context.abort(
@@ -236,6 +248,17 @@ async def serve(settings: ReconcilerSettings) -> None:
         batch_size=settings.batch_size,
         pending_timeout_s=settings.pending_timeout_s,
         launch_failure_retries=settings.launch_failure_retries,
+    )
+    actions.post_mortems = PostMortems(
+        kube=kube,
+        store=store,
+        on_events=engine.failure_events,
+        log_lines=settings.kept_log_lines,
+        log_bytes=settings.kept_log_bytes,
+        logs_kept_max=settings.kept_logs_max,
+        events_max=settings.failure_events_max,
+        timeout_s=settings.post_mortem_timeout_s,
+        concurrency=settings.post_mortem_concurrency,
     )
     actions.submit(store.pending_actions())
     launcher_channel = channels.aio_channel(settings.launcher_address)
@@ -325,7 +348,12 @@ async def serve(settings: ReconcilerSettings) -> None:
     await launcher_channel.close()
     await store.close()
     await kube.close()
-    log.info("stopped", engine=vars(engine.stats), actions=vars(actions.refresh_stats()))
+    log.info(
+        "stopped",
+        engine=vars(engine.stats),
+        actions=vars(actions.refresh_stats()),
+        post_mortems=vars(actions.post_mortems.stats),
+    )
     supervisor.raise_if_failed()
 
 

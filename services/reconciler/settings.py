@@ -88,6 +88,44 @@ class ReconcilerSettings(StoreSettings):
         "operator (e.g. RBAC) is asked again at this interval.",
     )
 
+    kept_log_lines: int = Field(
+        default=100,
+        ge=0,
+        le=10_000,
+        description="Lines of a finished task's `base` log kept before its pod is cleaned up, so "
+        "GetTaskLogs answers once the pod is gone; 0 keeps none. Only pods whose container ran in a "
+        "real runtime are read (never kwok's).",
+    )
+    kept_log_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="Bytes of a kept log tail at most (whole lines, the newest).",
+    )
+    kept_logs_max: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Kept log tails at most, in all; the oldest are dropped beyond it.",
+    )
+    failure_events_max: int = Field(
+        default=10,
+        ge=0,
+        le=100,
+        description="Most recent Kubernetes Events of a failed task's pod put in its failure "
+        "details; 0 reads none.",
+    )
+    post_mortem_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Longest a log-tail or Events read of a finished pod may take (waiting for a "
+        "slot included); a pod's clean-up waits for its log read at most this long.",
+    )
+    post_mortem_concurrency: int = Field(
+        default=8, ge=1, le=256, description="Log-tail and Events reads of finished pods in flight at most."
+    )
+
     @property
     def dead_executors(self) -> list[str]:
         return [e.strip() for e in self.adopt_executor_ids.split(",") if e.strip()]

@@ -50,6 +50,18 @@ CREATE TABLE IF NOT EXISTS pod_actions (
     done INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS pod_actions_pending ON pod_actions(done);
+CREATE TABLE IF NOT EXISTS post_mortems (
+    pod_uid TEXT PRIMARY KEY,      -- what to read of the pod before (log) and after (events) its action
+    task_key TEXT NOT NULL,
+    keep_log INTEGER NOT NULL,
+    read_events INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kept_logs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- newest last: the oldest beyond the bound are dropped
+    task_key TEXT NOT NULL UNIQUE,
+    pod_uid TEXT NOT NULL,
+    tail BLOB NOT NULL             -- the end of the pod's `base` log, bounded (postmortem.TailBuffer)
+);
 """
 
 
@@ -59,6 +71,11 @@ class PodActionRow:
     namespace: str
     name: str
     action: str
+    # What the clean-up reads of the pod (postmortem.py); stored beside the action, in its
+    # transaction, so a restart that carries out the action again reads it again too.
+    task_key: str = ""
+    keep_log: bool = False  # keep the tail of `base`'s log before the action
+    read_events: bool = False  # read the pod's Events into the failure details after it
 
 
 @dataclass
@@ -120,9 +137,22 @@ class TaskStore:
 
     def pending_actions(self) -> list[PodActionRow]:
         rows = self.db.reader.execute(
-            "SELECT pod_uid, namespace, name, action FROM pod_actions WHERE done = 0 ORDER BY rowid"
+            "SELECT a.pod_uid, a.namespace, a.name, a.action, "
+            "coalesce(p.task_key, ''), coalesce(p.keep_log, 0), coalesce(p.read_events, 0) "
+            "FROM pod_actions a LEFT JOIN post_mortems p ON p.pod_uid = a.pod_uid "
+            "WHERE a.done = 0 ORDER BY a.rowid"
         ).fetchall()
-        return [PodActionRow(*row) for row in rows]
+        return [
+            PodActionRow(uid, ns, name, action, key, bool(keep), bool(events))
+            for uid, ns, name, action, key, keep, events in rows
+        ]
+
+    def kept_log(self, key: str) -> tuple[str, bytes] | None:
+        """The log tail kept for the task (podmeta.key_string), with the uid of its pod."""
+        row = self.db.reader.execute(
+            "SELECT pod_uid, tail FROM kept_logs WHERE task_key = ?", (key,)
+        ).fetchone()
+        return (str(row[0]), bytes(row[1])) if row is not None else None
 
     def actions_done(self, uids: Sequence[str]) -> dict[str, bool]:
         """For the pods among `uids` that have an action recorded: whether it was carried out."""
@@ -186,6 +216,12 @@ class TaskStore:
                 )
                 if cur.rowcount == 1:
                     fresh.append(row)
+                    if row.keep_log or row.read_events:
+                        conn.execute(
+                            "INSERT OR IGNORE INTO post_mortems(pod_uid, task_key, keep_log, read_events) "
+                            "VALUES (?, ?, ?, ?)",
+                            (row.pod_uid, row.task_key, row.keep_log, row.read_events),
+                        )
             conn.executemany(
                 "INSERT INTO cursors(source, cursor) VALUES (?, ?) "
                 "ON CONFLICT(source) DO UPDATE SET cursor = excluded.cursor",
@@ -214,6 +250,19 @@ class TaskStore:
         reopened: PodActionRow | None = await self.db.write(write)
         return reopened
 
+    async def keep_log(self, key: str, pod_uid: str, tail: bytes, *, max_kept: int) -> None:
+        """Keep a finished task's log tail (replacing an earlier one of the task), and only the
+        newest `max_kept` tails in all."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM kept_logs WHERE task_key = ?", (key,))
+            cur = conn.execute(
+                "INSERT INTO kept_logs(task_key, pod_uid, tail) VALUES (?, ?, ?)", (key, pod_uid, tail)
+            )
+            conn.execute("DELETE FROM kept_logs WHERE seq <= ?", ((cur.lastrowid or 0) - max_kept,))
+
+        await self.db.write(write)
+
     async def finish_actions(self, uids: Sequence[str]) -> None:
         await self.db.write(
             lambda conn: conn.executemany(
@@ -226,7 +275,8 @@ def prune_finished(conn: sqlite3.Connection, pruned: list[tuple[int, bytes]]) ->
     """Writer thread, as transitions are pruned (shepherd.retention): a task goes with its terminal
     transition, so a snapshot (ListTasks) never lists a task whose history is gone from the log.
     A task is deleted only if it is still in that terminal state: never one that is not finished.
-    The actions done on a deleted task's pod go too (a deleted pod is never seen again)."""
+    The actions done on a deleted task's pod go too (a deleted pod is never seen again), and so
+    do what was read of it (its post-mortem row, its kept log tail)."""
     finished: list[tuple[str, int]] = []
     for _, blob in pruned:
         task = task_pb2.TaskStateChange.FromString(blob).task
@@ -237,9 +287,15 @@ def prune_finished(conn: sqlite3.Connection, pruned: list[tuple[int, bytes]]) ->
         row = conn.execute("DELETE FROM tasks WHERE key = ? AND state = ? RETURNING pod_uid", (key, state))
         for (uid,) in row.fetchall():
             deleted += 1
+            conn.execute("DELETE FROM kept_logs WHERE task_key = ?", (key,))
             if uid:
                 conn.execute(
                     "DELETE FROM pod_actions WHERE pod_uid = ? AND done = 1 AND action = 'delete'", (uid,)
+                )
+                conn.execute(
+                    "DELETE FROM post_mortems WHERE pod_uid = ? "
+                    "AND NOT EXISTS (SELECT 1 FROM pod_actions WHERE pod_uid = ?)",
+                    (uid, uid),
                 )
     return deleted
 

@@ -223,6 +223,15 @@ class KubeClient:
             raise
         return True
 
+    async def pod_events(self, namespace: str, pod_uid: str, *, limit: int = 500) -> list[dict[str, Any]]:
+        """The core/v1 Events about one pod (by UID, so never another pod's of the same name)."""
+        listed = await self.get_json(
+            f"/api/v1/namespaces/{quote(namespace, safe='')}/events",
+            {"fieldSelector": f"involvedObject.uid={pod_uid}", "limit": str(limit)},
+        )
+        items: list[dict[str, Any]] = listed.get("items") or []
+        return items
+
     async def pod_log(
         self, namespace: str, name: str, *, container: str, tail_lines: int, follow: bool
     ) -> AsyncIterator[bytes]:

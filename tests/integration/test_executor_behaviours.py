@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from controlplane import ClusterInfo
+from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
 from shepherd.errors import field_violation
@@ -18,6 +18,7 @@ from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import reconciler_service_pb2 as rpb
 from shepherd.v1 import task_pb2
 from tests.helpers import core_api, eventually, task_key, unique_name
+from tests.helpers.audit import RECONCILER, AuditLog
 from tests.helpers.cluster import unreachable_kubeconfig
 from tests.helpers.scheduler import SchedulerClient
 
@@ -229,3 +230,50 @@ async def test_the_safety_sweep_times_out_pending_pods_the_watch_never_reported(
         )
     finally:
         stack.stop_all()
+
+
+async def test_finished_pods_on_fake_nodes_cost_no_log_read_and_failures_get_their_events(
+    client: SchedulerClient, cluster: ClusterInfo
+) -> None:
+    audit = AuditLog.from_now(Cluster().audit_log)
+    ok = [task_key(task_id=unique_name(f"kwok-ok{i}")) for i in range(6)]
+    bad = [task_key(task_id=unique_name(f"kwok-bad{i}")) for i in range(3)]
+    await asyncio.gather(
+        *(client.launch(k, annotations={"sim.shepherd.dev/run-time": "200ms"}) for k in ok),
+        *(client.launch(k, annotations={"sim.shepherd.dev/outcome": "fail"}) for k in bad),
+    )
+    done = await asyncio.gather(*(client.final(k) for k in ok))
+    failed = await asyncio.gather(*(client.final(k) for k in bad))
+    assert {t.state for t in done} == {S.TASK_STATE_SUCCEEDED}
+    assert {t.state for t in failed} == {S.TASK_STATE_FAILED}
+    # Each succeeded pod deleted, once: a log tail would have been read before that delete.
+    ok_pods = {t.pod_name for t in done}
+    assert await audit.until_called("delete", ok_pods, user=RECONCILER) == dict.fromkeys(ok_pods, 1)
+
+    async def events_of(key: task_pb2.TaskKey) -> list[task_pb2.KubernetesEvent]:
+        # Read after the failed pod's clean-up; the scheduler's binding is one of them.
+        while not (got := (await client.reconciler.GetTask(rpb.GetTaskRequest(key=key))).task.failure.events):
+            await asyncio.sleep(0.2)
+        return list(got)
+
+    for events in await asyncio.wait_for(asyncio.gather(*(events_of(k) for k in bad)), timeout=60):
+        assert "Scheduled" in [e.reason for e in events]
+        assert {e.source for e in events if e.reason == "Scheduled"} == {"default-scheduler"}
+    # The succeeded tasks (not failures) have no events; and no pod of this test had its log read.
+    assert not any(t.failure.events for t in done)
+    pods = ok_pods | {t.pod_name for t in failed}
+    log_reads = [
+        e
+        for e in audit.entries()
+        if (e.get("objectRef") or {}).get("subresource") == "log"
+        and (e.get("objectRef") or {}).get("name") in pods
+    ]
+    assert log_reads == []
+    event_lists = [
+        e
+        for e in audit.entries()
+        if (e.get("objectRef") or {}).get("resource") == "events"
+        and (e.get("user") or {}).get("username") == RECONCILER
+        and e.get("stage") == "ResponseComplete"
+    ]
+    assert len(event_lists) >= len(bad)  # the audit policy records them: the witness above is real

@@ -236,3 +236,16 @@ def test_missing_connection_file_is_an_error_not_a_traceback(tmp_path: Path) -> 
     assert result.exit_code == 1
     assert "no connection file" in result.output
     assert "Traceback" not in result.output
+
+
+def test_task_detail_lists_the_failed_pods_events() -> None:
+    failure = task_pb2.FailureDetails(reason="FatalContainerState", message="cannot start")
+    failure.events.add(
+        type="Normal", reason="Scheduled", message="assigned", count=1, source="default-scheduler"
+    )
+    failure.events.add(type="Warning", reason="Failed", message="no such image", count=3, source="kubelet")
+    console = Console(record=True, width=200)
+    console.print(output.task_detail(_task("c", task_pb2.TASK_STATE_FAILED, failure=failure)))
+    text = console.export_text()
+    assert "Normal Scheduled (default-scheduler): assigned" in text
+    assert "Warning Failed x3 (kubelet): no such image" in text

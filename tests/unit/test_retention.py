@@ -186,3 +186,21 @@ def test_the_reconciler_does_not_learn_again_a_launch_whose_task_it_pruned() -> 
     assert not pruned_here(launch, now, 2 * DAY)
     launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED  # still waiting: never pruned
     assert not pruned_here(launch, now, DAY)
+
+
+async def test_a_pruned_task_takes_its_kept_log_tail_with_it(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "r.db", synchronous="OFF")
+    old, new = _task("old", S.TASK_STATE_SUCCEEDED), _task("new", S.TASK_STATE_SUCCEEDED)
+    await _commit(store, old)
+    cut = store.transitions.head()
+    await _commit(store, new)
+    for task in (old, new):
+        await store.keep_log(podmeta.key_string(task.key), "uid", b"tail\n", max_kept=10)
+    pruner = Pruner(
+        store.db, store.transitions, "change", Retention(DAY, store.transitions.head() - cut), prune_finished
+    )
+    await pruner.tick()
+    assert set(_stored(store)) == {"new"}
+    assert store.kept_log(podmeta.key_string(old.key)) is None
+    assert store.kept_log(podmeta.key_string(new.key)) == ("uid", b"tail\n")
+    await store.close()
