@@ -119,9 +119,14 @@ class ReconcilerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTaskLogs(self, request, context):
-        """GetTaskLogs sends the tail of the task's `base` container log, then follows it if asked.
-        Errors: INVALID_ARGUMENT (bad key or tail_lines), NOT_FOUND (unknown task or no pod),
-        FAILED_PRECONDITION (no kubelet serves the log, e.g. on kwok nodes).
+        """GetTaskLogs sends the tail of the task's `base` container log, then follows it if asked
+        (the stream ends when the container does). Once the task's pod is gone (finished pods are
+        deleted by default), it sends the tail the reconciler kept when it cleaned the pod up: at most
+        its `kept_log_lines` (100 by default) and `kept_log_bytes` (16 KiB by default), of the newest
+        `kept_logs_max` finished tasks whose container ran on a real kubelet; a follow then ends after
+        that tail. Errors: INVALID_ARGUMENT (bad key or tail_lines), NOT_FOUND (unknown task, no pod,
+        or its pod is gone with no tail kept), FAILED_PRECONDITION (no kubelet serves the log, e.g. on
+        kwok nodes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -62,9 +62,14 @@ class ReconcilerServiceStub:
     executors are never touched. Errors: INVALID_ARGUMENT (empty list, or this executor's own id).
     """
     GetTaskLogs: _grpc.UnaryStreamMultiCallable[_reconciler_service_pb2.GetTaskLogsRequest, _reconciler_service_pb2.GetTaskLogsResponse]
-    """GetTaskLogs sends the tail of the task's `base` container log, then follows it if asked.
-    Errors: INVALID_ARGUMENT (bad key or tail_lines), NOT_FOUND (unknown task or no pod),
-    FAILED_PRECONDITION (no kubelet serves the log, e.g. on kwok nodes).
+    """GetTaskLogs sends the tail of the task's `base` container log, then follows it if asked
+    (the stream ends when the container does). Once the task's pod is gone (finished pods are
+    deleted by default), it sends the tail the reconciler kept when it cleaned the pod up: at most
+    its `kept_log_lines` (100 by default) and `kept_log_bytes` (16 KiB by default), of the newest
+    `kept_logs_max` finished tasks whose container ran on a real kubelet; a follow then ends after
+    that tail. Errors: INVALID_ARGUMENT (bad key or tail_lines), NOT_FOUND (unknown task, no pod,
+    or its pod is gone with no tail kept), FAILED_PRECONDITION (no kubelet serves the log, e.g. on
+    kwok nodes).
     """
 
 @_typing.type_check_only
@@ -99,9 +104,14 @@ class ReconcilerServiceAsyncStub(ReconcilerServiceStub):
     executors are never touched. Errors: INVALID_ARGUMENT (empty list, or this executor's own id).
     """
     GetTaskLogs: _aio.UnaryStreamMultiCallable[_reconciler_service_pb2.GetTaskLogsRequest, _reconciler_service_pb2.GetTaskLogsResponse]  # type: ignore[assignment]
-    """GetTaskLogs sends the tail of the task's `base` container log, then follows it if asked.
-    Errors: INVALID_ARGUMENT (bad key or tail_lines), NOT_FOUND (unknown task or no pod),
-    FAILED_PRECONDITION (no kubelet serves the log, e.g. on kwok nodes).
+    """GetTaskLogs sends the tail of the task's `base` container log, then follows it if asked
+    (the stream ends when the container does). Once the task's pod is gone (finished pods are
+    deleted by default), it sends the tail the reconciler kept when it cleaned the pod up: at most
+    its `kept_log_lines` (100 by default) and `kept_log_bytes` (16 KiB by default), of the newest
+    `kept_logs_max` finished tasks whose container ran on a real kubelet; a follow then ends after
+    that tail. Errors: INVALID_ARGUMENT (bad key or tail_lines), NOT_FOUND (unknown task, no pod,
+    or its pod is gone with no tail kept), FAILED_PRECONDITION (no kubelet serves the log, e.g. on
+    kwok nodes).
     """
 
 class ReconcilerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -169,9 +179,14 @@ class ReconcilerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _reconciler_service_pb2.GetTaskLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_reconciler_service_pb2.GetTaskLogsResponse], _abc.AsyncIterator[_reconciler_service_pb2.GetTaskLogsResponse]]:
-        """GetTaskLogs sends the tail of the task's `base` container log, then follows it if asked.
-        Errors: INVALID_ARGUMENT (bad key or tail_lines), NOT_FOUND (unknown task or no pod),
-        FAILED_PRECONDITION (no kubelet serves the log, e.g. on kwok nodes).
+        """GetTaskLogs sends the tail of the task's `base` container log, then follows it if asked
+        (the stream ends when the container does). Once the task's pod is gone (finished pods are
+        deleted by default), it sends the tail the reconciler kept when it cleaned the pod up: at most
+        its `kept_log_lines` (100 by default) and `kept_log_bytes` (16 KiB by default), of the newest
+        `kept_logs_max` finished tasks whose container ran on a real kubelet; a follow then ends after
+        that tail. Errors: INVALID_ARGUMENT (bad key or tail_lines), NOT_FOUND (unknown task, no pod,
+        or its pod is gone with no tail kept), FAILED_PRECONDITION (no kubelet serves the log, e.g. on
+        kwok nodes).
         """
 
 def add_ReconcilerServiceServicer_to_server(servicer: ReconcilerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

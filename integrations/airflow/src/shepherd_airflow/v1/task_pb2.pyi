@@ -5,9 +5,11 @@ Messages shared by the three Shepherd services: how a task is named, which state
 through, and what a failure looks like.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -175,6 +177,7 @@ class ContainerStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     RESTART_COUNT_FIELD_NUMBER: _builtins.int
+    CONTAINER_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Container name, e.g. "base"."""
     kind: Global___ContainerKind.ValueType
@@ -189,6 +192,12 @@ class ContainerStatus(_message.Message):
     """Exit code; meaningful only when `phase` is CONTAINER_PHASE_TERMINATED."""
     restart_count: _builtins.int
     """How often the container restarted."""
+    container_id: _builtins.str
+    """The container runtime's id of the container, e.g. "containerd://<64 hex digits>", as the
+    kubelet reports it; at most 256 characters (a longer one is cut). Empty until a runtime has
+    created the container, and always on simulated (kwok) nodes: only a container with an id has a
+    log a kubelet can serve.
+    """
     def __init__(
         self,
         *,
@@ -199,14 +208,63 @@ class ContainerStatus(_message.Message):
         message: _builtins.str = ...,
         exit_code: _builtins.int = ...,
         restart_count: _builtins.int = ...,
+        container_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "kind", b"kind", "message", b"message", "name", b"name", "phase", b"phase", "reason", b"reason", "restart_count", b"restart_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "exit_code", b"exit_code", "kind", b"kind", "message", b"message", "name", b"name", "phase", b"phase", "reason", b"reason", "restart_count", b"restart_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ContainerStatus: _TypeAlias = ContainerStatus  # noqa: Y015
+
+@_typing.final
+class KubernetesEvent(_message.Message):
+    """KubernetesEvent is one core/v1 Event about a task's pod, as the scheduler or the kubelet
+    recorded it: a scheduling failure, an image pull error, an OOM kill, an eviction.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    LAST_TIME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """"Normal" or "Warning"; at most 64 characters."""
+    reason: _builtins.str
+    """Machine-readable reason, e.g. "FailedScheduling", "Failed", "BackOff", "Evicted"; at most
+    128 characters.
+    """
+    message: _builtins.str
+    """Human-readable message; at most 1024 characters (a longer one is cut, ending with "...")."""
+    count: _builtins.int
+    """How many times it happened (the Event's count or series count); at least 1."""
+    source: _builtins.str
+    """The component that reported it, e.g. "kubelet" or "default-scheduler"; at most 128 characters."""
+    @_builtins.property
+    def last_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last happened."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        count: _builtins.int = ...,
+        last_time: _timestamp_pb2.Timestamp | None = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_time", b"last_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "last_time", b"last_time", "message", b"message", "reason", b"reason", "source", b"source", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KubernetesEvent: _TypeAlias = KubernetesEvent  # noqa: Y015
 
 @_typing.final
 class FailureDetails(_message.Message):
@@ -223,6 +281,7 @@ class FailureDetails(_message.Message):
     POD_MESSAGE_FIELD_NUMBER: _builtins.int
     CONTAINER_FIELD_NUMBER: _builtins.int
     API_STATUS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Shepherd's machine-readable cause, e.g. "PodFailed", "FatalContainerState", "PendingTimeout",
     "LaunchRejected", "QueuedTimeout", "DeletedWhileRunning", "PodLostBeforeStart".
@@ -241,6 +300,15 @@ class FailureDetails(_message.Message):
     def container(self) -> Global___ContainerStatus:
         """The container that failed, if one did."""
 
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___KubernetesEvent]:
+        """The most recent Kubernetes Events about the failed task's pod, oldest first: at most the
+        reconciler's `failure_events_max` (10 by default, at most 100). Read from the API once the
+        reconciler has cleaned up the pod (deleted it or marked it done), so the FAILED transition in
+        WatchTaskStates, sent before, has none; GetTask and ListTasks show them a moment later. Empty
+        for failures without a pod (launch errors), and when the read failed or timed out.
+        """
+
     def __init__(
         self,
         *,
@@ -251,10 +319,11 @@ class FailureDetails(_message.Message):
         pod_message: _builtins.str = ...,
         container: Global___ContainerStatus | None = ...,
         api_status: _builtins.int = ...,
+        events: _abc.Iterable[Global___KubernetesEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_status", b"api_status", "container", b"container", "message", b"message", "pod_message", b"pod_message", "pod_phase", b"pod_phase", "pod_reason", b"pod_reason", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_status", b"api_status", "container", b"container", "events", b"events", "message", b"message", "pod_message", b"pod_message", "pod_phase", b"pod_phase", "pod_reason", b"pod_reason", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
