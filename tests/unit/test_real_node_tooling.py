@@ -79,7 +79,7 @@ def test_without_root_the_reason_says_why_and_what_would_fix_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    reason = realnode.unavailable_reason(ClusterSettings(state_dir=tmp_path)) or ""
+    reason = realnode.unavailable_reason(ClusterSettings(state_dir=tmp_path, real_node=True)) or ""
     assert "needs root" in reason
     assert "SHEPHERD_CLUSTER_REAL_NODE=false" in reason
 
