@@ -454,6 +454,14 @@ class Cluster:
                     "verbs": ["get", "list"],
                     "resources": [{"group": "", "resources": ["pods/log", "events"]}],
                 },
+                {
+                    # Which identity lists, watches and patches pods: the in-cluster test checks
+                    # that each service calls as its own ServiceAccount, from its own pod.
+                    "level": "Metadata",
+                    "userGroups": ["system:serviceaccounts"],
+                    "verbs": ["list", "watch", "patch"],
+                    "resources": [{"group": "", "resources": ["pods"]}],
+                },
                 {"level": "None"},
             ],
         }

@@ -180,6 +180,22 @@ async def test_launch_success_and_failure_through_the_pods(
     reconciler = f"system:serviceaccount:{deployment.namespace}:reconciler"
     assert await audit.until_called("create", names, user=launcher) == {n: 1 for n in names}
     assert await audit.until_called("delete", {done.pod_name}, user=reconciler) == {done.pod_name: 1}
+    # The failed task's pod is kept, marked done by the reconciler's patch.
+    assert await audit.until_called("patch", {failed.pod_name}, user=reconciler) == {failed.pod_name: 1}
+    # The watcher lists and watches the workers' pods as its own ServiceAccount, from its pod
+    # (it started before this test, so the whole log is read, for this deployment's namespace).
+    watcher = f"system:serviceaccount:{deployment.namespace}:watcher"
+    watches = [
+        entry
+        for entry in AuditLog(deployment.cluster.audit_log).entries()
+        if entry["user"]["username"] == watcher
+        and entry.get("verb") in ("list", "watch")
+        and (entry.get("objectRef") or {}).get("namespace") == deployment.workers
+    ]
+    assert {entry["verb"] for entry in watches} == {"list", "watch"}
+    assert {entry["user"]["extra"]["authentication.kubernetes.io/pod-name"][0] for entry in watches} == {
+        pods["watcher"]["metadata"]["name"]
+    }
     # Nobody else created them; the calls came from the services' pods (after the reconciler's
     # graceful delete, the node that ran the pod removes it: that delete is not the reconciler's).
     for entry in audit.entries():
