@@ -14,7 +14,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shepherd/ shepherd/
 COPY services/ services/
-RUN python -m venv /opt/shepherd && /opt/shepherd/bin/pip install --no-cache-dir .
+RUN python -m venv /opt/shepherd && /opt/shepherd/bin/pip install --no-cache-dir '.[otlp]'
 
 FROM ${BASE}
 COPY --from=build /opt/shepherd /opt/shepherd

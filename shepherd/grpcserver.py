@@ -31,7 +31,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from shepherd import authz, channels, failpoints, metrics, security
+from shepherd import authz, channels, failpoints, metrics, security, tracing
 from shepherd.authn import Authenticator, CertificateAuthenticator, MeshAuthenticator, TokenAuthenticator
 from shepherd.interceptors import Guard, RequestContextInterceptor
 from shepherd.limits import LaunchRate, StreamSlots
@@ -83,6 +83,8 @@ def run(main: Coroutine[Any, Any, None], settings: ServiceSettings) -> None:
     except StoreUnavailable as err:  # at start: the store cannot be opened, or cannot write
         get_logger().error(f"cannot start: {err}", store=err.path)
         sys.exit(1)
+    finally:
+        tracing.shutdown()  # export the spans still buffered
 
 
 class Readiness(enum.Enum):

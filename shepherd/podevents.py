@@ -86,6 +86,9 @@ def pod_event(
         event.task_key.CopyFrom(key)
         attempt = annotations.get(podmeta.ANNOTATION_LAUNCH_ATTEMPT, "")
         event.launch_attempt = int(attempt) if attempt.isdigit() else 0
+        traceparent = annotations.get(podmeta.ANNOTATION_TRACEPARENT)
+        if traceparent and len(traceparent) <= podmeta.MAX_TRACEPARENT:  # no hand-edited giant in every event
+            event.traceparent = traceparent
     if (created := _timestamp(meta.get("creationTimestamp"))) is not None:
         event.creation_time.CopyFrom(created)
     if (deleted := _timestamp(meta.get("deletionTimestamp"))) is not None:

@@ -32,6 +32,10 @@ ANNOTATION_RUN_ID = PREFIX + "run-id"
 ANNOTATION_TRY_NUMBER = PREFIX + "try-number"
 ANNOTATION_MAP_INDEX = PREFIX + "map-index"
 ANNOTATION_LAUNCH_ATTEMPT = PREFIX + "launch-attempt"
+# The W3C trace context of the pod's launch, when it was traced (shepherd/tracing.py): the watcher
+# hands it on in each PodEvent, so the whole task is one trace.
+ANNOTATION_TRACEPARENT = PREFIX + "traceparent"
+MAX_TRACEPARENT = 128  # a version-00 traceparent has 55 characters; later versions may add some
 
 # The container that runs the task. Its exit decides the task's outcome, whatever other containers
 # (sidecars: a mesh proxy, a log shipper) keep doing.

@@ -22,6 +22,7 @@ from typing import Literal, Self, TypeVar
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shepherd import tracing
 from shepherd.eventlog import MESSAGE_INTERVAL_S
 
 S = TypeVar("S", bound="ServiceSettings")
@@ -172,6 +173,31 @@ class ServiceSettings(BaseSettings):
         description="Serve Prometheus metrics (GET /metrics) in plaintext on this port, on `host`; 0: none. "
         "Names start with shepherd_ (README.md, Metrics).",
     )
+    # ---- tracing (shepherd.tracing; README.md, Tracing) -------------------------------------------
+    otlp_endpoint: str = Field(
+        default="",
+        description="Trace with OpenTelemetry and export the spans by OTLP/gRPC to this collector: "
+        "'http://host:4317' (plaintext) or 'https://host:4317' (TLS; the standard "
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE and _HEADERS variables apply). Needs the `otlp` extra. "
+        "Empty, and no trace_file: no tracing at all. Turn it on in all three services.",
+    )
+    trace_sample_ratio: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Fraction of launches traced, chosen by trace id so the three services agree; a "
+        "LaunchTask whose caller sent a traceparent follows the caller's sampling decision instead.",
+    )
+    trace_service_name: str = Field(
+        default="",
+        max_length=255,
+        description="The spans' service.name; empty: shepherd-<service> (shepherd-launcher, ...).",
+    )
+    trace_file: Path | None = Field(
+        default=None,
+        description="Also write each span, as it ends, as one JSON line to this file (tests and "
+        "debugging: written synchronously, not for production traffic).",
+    )
     # ---- bounded resources ---------------------------------------------------------------------
     max_receive_message_bytes: int = Field(
         default=4 * 1024 * 1024,
@@ -211,6 +237,11 @@ class ServiceSettings(BaseSettings):
         # Plaintext on a host that is not loopback is refused when the server starts
         # (shepherd.security.transport), so settings used for anything else need no certificates.
         return self
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint_is_usable(cls, value: str) -> str:
+        return tracing.check_endpoint(value)
 
     @field_validator("executor_id")
     @classmethod

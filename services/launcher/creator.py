@@ -26,13 +26,14 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import aiohttp
+from opentelemetry.trace import Span
 
 from services.launcher import metrics
 from services.launcher.metrics import CreateOutcome
 from services.launcher.reconciler_client import ReconcilerUnavailable
 from services.launcher.replay import Replay, decide
 from services.launcher.store import LaunchStore, stamp_cancelled, stamp_created, stamp_failed
-from shepherd import failpoints, podmeta
+from shepherd import failpoints, podmeta, tracing
 from shepherd.kube import ApiError, KubeClient, is_transient
 from shepherd.kube.client import sleep_backoff
 from shepherd.kube.errors import Retries
@@ -144,17 +145,21 @@ class PodCreator:
             failpoints.hit("creator.worker")
             self._inflight.add(name)
             try:
-                await self._create(launch, pod, name)
+                with tracing.span(tracing.SpanName.POD_CREATE, launch.traceparent) as span:
+                    await self._create(launch, pod, name, span)
             except Exception as err:  # a worker must survive anything one launch throws at it
                 self._log.exception("unexpected error creating pod", error=str(err))
             finally:
                 self._inflight.discard(name)
                 self._forget(name, launch)
 
-    async def _create(self, launch: Launch, pod: dict[str, Any], name: str) -> None:
+    async def _create(self, launch: Launch, pod: dict[str, Any], name: str, span: Span) -> None:
+        """Create the pod, retrying. `span` (the task's, or a non-recording one) is told the outcome
+        (none: the launch was cancelled or relaunched meanwhile) and the retries."""
         log = self._log.bind(pod=launch.pod_name, namespace=launch.namespace, task_key=podmeta.log_key(name))
         retries = Retries(deadline=self._deadline(launch))
         while True:
+            span.set_attribute(tracing.Attr.RETRIES, retries.attempt)
             if self._wanted.get(name) != launch.attempt:
                 return  # cancelled (or relaunched) while it was being retried
             if (wait := self._resume_at - time.monotonic()) > 0:
@@ -168,17 +173,24 @@ class PodCreator:
                 if isinstance(err, ApiError) and err.already_exists:
                     self.stats.already_existed += 1
                     metrics.creates[CreateOutcome.ALREADY_EXISTED].inc()
+                    span.set_attribute(tracing.Attr.OUTCOME, CreateOutcome.ALREADY_EXISTED)
                     self._settle(stamp_created(launch))
                     log.info("pod already existed: launch is settled")
                     return
                 if await self._retry(retries, err, log, "creating pod"):
                     continue
                 self._fail(launch, err, retries, log)
+                span.set_attribute(
+                    tracing.Attr.OUTCOME,
+                    CreateOutcome.QUEUED_TIMEOUT if retries.timed_out else CreateOutcome.REJECTED,
+                )
+                tracing.fail(span, str(err))
                 return
             metrics.CREATE_SECONDS.observe(time.monotonic() - started)
             self._observe(None)
             self.stats.created += 1
             metrics.creates[CreateOutcome.CREATED].inc()
+            span.set_attribute(tracing.Attr.OUTCOME, CreateOutcome.CREATED)
             self._settle(stamp_created(launch))
             return
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import orjson
 from google.rpc import code_pb2
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span
 
 from services.launcher import metrics as launcher_metrics
 from services.launcher.admission import Admission, PolicyDenied
@@ -25,7 +28,7 @@ from services.launcher.reconciler_client import ReconcilerClient
 from services.launcher.settings import LauncherSettings
 from services.launcher.store import Accepted, LaunchStore, stamp_cancelled
 from services.launcher.templates import TemplateCatalog, UnknownTemplate
-from shepherd import channels, logstream, metrics, podmeta
+from shepherd import channels, logstream, metrics, podmeta, tracing
 from shepherd.errors import MAX_FIELD_LEN, MAX_PROBLEM_LEN, abort_fields, abort_invalid, abort_unavailable
 from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import KubeClient, load_connection
@@ -69,8 +72,9 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
     # ---- RPCs ---------------------------------------------------------------------------------
 
     async def LaunchTask(self, request: pb.LaunchTaskRequest, context: Context) -> pb.LaunchTaskResponse:
+        call = CallTrace.of(context) if tracing.enabled else None
         try:
-            (outcome,) = await self._launch([request], [""])
+            (outcome,) = await self._launch([request], [""], call)
         except StoreUnavailable as err:
             launcher_metrics.launches[LaunchOutcome.STORE_UNAVAILABLE].inc()
             await abort_unavailable(context, str(err))
@@ -92,8 +96,9 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
             await abort_invalid(context, InvalidField("requests", f"must hold 1 to {MAX_BATCH} launches"))
 
         prefixes = [f"requests[{i}]." for i in range(len(request.requests))]
+        call = CallTrace.of(context) if tracing.enabled else None
         try:
-            outcomes = await self._launch(request.requests, prefixes)
+            outcomes = await self._launch(request.requests, prefixes, call)
         except StoreUnavailable as err:  # the batch is stored in one transaction: none of it was
             launcher_metrics.launches[LaunchOutcome.STORE_UNAVAILABLE].inc(len(request.requests))
             await abort_unavailable(context, str(err))
@@ -200,10 +205,11 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         return launch
 
     async def _launch(
-        self, requests: Sequence[pb.LaunchTaskRequest], prefixes: Sequence[str]
+        self, requests: Sequence[pb.LaunchTaskRequest], prefixes: Sequence[str], call: CallTrace | None
     ) -> list[Outcome]:
         """Launch each request (its errors naming fields under its prefix): one query for the keys
-        already launched, and one transaction for the new ones, however many there are."""
+        already launched, and one transaction for the new ones, however many there are. With
+        `call` (tracing is on), each request gets a launch span."""
         outcomes: list[Outcome | None] = [None] * len(requests)
         keys: dict[int, str] = {}
         for i, request in enumerate(requests):
@@ -240,12 +246,13 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
                 f"the launch queue is full ({self._settings.queue_limit} launches waiting); retry later"
             )
         new = new[:room]
+        spans = [call.start(launch, pod) for _, launch, pod in new] if call is not None else []
         if new:
             # Shielded: if the call is cancelled (a client deadline) while its launches are being
             # stored, they still reach the creator. Nothing else would send them: a retry finds
             # them stored and answers already_existed.
             accepting = asyncio.get_running_loop().create_task(
-                self._accept([(launch, pod) for _, launch, pod in new]), name="accept"
+                self._accept([(launch, pod) for _, launch, pod in new], spans), name="accept"
             )
             self._accepting.add(accepting)
             accepting.add_done_callback(self._accepted)
@@ -257,6 +264,11 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         assert all(outcome is not None for outcome in outcomes)
         for outcome in outcomes:
             launcher_metrics.launches[_outcome_label(outcome)].inc()  # type: ignore[arg-type]
+        if call is not None:
+            stored = {i for i, _, _ in new}  # their spans were ended when they were stored
+            for i, outcome in enumerate(outcomes):
+                if i not in stored:  # a repeat or a refusal: its span is only the call's
+                    call.record(outcome)  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]  # every slot is filled above
 
     def _accepted(self, task: asyncio.Future[list[Accepted]]) -> None:
@@ -267,9 +279,20 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         if not task.cancelled():
             task.exception()
 
-    async def _accept(self, items: list[tuple[pb.Launch, dict[str, Any]]]) -> list[Accepted]:
-        """Store the launches, then hand the new ones to the pod creator."""
-        accepted = await self._store.accept(items)
+    async def _accept(
+        self, items: list[tuple[pb.Launch, dict[str, Any]]], spans: list[Span]
+    ) -> list[Accepted]:
+        """Store the launches, then hand the new ones to the pod creator; end their spans."""
+        try:
+            accepted = await self._store.accept(items)
+        except BaseException as err:
+            for span in spans:
+                tracing.fail(span, str(err))
+                span.end()
+            raise
+        for result, span in zip(accepted, spans, strict=False):  # no spans: not traced
+            span.set_attribute(tracing.Attr.ALREADY_EXISTED, result.already_existed)
+            span.end()
         for result in accepted:
             if not result.already_existed:
                 self._creator.submit(result.launch, result.pod)
@@ -286,6 +309,47 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
 
 
 Outcome = pb.LaunchTaskResponse | InvalidField | UnknownTemplate | QueueFull
+
+
+@dataclass(frozen=True)
+class CallTrace:
+    """A launch call while tracing is on: when it came in, and the caller's span from its metadata
+    (W3C traceparent), which becomes the parent of each launch's span."""
+
+    start_ns: int
+    parent: otel_context.Context | None
+
+    @classmethod
+    def of(cls, context: Context) -> CallTrace:
+        return cls(time.time_ns(), tracing.remote_parent(context.invocation_metadata()))
+
+    def start(self, launch: pb.Launch, pod: dict[str, Any]) -> Span:
+        """The span of a launch about to be stored. A sampled one's context goes with the launch
+        (stored, streamed to the reconciler) and on its pod (for the watcher): the task's trace."""
+        span = tracing.start_launch(self.parent, self.start_ns, _span_attributes(launch))
+        if traceparent := tracing.traceparent(span):
+            launch.traceparent = traceparent
+            pod["metadata"]["annotations"][podmeta.ANNOTATION_TRACEPARENT] = traceparent
+        return span
+
+    def record(self, outcome: Outcome) -> None:
+        """The span of a launch that stored nothing: a repeat of a stored one, or a refusal."""
+        attributes = _span_attributes(outcome.launch) if isinstance(outcome, pb.LaunchTaskResponse) else {}
+        span = tracing.start_launch(self.parent, self.start_ns, attributes)
+        if isinstance(outcome, pb.LaunchTaskResponse):
+            span.set_attribute(tracing.Attr.ALREADY_EXISTED, outcome.already_existed)
+        else:
+            tracing.fail(span, f"{_outcome_label(outcome)}: {outcome}")
+        span.end()
+
+
+def _span_attributes(launch: pb.Launch) -> dict[str, Any]:
+    return {
+        tracing.Attr.TASK_KEY: podmeta.log_key(launch.key),
+        tracing.Attr.NAMESPACE: launch.namespace,
+        tracing.Attr.POD: launch.pod_name,
+        tracing.Attr.ATTEMPT: launch.attempt,
+    }
 
 
 def _outcome_label(outcome: Outcome) -> LaunchOutcome:
@@ -386,4 +450,5 @@ async def serve(settings: LauncherSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = LauncherSettings.load(argv)
     configure("launcher", settings.log_level, json=settings.log_json)
+    tracing.configure(settings, "launcher")
     run(serve(settings), settings)

@@ -31,7 +31,7 @@ from services.reconciler import metrics
 from services.reconciler.collector import PostMortems
 from services.reconciler.metrics import Action, ActionOutcome
 from services.reconciler.store import PodActionRow, TaskStore
-from shepherd import podmeta
+from shepherd import podmeta, tracing
 from shepherd.kube import ApiError, KubeClient
 from shepherd.kube.client import sleep_backoff
 from shepherd.kube.errors import Retries
@@ -163,6 +163,15 @@ class PodActions:
             # Bounded (collector.py): the log goes with the pod, so it is read first, once.
             await self.post_mortems.keep_log(row)
         action = Action.DELETE if row.action == "delete" else Action.MARK_DONE
+        name = tracing.SpanName.POD_DELETE if action is Action.DELETE else tracing.SpanName.POD_MARK_DONE
+        with tracing.span(name, row.traceparent) as span:  # each call, in the trace of the pod's launch
+            outcome = await self._call(row, action)
+            span.set_attribute(tracing.Attr.OUTCOME, outcome)
+            if outcome is ActionOutcome.FAILED:
+                tracing.fail(span, self._failing[row.pod_uid].last_error)
+
+    async def _call(self, row: PodActionRow, action: Action) -> ActionOutcome:
+        """One call of the action; FAILED ones are asked again later (_again)."""
         outcome = ActionOutcome.DONE
         try:
             if action is Action.DELETE:
@@ -179,7 +188,7 @@ class PodActions:
             if not (isinstance(err, ApiError) and err.status == 404):
                 metrics.actions[(action, ActionOutcome.FAILED)].inc()
                 self._again(row, err)
-                return
+                return ActionOutcome.FAILED
             self.stats.already_gone += 1
             outcome = ActionOutcome.ALREADY_GONE
         metrics.actions[(action, outcome)].inc()
@@ -196,6 +205,7 @@ class PodActions:
         self._flush.set()
         if self.post_mortems is not None:
             self.post_mortems.read_events_later(row)  # Events outlive the pod: read them after
+        return outcome
 
     def _again(self, row: PodActionRow, err: BaseException) -> None:
         """Ask again later, off the workers: soon for a transient error, at the cap for a refusal."""

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import Span
+
 from services.reconciler import metrics
 from services.reconciler.postmortem import ran_in_a_runtime
 from services.reconciler.statemachine import (
@@ -48,7 +50,7 @@ from services.reconciler.statemachine import (
     moves_forward,
 )
 from services.reconciler.store import Batch, PodActionRow, TaskStore
-from shepherd import podmeta, timestamps
+from shepherd import podmeta, timestamps, tracing
 from shepherd.logging import BoundLogger, get_logger
 from shepherd.sqlite import is_store_fault
 from shepherd.v1 import launcher_service_pb2, task_pb2, watcher_service_pb2
@@ -59,6 +61,28 @@ SOURCE_LAUNCHER = "launcher"
 SOURCE_WATCHER = "watcher"
 _TERMINAL_CACHE = 20_000  # finished tasks kept in memory to answer late events without a read
 _TASK_DEADLINE = "task:"  # deadline handles for tasks (not pods): created, but never seen
+
+
+def _transition_span(
+    key: str,
+    tracked: Tracked,
+    previous: task_pb2.TaskState.ValueType,
+    failure: task_pb2.FailureDetails | None,
+) -> Span:
+    """The span of a transition in its task's trace: from the decision until it is committed."""
+    task = tracked.task
+    return tracing.start(
+        tracing.SpanName.TRANSITION,
+        tracked.traceparent,
+        {
+            tracing.Attr.TASK_KEY: podmeta.log_key(key),
+            tracing.Attr.PREVIOUS_STATE: task_pb2.TaskState.Name(previous),
+            tracing.Attr.STATE: task_pb2.TaskState.Name(task.state),
+            tracing.Attr.REASON: failure.reason if failure is not None else "",
+            tracing.Attr.NAMESPACE: task.namespace,
+            tracing.Attr.POD: task.pod_name,
+        },
+    )
 
 
 class Refused(Exception):
@@ -75,6 +99,9 @@ class Tracked:
     pod_uid: str = ""
     pending_note: str = ""  # why the pod is still Pending (the scheduler's message), for timeouts
     state_since: float = 0.0  # epoch seconds it entered its state, if this process saw it (metrics)
+    # The W3C trace context of its launch, while tracing is on (shepherd/tracing.py): from the
+    # launch events and the pod's events, so kept in memory only (a restart's snapshot brings it back).
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)
@@ -318,6 +345,9 @@ class Engine:
             if previous is not None:
                 await previous  # follow-ups keep batch order even when commits are joined
         except BaseException as err:  # not committed (or an earlier batch was not): nobody is told
+            for span in batch.spans:
+                tracing.fail(span, f"not committed: {err}")
+                span.end()
             for item, _ in replies:
                 if item.done.done():
                     continue  # the caller gave up
@@ -326,6 +356,8 @@ class Engine:
                 else:
                     item.done.set_exception(err)
             raise
+        for span in batch.spans:  # a transition's span ends when it is committed, visible to all
+            span.end()
         if batch.relaunches:
             self.on_relaunch(batch.relaunches)
         if committed is not None:
@@ -433,6 +465,8 @@ class Engine:
         change = task_pb2.TaskStateChange(previous_state=previous, change_time=now)
         change.task.CopyFrom(task)
         batch.changes.append(change)
+        if tracing.enabled and tracked.traceparent:
+            batch.spans.append(_transition_span(key, tracked, previous, failure))
         self._save(key, tracked, batch)
         self._log.info(
             "transition",
@@ -459,6 +493,8 @@ class Engine:
         tracked = self._lookup(key)
         if tracked is None:
             tracked = self._new_task(launch.key, launch.namespace, launch.pod_name, launch.attempt)
+        if tracing.enabled and launch.traceparent:
+            tracked.traceparent = launch.traceparent
         fill_queued = not tracked.task.HasField("queued_time") and launch.HasField("accept_time")
         if fill_queued:
             # Also when the watcher's report of the pod made the task first: its launch event is
@@ -532,6 +568,8 @@ class Engine:
         tracked = self._lookup(key)
         if tracked is None:
             tracked = self._new_task(event.task_key, event.namespace, event.pod_name, event.launch_attempt)
+        if tracing.enabled and event.traceparent:
+            tracked.traceparent = event.traceparent
         deleted = kind == watcher_service_pb2.POD_EVENT_TYPE_DELETED
         pod = (
             PodRef(event.pod_uid, event.namespace, event.pod_name) if event.pod_uid and not deleted else None
@@ -632,6 +670,7 @@ class Engine:
                     task_key=key if finished else "",
                     keep_log=finished and keep_log,
                     read_events=finished and now == task_pb2.TASK_STATE_FAILED,
+                    traceparent=tracked.traceparent,
                 )
             )
 

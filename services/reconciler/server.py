@@ -25,7 +25,7 @@ from services.reconciler.store import TaskStore, decode_page_token, prune_finish
 from services.reconciler.streams import consume_launcher, consume_watcher
 from services.reconciler.sweep import sweep_finished, sweep_pending
 from services.reconciler.upstream import UpstreamHealth
-from shepherd import channels, logstream, metrics, podmeta
+from shepherd import channels, logstream, metrics, podmeta, tracing
 from shepherd.errors import abort_invalid, abort_unavailable
 from shepherd.grpcserver import Context, GrpcServer, Readiness, run
 from shepherd.kube import ApiError, KubeClient, load_connection
@@ -360,4 +360,5 @@ async def serve(settings: ReconcilerSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = ReconcilerSettings.load(argv)
     configure("reconciler", settings.log_level, json=settings.log_json)
+    tracing.configure(settings, "reconciler")
     run(serve(settings), settings)

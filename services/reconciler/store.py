@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opentelemetry.trace import Span
+
 from shepherd import podmeta, retention
 from shepherd.sqlite import Database, StoreUnavailable, Synchronous, TableLog
 from shepherd.taskstates import TERMINAL
@@ -76,6 +78,9 @@ class PodActionRow:
     task_key: str = ""
     keep_log: bool = False  # keep the tail of `base`'s log before the action
     read_events: bool = False  # read the pod's Events into the failure details after it
+    # The trace context of the pod's launch when it is traced (shepherd/tracing.py); not stored:
+    # an action taken up again after a restart is carried out untraced.
+    traceparent: str = field(default="", compare=False)
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Batch:
     actions: list[PodActionRow] = field(default_factory=list)
     cursors: dict[str, int] = field(default_factory=dict)
     relaunches: list[tuple[task_pb2.TaskKey, int]] = field(default_factory=list)  # (key, lost attempt)
+    spans: list[Span] = field(default_factory=list)  # the transitions' (tracing); ended once committed
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.changes or self.actions or self.cursors)

@@ -28,7 +28,7 @@ import aiohttp
 
 from services.watcher import metrics
 from services.watcher.metrics import Restart
-from shepherd import timestamps
+from shepherd import timestamps, tracing
 from shepherd.eventlog import MemoryLog
 from shepherd.kube import ApiError, KubeClient, WatchExpired, is_transient
 from shepherd.kube.client import sleep_backoff
@@ -40,6 +40,23 @@ from shepherd.v1 import watcher_service_pb2
 PodEvent = watcher_service_pb2.PodEvent
 W = watcher_service_pb2
 _GONE_READS = 16  # vanished pods read at once after a gap
+
+
+def _trace(event: PodEvent) -> None:
+    """A span in the trace of the pod's launch for each event of a traced pod."""
+    tracing.point(
+        tracing.SpanName.POD_EVENT,
+        event.traceparent,
+        {
+            tracing.Attr.EVENT_TYPE: W.PodEventType.Name(event.type),
+            tracing.Attr.PHASE: event.phase,
+            tracing.Attr.SYNTHETIC: event.synthetic,
+            tracing.Attr.CURSOR: event.cursor,
+            tracing.Attr.NAMESPACE: event.namespace,
+            tracing.Attr.POD: event.pod_name,
+            tracing.Attr.POD_UID: event.pod_uid,
+        },
+    )
 
 
 @dataclass
@@ -137,6 +154,8 @@ class Informer:
             self._cache.pop(event.pod_uid, None)
         else:
             self._cache[event.pod_uid] = _Known(event.resource_version, event)
+        if tracing.enabled and event.traceparent:
+            _trace(event)
 
     def _in_scope(self, namespace: str | None, event: PodEvent) -> bool:
         return namespace is None or event.namespace == namespace

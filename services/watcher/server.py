@@ -9,7 +9,7 @@ import grpc
 from services.watcher import metrics as watcher_metrics
 from services.watcher.informer import Informer
 from services.watcher.settings import WatcherSettings
-from shepherd import logstream, metrics, podmeta
+from shepherd import logstream, metrics, podmeta, tracing
 from shepherd.errors import abort_invalid
 from shepherd.eventlog import MemoryLog
 from shepherd.grpcserver import GrpcServer, run
@@ -104,4 +104,5 @@ async def serve(settings: WatcherSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = WatcherSettings.load(argv)
     configure("watcher", settings.log_level, json=settings.log_json)
+    tracing.configure(settings, "watcher")
     run(serve(settings), settings)

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from shepherd.v1 import task_pb2 as shepherd_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"shepherd/v1/launcher_service.proto\x12\x0bshepherd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16shepherd/v1/task.proto\"\xaf\x02\n\x06Launch\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.shepherd.v1.LaunchState\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x10\n\x08pod_name\x18\x04 \x01(\t\x12\x13\n\x0b\x65xecutor_id\x18\x05 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pt_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x07\x66\x61ilure\x18\x08 \x01(\x0b\x32\x1b.shepherd.v1.FailureDetails\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\"\x90\x01\n\x11LaunchTaskRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x15\n\rtemplate_name\x18\x03 \x01(\t\x12\x15\n\rtemplate_yaml\x18\x04 \x01(\t\x12\x19\n\x11pod_override_yaml\x18\x05 \x01(\t\"B\n\x10RenderPodRequest\x12.\n\x06launch\x18\x01 \x01(\x0b\x32\x1e.shepherd.v1.LaunchTaskRequest\"5\n\x0fPolicyViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x7f\n\x11RenderPodResponse\x12\x10\n\x08pod_json\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x30\n\nviolations\x18\x03 \x03(\x0b\x32\x1c.shepherd.v1.PolicyViolation\x12\x15\n\rtemplate_name\x18\x04 \x01(\t\"R\n\x12LaunchTaskResponse\x12#\n\x06launch\x18\x01 \x01(\x0b\x32\x13.shepherd.v1.Launch\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"K\n\x17\x42\x61tchLaunchTasksRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.shepherd.v1.LaunchTaskRequest\";\n\x0bLaunchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"o\n\x11\x42\x61tchLaunchResult\x12\x31\n\x08response\x18\x01 \x01(\x0b\x32\x1f.shepherd.v1.LaunchTaskResponse\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.shepherd.v1.LaunchError\"K\n\x18\x42\x61tchLaunchTasksResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.shepherd.v1.BatchLaunchResult\"5\n\x10GetLaunchRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\"8\n\x11GetLaunchResponse\x12#\n\x06launch\x18\x01 \x01(\x0b\x32\x13.shepherd.v1.Launch\"8\n\x13\x43\x61ncelLaunchRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\"P\n\x14\x43\x61ncelLaunchResponse\x12#\n\x06launch\x18\x01 \x01(\x0b\x32\x13.shepherd.v1.Launch\x12\x13\n\x0bpod_created\x18\x02 \x01(\x08\"N\n\x13RelaunchTaskRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x14\n\x0c\x66rom_attempt\x18\x02 \x01(\x05\"O\n\x14RelaunchTaskResponse\x12#\n\x06launch\x18\x01 \x01(\x0b\x32\x13.shepherd.v1.Launch\x12\x12\n\nrelaunched\x18\x02 \x01(\x08\"G\n\x18WatchLaunchEventsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04\x12\x15\n\rstart_at_head\x18\x02 \x01(\x08\"B\n\x0bLaunchEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12#\n\x06launch\x18\x02 \x01(\x0b\x32\x13.shepherd.v1.Launch\"E\n\x19WatchLaunchEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.shepherd.v1.LaunchEvent*\x95\x01\n\x0bLaunchState\x12\x1c\n\x18LAUNCH_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15LAUNCH_STATE_ACCEPTED\x10\x01\x12\x18\n\x14LAUNCH_STATE_CREATED\x10\x02\x12\x17\n\x13LAUNCH_STATE_FAILED\x10\x03\x12\x1a\n\x16LAUNCH_STATE_CANCELLED\x10\x04\x32\xe9\x04\n\x0fLauncherService\x12M\n\nLaunchTask\x12\x1e.shepherd.v1.LaunchTaskRequest\x1a\x1f.shepherd.v1.LaunchTaskResponse\x12_\n\x10\x42\x61tchLaunchTasks\x12$.shepherd.v1.BatchLaunchTasksRequest\x1a%.shepherd.v1.BatchLaunchTasksResponse\x12J\n\tRenderPod\x12\x1d.shepherd.v1.RenderPodRequest\x1a\x1e.shepherd.v1.RenderPodResponse\x12J\n\tGetLaunch\x12\x1d.shepherd.v1.GetLaunchRequest\x1a\x1e.shepherd.v1.GetLaunchResponse\x12S\n\x0c\x43\x61ncelLaunch\x12 .shepherd.v1.CancelLaunchRequest\x1a!.shepherd.v1.CancelLaunchResponse\x12S\n\x0cRelaunchTask\x12 .shepherd.v1.RelaunchTaskRequest\x1a!.shepherd.v1.RelaunchTaskResponse\x12\x64\n\x11WatchLaunchEvents\x12%.shepherd.v1.WatchLaunchEventsRequest\x1a&.shepherd.v1.WatchLaunchEventsResponse0\x01\x42w\n\x0f\x64\x65v.shepherd.v1B\x14LauncherServiceProtoP\x01Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\xaa\x02\x0bShepherd.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"shepherd/v1/launcher_service.proto\x12\x0bshepherd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16shepherd/v1/task.proto\"\xc4\x02\n\x06Launch\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.shepherd.v1.LaunchState\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x10\n\x08pod_name\x18\x04 \x01(\t\x12\x13\n\x0b\x65xecutor_id\x18\x05 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pt_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x07\x66\x61ilure\x18\x08 \x01(\x0b\x32\x1b.shepherd.v1.FailureDetails\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x12\x13\n\x0btraceparent\x18\n \x01(\t\"\x90\x01\n\x11LaunchTaskRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x15\n\rtemplate_name\x18\x03 \x01(\t\x12\x15\n\rtemplate_yaml\x18\x04 \x01(\t\x12\x19\n\x11pod_override_yaml\x18\x05 \x01(\t\"B\n\x10RenderPodRequest\x12.\n\x06launch\x18\x01 \x01(\x0b\x32\x1e.shepherd.v1.LaunchTaskRequest\"5\n\x0fPolicyViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x7f\n\x11RenderPodResponse\x12\x10\n\x08pod_json\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x30\n\nviolations\x18\x03 \x03(\x0b\x32\x1c.shepherd.v1.PolicyViolation\x12\x15\n\rtemplate_name\x18\x04 \x01(\t\"R\n\x12LaunchTaskResponse\x12#\n\x06launch\x18\x01 \x01(\x0b\x32\x13.shepherd.v1.Launch\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"K\n\x17\x42\x61tchLaunchTasksRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.shepherd.v1.LaunchTaskRequest\";\n\x0bLaunchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"o\n\x11\x42\x61tchLaunchResult\x12\x31\n\x08response\x18\x01 \x01(\x0b\x32\x1f.shepherd.v1.LaunchTaskResponse\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.shepherd.v1.LaunchError\"K\n\x18\x42\x61tchLaunchTasksResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.shepherd.v1.BatchLaunchResult\"5\n\x10GetLaunchRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\"8\n\x11GetLaunchResponse\x12#\n\x06launch\x18\x01 \x01(\x0b\x32\x13.shepherd.v1.Launch\"8\n\x13\x43\x61ncelLaunchRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\"P\n\x14\x43\x61ncelLaunchResponse\x12#\n\x06launch\x18\x01 \x01(\x0b\x32\x13.shepherd.v1.Launch\x12\x13\n\x0bpod_created\x18\x02 \x01(\x08\"N\n\x13RelaunchTaskRequest\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x14\n\x0c\x66rom_attempt\x18\x02 \x01(\x05\"O\n\x14RelaunchTaskResponse\x12#\n\x06launch\x18\x01 \x01(\x0b\x32\x13.shepherd.v1.Launch\x12\x12\n\nrelaunched\x18\x02 \x01(\x08\"G\n\x18WatchLaunchEventsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04\x12\x15\n\rstart_at_head\x18\x02 \x01(\x08\"B\n\x0bLaunchEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12#\n\x06launch\x18\x02 \x01(\x0b\x32\x13.shepherd.v1.Launch\"E\n\x19WatchLaunchEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.shepherd.v1.LaunchEvent*\x95\x01\n\x0bLaunchState\x12\x1c\n\x18LAUNCH_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15LAUNCH_STATE_ACCEPTED\x10\x01\x12\x18\n\x14LAUNCH_STATE_CREATED\x10\x02\x12\x17\n\x13LAUNCH_STATE_FAILED\x10\x03\x12\x1a\n\x16LAUNCH_STATE_CANCELLED\x10\x04\x32\xe9\x04\n\x0fLauncherService\x12M\n\nLaunchTask\x12\x1e.shepherd.v1.LaunchTaskRequest\x1a\x1f.shepherd.v1.LaunchTaskResponse\x12_\n\x10\x42\x61tchLaunchTasks\x12$.shepherd.v1.BatchLaunchTasksRequest\x1a%.shepherd.v1.BatchLaunchTasksResponse\x12J\n\tRenderPod\x12\x1d.shepherd.v1.RenderPodRequest\x1a\x1e.shepherd.v1.RenderPodResponse\x12J\n\tGetLaunch\x12\x1d.shepherd.v1.GetLaunchRequest\x1a\x1e.shepherd.v1.GetLaunchResponse\x12S\n\x0c\x43\x61ncelLaunch\x12 .shepherd.v1.CancelLaunchRequest\x1a!.shepherd.v1.CancelLaunchResponse\x12S\n\x0cRelaunchTask\x12 .shepherd.v1.RelaunchTaskRequest\x1a!.shepherd.v1.RelaunchTaskResponse\x12\x64\n\x11WatchLaunchEvents\x12%.shepherd.v1.WatchLaunchEventsRequest\x1a&.shepherd.v1.WatchLaunchEventsResponse0\x01\x42w\n\x0f\x64\x65v.shepherd.v1B\x14LauncherServiceProtoP\x01Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\xaa\x02\x0bShepherd.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,46 +34,46 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shepherd.v1.launcher_servic
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.shepherd.v1B\024LauncherServiceProtoP\001Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\252\002\013Shepherd.V1'
-  _globals['_LAUNCHSTATE']._serialized_start=1852
-  _globals['_LAUNCHSTATE']._serialized_end=2001
+  _globals['_LAUNCHSTATE']._serialized_start=1873
+  _globals['_LAUNCHSTATE']._serialized_end=2022
   _globals['_LAUNCH']._serialized_start=109
-  _globals['_LAUNCH']._serialized_end=412
-  _globals['_LAUNCHTASKREQUEST']._serialized_start=415
-  _globals['_LAUNCHTASKREQUEST']._serialized_end=559
-  _globals['_RENDERPODREQUEST']._serialized_start=561
-  _globals['_RENDERPODREQUEST']._serialized_end=627
-  _globals['_POLICYVIOLATION']._serialized_start=629
-  _globals['_POLICYVIOLATION']._serialized_end=682
-  _globals['_RENDERPODRESPONSE']._serialized_start=684
-  _globals['_RENDERPODRESPONSE']._serialized_end=811
-  _globals['_LAUNCHTASKRESPONSE']._serialized_start=813
-  _globals['_LAUNCHTASKRESPONSE']._serialized_end=895
-  _globals['_BATCHLAUNCHTASKSREQUEST']._serialized_start=897
-  _globals['_BATCHLAUNCHTASKSREQUEST']._serialized_end=972
-  _globals['_LAUNCHERROR']._serialized_start=974
-  _globals['_LAUNCHERROR']._serialized_end=1033
-  _globals['_BATCHLAUNCHRESULT']._serialized_start=1035
-  _globals['_BATCHLAUNCHRESULT']._serialized_end=1146
-  _globals['_BATCHLAUNCHTASKSRESPONSE']._serialized_start=1148
-  _globals['_BATCHLAUNCHTASKSRESPONSE']._serialized_end=1223
-  _globals['_GETLAUNCHREQUEST']._serialized_start=1225
-  _globals['_GETLAUNCHREQUEST']._serialized_end=1278
-  _globals['_GETLAUNCHRESPONSE']._serialized_start=1280
-  _globals['_GETLAUNCHRESPONSE']._serialized_end=1336
-  _globals['_CANCELLAUNCHREQUEST']._serialized_start=1338
-  _globals['_CANCELLAUNCHREQUEST']._serialized_end=1394
-  _globals['_CANCELLAUNCHRESPONSE']._serialized_start=1396
-  _globals['_CANCELLAUNCHRESPONSE']._serialized_end=1476
-  _globals['_RELAUNCHTASKREQUEST']._serialized_start=1478
-  _globals['_RELAUNCHTASKREQUEST']._serialized_end=1556
-  _globals['_RELAUNCHTASKRESPONSE']._serialized_start=1558
-  _globals['_RELAUNCHTASKRESPONSE']._serialized_end=1637
-  _globals['_WATCHLAUNCHEVENTSREQUEST']._serialized_start=1639
-  _globals['_WATCHLAUNCHEVENTSREQUEST']._serialized_end=1710
-  _globals['_LAUNCHEVENT']._serialized_start=1712
-  _globals['_LAUNCHEVENT']._serialized_end=1778
-  _globals['_WATCHLAUNCHEVENTSRESPONSE']._serialized_start=1780
-  _globals['_WATCHLAUNCHEVENTSRESPONSE']._serialized_end=1849
-  _globals['_LAUNCHERSERVICE']._serialized_start=2004
-  _globals['_LAUNCHERSERVICE']._serialized_end=2621
+  _globals['_LAUNCH']._serialized_end=433
+  _globals['_LAUNCHTASKREQUEST']._serialized_start=436
+  _globals['_LAUNCHTASKREQUEST']._serialized_end=580
+  _globals['_RENDERPODREQUEST']._serialized_start=582
+  _globals['_RENDERPODREQUEST']._serialized_end=648
+  _globals['_POLICYVIOLATION']._serialized_start=650
+  _globals['_POLICYVIOLATION']._serialized_end=703
+  _globals['_RENDERPODRESPONSE']._serialized_start=705
+  _globals['_RENDERPODRESPONSE']._serialized_end=832
+  _globals['_LAUNCHTASKRESPONSE']._serialized_start=834
+  _globals['_LAUNCHTASKRESPONSE']._serialized_end=916
+  _globals['_BATCHLAUNCHTASKSREQUEST']._serialized_start=918
+  _globals['_BATCHLAUNCHTASKSREQUEST']._serialized_end=993
+  _globals['_LAUNCHERROR']._serialized_start=995
+  _globals['_LAUNCHERROR']._serialized_end=1054
+  _globals['_BATCHLAUNCHRESULT']._serialized_start=1056
+  _globals['_BATCHLAUNCHRESULT']._serialized_end=1167
+  _globals['_BATCHLAUNCHTASKSRESPONSE']._serialized_start=1169
+  _globals['_BATCHLAUNCHTASKSRESPONSE']._serialized_end=1244
+  _globals['_GETLAUNCHREQUEST']._serialized_start=1246
+  _globals['_GETLAUNCHREQUEST']._serialized_end=1299
+  _globals['_GETLAUNCHRESPONSE']._serialized_start=1301
+  _globals['_GETLAUNCHRESPONSE']._serialized_end=1357
+  _globals['_CANCELLAUNCHREQUEST']._serialized_start=1359
+  _globals['_CANCELLAUNCHREQUEST']._serialized_end=1415
+  _globals['_CANCELLAUNCHRESPONSE']._serialized_start=1417
+  _globals['_CANCELLAUNCHRESPONSE']._serialized_end=1497
+  _globals['_RELAUNCHTASKREQUEST']._serialized_start=1499
+  _globals['_RELAUNCHTASKREQUEST']._serialized_end=1577
+  _globals['_RELAUNCHTASKRESPONSE']._serialized_start=1579
+  _globals['_RELAUNCHTASKRESPONSE']._serialized_end=1658
+  _globals['_WATCHLAUNCHEVENTSREQUEST']._serialized_start=1660
+  _globals['_WATCHLAUNCHEVENTSREQUEST']._serialized_end=1731
+  _globals['_LAUNCHEVENT']._serialized_start=1733
+  _globals['_LAUNCHEVENT']._serialized_end=1799
+  _globals['_WATCHLAUNCHEVENTSRESPONSE']._serialized_start=1801
+  _globals['_WATCHLAUNCHEVENTSRESPONSE']._serialized_end=1870
+  _globals['_LAUNCHERSERVICE']._serialized_start=2025
+  _globals['_LAUNCHERSERVICE']._serialized_end=2642
 # @@protoc_insertion_point(module_scope)

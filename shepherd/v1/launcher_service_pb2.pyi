@@ -68,6 +68,7 @@ class Launch(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     state: Global___LaunchState.ValueType
     """State of the launch."""
     namespace: _builtins.str
@@ -78,6 +79,13 @@ class Launch(_message.Message):
     """Executor id put on the pod's labels."""
     attempt: _builtins.int
     """Pod creations so far (1 normally; more after the reconciler asked for a relaunch)."""
+    traceparent: _builtins.str
+    """The W3C trace context (a `traceparent` header value) of the launch's span, when the launcher
+    traces and sampled this launch; empty otherwise. The pod carries it too, in its
+    shepherd.dev/traceparent annotation, so the watcher's and the reconciler's spans for this task
+    join the same trace. A LaunchTask call's own `traceparent` metadata, when sent, is that span's
+    parent.
+    """
     @_builtins.property
     def key(self) -> _task_pb2.TaskKey:
         """The task."""
@@ -106,10 +114,11 @@ class Launch(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         failure: _task_pb2.FailureDetails | None = ...,
         attempt: _builtins.int = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accept_time", b"accept_time", "create_time", b"create_time", "failure", b"failure", "key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_time", b"accept_time", "attempt", b"attempt", "create_time", b"create_time", "executor_id", b"executor_id", "failure", b"failure", "key", b"key", "namespace", b"namespace", "pod_name", b"pod_name", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_time", b"accept_time", "attempt", b"attempt", "create_time", b"create_time", "executor_id", b"executor_id", "failure", b"failure", "key", b"key", "namespace", b"namespace", "pod_name", b"pod_name", "state", b"state", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

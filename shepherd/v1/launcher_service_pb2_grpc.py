@@ -101,6 +101,8 @@ class LauncherServiceServicer:
         "pod_override_yaml.spec.containers[base].securityContext.privileged"), NOT_FOUND (unknown
         template_name), RESOURCE_EXHAUSTED (the launch queue is full; retry later, nothing was
         accepted), UNAVAILABLE (the launcher is shutting down).
+        Tracing: when the launcher traces (README.md, Tracing), a W3C `traceparent` (and `tracestate`)
+        in the call's metadata becomes the parent of each accepted launch's span (Launch.traceparent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,6 +54,8 @@ class LauncherServiceStub:
     "pod_override_yaml.spec.containers[base].securityContext.privileged"), NOT_FOUND (unknown
     template_name), RESOURCE_EXHAUSTED (the launch queue is full; retry later, nothing was
     accepted), UNAVAILABLE (the launcher is shutting down).
+    Tracing: when the launcher traces (README.md, Tracing), a W3C `traceparent` (and `tracestate`)
+    in the call's metadata becomes the parent of each accepted launch's span (Launch.traceparent).
     """
     BatchLaunchTasks: _grpc.UnaryUnaryMultiCallable[_launcher_service_pb2.BatchLaunchTasksRequest, _launcher_service_pb2.BatchLaunchTasksResponse]
     """BatchLaunchTasks accepts 1 to 1000 tasks in one call. Each item succeeds or fails on its own,
@@ -116,6 +118,8 @@ class LauncherServiceAsyncStub(LauncherServiceStub):
     "pod_override_yaml.spec.containers[base].securityContext.privileged"), NOT_FOUND (unknown
     template_name), RESOURCE_EXHAUSTED (the launch queue is full; retry later, nothing was
     accepted), UNAVAILABLE (the launcher is shutting down).
+    Tracing: when the launcher traces (README.md, Tracing), a W3C `traceparent` (and `tracestate`)
+    in the call's metadata becomes the parent of each accepted launch's span (Launch.traceparent).
     """
     BatchLaunchTasks: _aio.UnaryUnaryMultiCallable[_launcher_service_pb2.BatchLaunchTasksRequest, _launcher_service_pb2.BatchLaunchTasksResponse]  # type: ignore[assignment]
     """BatchLaunchTasks accepts 1 to 1000 tasks in one call. Each item succeeds or fails on its own,
@@ -181,6 +185,8 @@ class LauncherServiceServicer(metaclass=_abc_1.ABCMeta):
         "pod_override_yaml.spec.containers[base].securityContext.privileged"), NOT_FOUND (unknown
         template_name), RESOURCE_EXHAUSTED (the launch queue is full; retry later, nothing was
         accepted), UNAVAILABLE (the launcher is shutting down).
+        Tracing: when the launcher traces (README.md, Tracing), a W3C `traceparent` (and `tracestate`)
+        in the call's metadata becomes the parent of each accepted launch's span (Launch.traceparent).
         """
 
     @_abc_1.abstractmethod

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from shepherd.v1 import task_pb2 as shepherd_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!shepherd/v1/watcher_service.proto\x12\x0bshepherd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16shepherd/v1/task.proto\"M\n\x0cPodCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xdf\x05\n\x08PodEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.shepherd.v1.PodEventType\x12\x11\n\tsynthetic\x18\x03 \x01(\x08\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x10\n\x08pod_name\x18\x05 \x01(\t\x12\x0f\n\x07pod_uid\x18\x06 \x01(\t\x12\r\n\x05phase\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12&\n\x08task_key\x18\n \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x31\n\x06labels\x18\x0b \x03(\x0b\x32!.shepherd.v1.PodEvent.LabelsEntry\x12\x35\n\x0finit_containers\x18\x0c \x03(\x0b\x32\x1c.shepherd.v1.ContainerStatus\x12\x30\n\ncontainers\x18\r \x03(\x0b\x32\x1c.shepherd.v1.ContainerStatus\x12-\n\nconditions\x18\x0e \x03(\x0b\x32\x19.shepherd.v1.PodCondition\x12\x31\n\rcreation_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdeletion_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10resource_version\x18\x11 \x01(\t\x12\x11\n\tnode_name\x18\x12 \x01(\t\x12\x30\n\x0cobserve_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0elaunch_attempt\x18\x14 \x01(\x05\x12\"\n\x04gone\x18\x15 \x01(\x0e\x32\x14.shepherd.v1.PodGone\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x15WatchPodEventsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x15\n\rstart_at_head\x18\x03 \x01(\x08\"?\n\x16WatchPodEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.shepherd.v1.PodEvent*\xc4\x01\n\x0cPodEventType\x12\x1e\n\x1aPOD_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14POD_EVENT_TYPE_ADDED\x10\x01\x12\x1b\n\x17POD_EVENT_TYPE_MODIFIED\x10\x02\x12\x1a\n\x16POD_EVENT_TYPE_DELETED\x10\x03\x12\x1b\n\x17POD_EVENT_TYPE_SNAPSHOT\x10\x04\x12$\n POD_EVENT_TYPE_SNAPSHOT_COMPLETE\x10\x05*U\n\x07PodGone\x12\x18\n\x14POD_GONE_UNSPECIFIED\x10\x00\x12\x14\n\x10POD_GONE_DELETED\x10\x01\x12\x1a\n\x16POD_GONE_LEFT_SELECTOR\x10\x02\x32m\n\x0eWatcherService\x12[\n\x0eWatchPodEvents\x12\".shepherd.v1.WatchPodEventsRequest\x1a#.shepherd.v1.WatchPodEventsResponse0\x01\x42v\n\x0f\x64\x65v.shepherd.v1B\x13WatcherServiceProtoP\x01Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\xaa\x02\x0bShepherd.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!shepherd/v1/watcher_service.proto\x12\x0bshepherd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16shepherd/v1/task.proto\"M\n\x0cPodCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xf4\x05\n\x08PodEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.shepherd.v1.PodEventType\x12\x11\n\tsynthetic\x18\x03 \x01(\x08\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x10\n\x08pod_name\x18\x05 \x01(\t\x12\x0f\n\x07pod_uid\x18\x06 \x01(\t\x12\r\n\x05phase\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12&\n\x08task_key\x18\n \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12\x31\n\x06labels\x18\x0b \x03(\x0b\x32!.shepherd.v1.PodEvent.LabelsEntry\x12\x35\n\x0finit_containers\x18\x0c \x03(\x0b\x32\x1c.shepherd.v1.ContainerStatus\x12\x30\n\ncontainers\x18\r \x03(\x0b\x32\x1c.shepherd.v1.ContainerStatus\x12-\n\nconditions\x18\x0e \x03(\x0b\x32\x19.shepherd.v1.PodCondition\x12\x31\n\rcreation_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdeletion_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10resource_version\x18\x11 \x01(\t\x12\x11\n\tnode_name\x18\x12 \x01(\t\x12\x30\n\x0cobserve_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0elaunch_attempt\x18\x14 \x01(\x05\x12\"\n\x04gone\x18\x15 \x01(\x0e\x32\x14.shepherd.v1.PodGone\x12\x13\n\x0btraceparent\x18\x16 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x15WatchPodEventsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x15\n\rstart_at_head\x18\x03 \x01(\x08\"?\n\x16WatchPodEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.shepherd.v1.PodEvent*\xc4\x01\n\x0cPodEventType\x12\x1e\n\x1aPOD_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14POD_EVENT_TYPE_ADDED\x10\x01\x12\x1b\n\x17POD_EVENT_TYPE_MODIFIED\x10\x02\x12\x1a\n\x16POD_EVENT_TYPE_DELETED\x10\x03\x12\x1b\n\x17POD_EVENT_TYPE_SNAPSHOT\x10\x04\x12$\n POD_EVENT_TYPE_SNAPSHOT_COMPLETE\x10\x05*U\n\x07PodGone\x12\x18\n\x14POD_GONE_UNSPECIFIED\x10\x00\x12\x14\n\x10POD_GONE_DELETED\x10\x01\x12\x1a\n\x16POD_GONE_LEFT_SELECTOR\x10\x02\x32m\n\x0eWatcherService\x12[\n\x0eWatchPodEvents\x12\".shepherd.v1.WatchPodEventsRequest\x1a#.shepherd.v1.WatchPodEventsResponse0\x01\x42v\n\x0f\x64\x65v.shepherd.v1B\x13WatcherServiceProtoP\x01Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\xaa\x02\x0bShepherd.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,20 +36,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.shepherd.v1B\023WatcherServiceProtoP\001Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\252\002\013Shepherd.V1'
   _globals['_PODEVENT_LABELSENTRY']._loaded_options = None
   _globals['_PODEVENT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_PODEVENTTYPE']._serialized_start=1078
-  _globals['_PODEVENTTYPE']._serialized_end=1274
-  _globals['_PODGONE']._serialized_start=1276
-  _globals['_PODGONE']._serialized_end=1361
+  _globals['_PODEVENTTYPE']._serialized_start=1099
+  _globals['_PODEVENTTYPE']._serialized_end=1295
+  _globals['_PODGONE']._serialized_start=1297
+  _globals['_PODGONE']._serialized_end=1382
   _globals['_PODCONDITION']._serialized_start=107
   _globals['_PODCONDITION']._serialized_end=184
   _globals['_PODEVENT']._serialized_start=187
-  _globals['_PODEVENT']._serialized_end=922
-  _globals['_PODEVENT_LABELSENTRY']._serialized_start=877
-  _globals['_PODEVENT_LABELSENTRY']._serialized_end=922
-  _globals['_WATCHPODEVENTSREQUEST']._serialized_start=924
-  _globals['_WATCHPODEVENTSREQUEST']._serialized_end=1010
-  _globals['_WATCHPODEVENTSRESPONSE']._serialized_start=1012
-  _globals['_WATCHPODEVENTSRESPONSE']._serialized_end=1075
-  _globals['_WATCHERSERVICE']._serialized_start=1363
-  _globals['_WATCHERSERVICE']._serialized_end=1472
+  _globals['_PODEVENT']._serialized_end=943
+  _globals['_PODEVENT_LABELSENTRY']._serialized_start=898
+  _globals['_PODEVENT_LABELSENTRY']._serialized_end=943
+  _globals['_WATCHPODEVENTSREQUEST']._serialized_start=945
+  _globals['_WATCHPODEVENTSREQUEST']._serialized_end=1031
+  _globals['_WATCHPODEVENTSRESPONSE']._serialized_start=1033
+  _globals['_WATCHPODEVENTSRESPONSE']._serialized_end=1096
+  _globals['_WATCHERSERVICE']._serialized_start=1384
+  _globals['_WATCHERSERVICE']._serialized_end=1493
 # @@protoc_insertion_point(module_scope)

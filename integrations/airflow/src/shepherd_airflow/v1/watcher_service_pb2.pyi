@@ -189,6 +189,7 @@ class PodEvent(_message.Message):
     OBSERVE_TIME_FIELD_NUMBER: _builtins.int
     LAUNCH_ATTEMPT_FIELD_NUMBER: _builtins.int
     GONE_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
     """Position in the watcher's event log; strictly increasing."""
     type: Global___PodEventType.ValueType
@@ -218,6 +219,10 @@ class PodEvent(_message.Message):
     gone: Global___PodGone.ValueType
     """For DELETED events: whether the pod was deleted or only left the executor's selector. Set on
     every DELETED event, synthetic ones (reconstructed after a watch gap) included.
+    """
+    traceparent: _builtins.str
+    """The W3C trace context (`traceparent`) of the launch that created the pod, from its
+    shepherd.dev/traceparent annotation; empty when the launch was not traced. See Launch.traceparent.
     """
     @_builtins.property
     def task_key(self) -> _task_pb2.TaskKey:
@@ -275,10 +280,11 @@ class PodEvent(_message.Message):
         observe_time: _timestamp_pb2.Timestamp | None = ...,
         launch_attempt: _builtins.int = ...,
         gone: Global___PodGone.ValueType = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "deletion_time", b"deletion_time", "observe_time", b"observe_time", "task_key", b"task_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "containers", b"containers", "creation_time", b"creation_time", "cursor", b"cursor", "deletion_time", b"deletion_time", "gone", b"gone", "init_containers", b"init_containers", "labels", b"labels", "launch_attempt", b"launch_attempt", "message", b"message", "namespace", b"namespace", "node_name", b"node_name", "observe_time", b"observe_time", "phase", b"phase", "pod_name", b"pod_name", "pod_uid", b"pod_uid", "reason", b"reason", "resource_version", b"resource_version", "synthetic", b"synthetic", "task_key", b"task_key", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "containers", b"containers", "creation_time", b"creation_time", "cursor", b"cursor", "deletion_time", b"deletion_time", "gone", b"gone", "init_containers", b"init_containers", "labels", b"labels", "launch_attempt", b"launch_attempt", "message", b"message", "namespace", b"namespace", "node_name", b"node_name", "observe_time", b"observe_time", "phase", b"phase", "pod_name", b"pod_name", "pod_uid", b"pod_uid", "reason", b"reason", "resource_version", b"resource_version", "synthetic", b"synthetic", "task_key", b"task_key", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
