@@ -221,7 +221,7 @@ async def test_an_unsampled_caller_gets_no_spans_anywhere(
             try:
                 await asyncio.to_thread(api.read_namespaced_pod, launch.pod_name, launch.namespace)
             except ApiException as err:
-                return err.status == 404
+                return bool(err.status == 404)
             return False
 
         await eventually_async(pod_gone, what="the quiet task's pod deleted")
