@@ -1,5 +1,6 @@
 """`python -m bench` (or `make bench`): the suite's figures, each against a baseline or target
-measured in the same run on this machine, saved to bench/results/."""
+measured in the same run on this machine, saved to bench/results/. `--only scale` (not part of the
+default run: it takes the better part of an hour) pushes 200,000 tasks through the suite."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import event_latency, launch_rate, memory, pending_timeout
+from bench import event_latency, launch_rate, memory, pending_timeout, scale
 from bench.common import Report, fresh_stack
 
 # Durable as in production: every accepted launch is fsynced before LaunchTask answers.
@@ -85,13 +86,14 @@ async def run(args: argparse.Namespace) -> Report:
             f"median ratio {rate['median_ratio']} (best rounds: {rate['ratio']})",
         )
     if "memory" in args.only:
-        print(f"\n== memory: {args.live} live tasks", flush=True)
+        live = args.live or 5000
+        print(f"\n== memory: {live} live tasks", flush=True)
         async with fresh_stack(workdir, "memory", flags=FLAGS) as (info, stack):
-            mem = await memory.measure(info, stack, args.live)
+            mem = await memory.measure(info, stack, live)
         report.figures["memory"] = mem
         print(f"  RSS {mem['rss_mb']} MB (all Running after {mem['seconds_until_all_running']} s)")
         worst = max(mem["rss_mb"].values())
-        report.check(f"each service <= 300 MB at {args.live} live tasks", worst <= 300, f"largest {worst} MB")
+        report.check(f"each service <= 300 MB at {live} live tasks", worst <= 300, f"largest {worst} MB")
     if "pending" in args.only:
         print(
             f"\n== pending timeout: {args.pending} pods stuck Pending, timeout {args.pending_timeout:g} s, "
@@ -119,6 +121,27 @@ async def run(args: argparse.Namespace) -> Report:
             pend["lateness_max_s"] <= 1.0 and pend["deleted"] == args.pending,
             f"max {pend['lateness_max_s']} s, {pend['deleted']}/{args.pending} deleted",
         )
+    if "scale" in args.only:
+        live = args.live or 10_000
+        print(
+            f"\n== scale: {args.tasks} tasks, {live} live at a time, retention "
+            f"{args.retention_s:g} s (tick {args.retention_interval_s:g} s), the watcher keeping "
+            f"{args.event_retention} events",
+            flush=True,
+        )
+        flags = scale.stack_flags(args.retention_s, args.retention_interval_s, live, args.event_retention)
+        async with fresh_stack(workdir, "scale", flags=flags) as (_, stack):
+            result = await scale.measure(
+                stack,
+                args.tasks,
+                live,
+                sample_s=args.sample_s,
+                settled_s=scale.settled_after(args.retention_s, args.retention_interval_s),
+            )
+        report.figures["scale"] = result
+        print(f"  {result['tasks']} tasks in {result['seconds']} s ({result['tasks_per_s']}/s)")
+        for check in result["checks"]:
+            report.check(check["name"], check["ok"], check["detail"])
     return report
 
 
@@ -160,13 +183,41 @@ def main() -> int:
         help="pods/s at which the stuck pods are launched, so deadlines/s later (default 200; 0: at once)",
     )
     parser.add_argument(
-        "--live", type=int, default=5000, help="live tasks for the memory figure (default 5000)"
+        "--live",
+        type=int,
+        default=None,
+        help="live tasks: of the memory figure (default 5000), and at a time in the scale scenario "
+        "(default 10000)",
+    )
+    parser.add_argument(
+        "--tasks", type=int, default=200_000, help="tasks of the scale scenario (default 200000)"
+    )
+    parser.add_argument(
+        "--retention-s",
+        type=float,
+        default=120.0,
+        help="the stores' retention in the scale scenario (default 120: pruning from the third minute)",
+    )
+    parser.add_argument(
+        "--retention-interval-s", type=float, default=5.0, help="its retention tick (default 5)"
+    )
+    parser.add_argument(
+        "--event-retention",
+        type=int,
+        default=200_000,
+        help="pod events the watcher keeps there (default 200000, the service's own default)",
+    )
+    parser.add_argument(
+        "--sample-s",
+        type=float,
+        default=30.0,
+        help="seconds between two samples of the scale run (default 30)",
     )
     parser.add_argument(
         "--only",
         nargs="+",
         default=["rate", "latency", "memory", "pending"],
-        choices=["rate", "latency", "memory", "pending"],
+        choices=["rate", "latency", "memory", "pending", "scale"],
         help="scenarios to run",
     )
     args = parser.parse_args()

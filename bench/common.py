@@ -156,9 +156,10 @@ class Report:
 
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
     figures: dict[str, Any] = field(default_factory=dict)
-    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    # ok None: not measured (e.g. a run too short to reach the state the target is about)
+    checks: list[tuple[str, bool | None, str]] = field(default_factory=list)
 
-    def check(self, name: str, ok: bool, detail: str) -> None:
+    def check(self, name: str, ok: bool | None, detail: str) -> None:
         self.checks.append((name, ok, detail))
 
     def save(self) -> Path:
@@ -179,4 +180,5 @@ class Report:
     def print(self) -> None:
         print("\n== targets")
         for name, ok, detail in self.checks:
-            print(f"  [{'met' if ok else 'MISSED'}] {name}: {detail}")
+            status = "not measured" if ok is None else "met" if ok else "MISSED"
+            print(f"  [{status}] {name}: {detail}")
