@@ -136,7 +136,9 @@ async def run(args: argparse.Namespace) -> Report:
                 args.tasks,
                 live,
                 sample_s=args.sample_s,
-                settled_s=scale.settled_after(args.retention_s, args.retention_interval_s),
+                settled=scale.settled_after(
+                    args.retention_s, args.retention_interval_s, args.event_retention
+                ),
             )
         report.figures["scale"] = result
         print(f"  {result['tasks']} tasks in {result['seconds']} s ({result['tasks_per_s']}/s)")

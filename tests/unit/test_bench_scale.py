@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from bench.scale import Check, Sample, batch_for, cpu_ms_per_task, flat, settled_after, verdict, wave_size
+from bench.scale import (
+    Check,
+    Sample,
+    Settled,
+    batch_for,
+    cpu_ms_per_task,
+    flat,
+    settled_after,
+    verdict,
+    wave_size,
+)
 
 SERVICES = ("launcher", "watcher", "reconciler")
 
@@ -70,7 +80,7 @@ def by_name(checks: list[Check]) -> dict[str, bool | None]:
 
 
 def test_a_run_that_keeps_its_figures_meets_every_target() -> None:
-    checks = verdict(steady_run(), 10_000, settled_s=30.0)
+    checks = verdict(steady_run(), 10_000, settled=Settled(30.0, 0))
     assert [c.ok for c in checks] == [True, True, True, True], checks
 
 
@@ -87,11 +97,11 @@ def test_per_task_cpu_is_measured_between_the_start_and_end_windows() -> None:
     end = cpu_ms_per_task(samples, 7000, 9000)
     assert start == dict.fromkeys(SERVICES, 1.0)
     assert end == dict.fromkeys(SERVICES, 2.0)
-    assert by_name(verdict(samples, 10_000, settled_s=30.0))["per-task CPU at the end"] is False
+    assert by_name(verdict(samples, 10_000, settled=Settled(30.0, 0)))["per-task CPU at the end"] is False
 
 
 def test_rss_over_the_limit_is_missed() -> None:
-    checks = verdict(steady_run(rss=301.0), 10_000, settled_s=30.0)
+    checks = verdict(steady_run(rss=301.0), 10_000, settled=Settled(30.0, 0))
     assert by_name(checks)["RSS"] is False
 
 
@@ -101,19 +111,39 @@ def test_growth_once_retention_applies_is_missed_and_noise_is_not() -> None:
     assert not flat([100.0, 110.0, 125.0, 140.0])[0]
     growing = [sample(10.0 * i, 500 * i, store=10.0 + 3 * i) for i in range(21)]
     assert (
-        by_name(verdict(growing, 10_000, settled_s=30.0))["store size flat once retention applies"] is False
+        by_name(verdict(growing, 10_000, settled=Settled(30.0, 0)))["store size flat once retention applies"]
+        is False
     )
 
 
 def test_growth_before_retention_applies_is_allowed() -> None:
     samples = [sample(10.0 * i, 500 * i, store=min(50.0, 10.0 * i)) for i in range(21)]
-    assert by_name(verdict(samples, 10_000, settled_s=50.0))["store size flat once retention applies"]
+    assert by_name(verdict(samples, 10_000, settled=Settled(50.0, 0)))[
+        "store size flat once retention applies"
+    ]
 
 
 def test_a_run_too_short_for_its_retention_or_its_windows_is_not_measured() -> None:
     short = [sample(10.0 * i, 500 * i) for i in range(8)]  # 3,500 of 10,000 done
-    checks = by_name(verdict(short, 10_000, settled_s=settled_after(120.0, 5.0)))
+    checks = by_name(verdict(short, 10_000, settled=settled_after(120.0, 5.0, 200_000)))
     assert checks["RSS flat once retention applies"] is None
     assert checks["store size flat once retention applies"] is None
     assert checks["per-task CPU at the end"] is None
     assert checks["RSS"] is True
+
+
+def test_growth_until_the_count_bounded_caches_are_full_is_allowed() -> None:
+    # RSS grows until 7,000 tasks are done (a cache of 7,000 finished tasks), then stays.
+    samples = [sample(10.0 * i, 500 * i, rss=100.0 + 5 * min(i, 14)) for i in range(21)]
+    assert (
+        by_name(verdict(samples, 10_000, settled=Settled(30.0, 0)))["RSS flat once retention applies"]
+        is False
+    )
+    assert by_name(verdict(samples, 10_000, settled=Settled(30.0, 7000)))["RSS flat once retention applies"]
+
+
+def test_the_steady_state_waits_for_the_retention_and_the_reconcilers_finished_task_cache() -> None:
+    settled = settled_after(120.0, 5.0, 200_000)
+    assert settled.seconds == 250.0
+    assert settled.tasks == 50_000  # the watcher's 200,000 events at 4 per task, past the 20,000
+    assert settled_after(10.0, 2.0, 2000).tasks == 20_000
