@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from controlplane import Cluster
+from controlplane.cluster import SERVICE_NAMESPACE
 from controlplane.stack import ServiceStack
 from demo.workload import REAL_TASKS, Demo
 
@@ -35,7 +36,8 @@ def main() -> int:
     print(f"\n== services (logs and stores in {workdir})", flush=True)
     stack.start()
     for name in ("launcher", "watcher", "reconciler"):
-        print(f"  {name:<10} {stack.address(name)}  as ServiceAccount {info.namespace}/{name}")
+        print(f"  {name:<10} {stack.address(name)}  as ServiceAccount {SERVICE_NAMESPACE}/{name}")
+    print(f"  worker pods in namespace {info.namespace}")
     print(f"  mutual TLS, default policy; the demo calls as {stack.identities['scheduler'].spiffe_id}")
     if info.real_node:
         real = f" (+{REAL_TASKS} real containers on node {info.real_node})"
