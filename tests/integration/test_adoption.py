@@ -3,6 +3,7 @@ up), while a live executor's pods are never touched."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from shepherd import podmeta
 from shepherd.errors import field_violation
 from shepherd.v1 import reconciler_service_pb2 as rpb
 from shepherd.v1 import task_pb2
-from tests.helpers import core_api, eventually, make_pod, task_key, unique_name
+from tests.helpers import core_api, make_pod, task_key, unique_name
+from tests.helpers.eventually import eventually_async
 from tests.helpers.scheduler import SchedulerClient
 
 pytestmark = pytest.mark.integration
@@ -29,6 +31,11 @@ def phase(cluster: ClusterInfo, name: str) -> str:
         .items
     )
     return str(pods[0].status.phase) if pods else ""
+
+
+async def phase_is(cluster: ClusterInfo, name: str, wanted: str) -> bool:
+    """phase() off the event loop, so the clients' streams keep being read while a test waits."""
+    return await asyncio.to_thread(phase, cluster, name) == wanted
 
 
 async def test_pods_of_a_dead_executor_are_adopted_and_live_ones_left_alone(
@@ -47,8 +54,8 @@ async def test_pods_of_a_dead_executor_are_adopted_and_live_ones_left_alone(
         await old.reached(finishing, S.TASK_STATE_RUNNING)
     for name in reversed(SERVICES):
         dead.stop(name, sig=signal.SIGKILL)  # the executor dies without cleaning anything up
-    eventually(
-        lambda: phase(cluster, podmeta.pod_name(finishing)) == "Succeeded", what="the orphan to complete"
+    await eventually_async(
+        lambda: phase_is(cluster, podmeta.pod_name(finishing), "Succeeded"), what="the orphan to complete"
     )
 
     live_pod = unique_name("live")
@@ -70,8 +77,8 @@ async def test_pods_of_a_dead_executor_are_adopted_and_live_ones_left_alone(
     await client.reached(running, S.TASK_STATE_RUNNING)
     assert client.states(running)[:2] == [S.TASK_STATE_ADOPTED, S.TASK_STATE_RUNNING]
     await client.reached(pending, S.TASK_STATE_ADOPTED)
-    eventually(
-        lambda: phase(cluster, podmeta.pod_name(finishing)) == "",
+    await eventually_async(
+        lambda: phase_is(cluster, podmeta.pod_name(finishing), ""),
         what="the completed orphan to be cleaned up",
     )
     labels = admin.read_namespaced_pod(podmeta.pod_name(running), cluster.namespace).metadata.labels
