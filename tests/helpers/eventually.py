@@ -36,3 +36,15 @@ async def eventually_async(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last value: {last!r})")
+
+
+async def eventually_off_loop(
+    probe: Callable[[], T | None], *, what: str, timeout: float = 60.0, interval: float = 0.1
+) -> T:
+    """eventually() for a blocking probe (a Kubernetes client call) in an async test: each probe
+    runs in a thread, so the test's gRPC streams keep being read while it waits."""
+
+    async def probe_in_thread() -> T | None:
+        return await asyncio.to_thread(probe)
+
+    return await eventually_async(probe_in_thread, what=what, timeout=timeout, interval=interval)

@@ -20,6 +20,7 @@ from shepherd.v1 import task_pb2
 from tests.helpers import core_api, eventually, task_key, unique_name
 from tests.helpers.audit import RECONCILER, AuditLog
 from tests.helpers.cluster import unreachable_kubeconfig
+from tests.helpers.eventually import eventually_off_loop
 from tests.helpers.scheduler import SchedulerClient
 
 pytestmark = pytest.mark.integration
@@ -89,7 +90,7 @@ async def test_cancel_revokes_a_running_task_and_deletes_its_pod(
     assert reply.task.state == S.TASK_STATE_REVOKED
     admin = core_api(cluster.admin_kubeconfig)
     name = podmeta.pod_name(key)
-    eventually(
+    await eventually_off_loop(
         lambda: (
             not admin.list_namespaced_pod(cluster.namespace, field_selector=f"metadata.name={name}").items
         ),
@@ -220,7 +221,7 @@ async def test_the_safety_sweep_times_out_pending_pods_the_watch_never_reported(
             task = await client.final(key)
         assert (task.state, task.failure.reason) == (S.TASK_STATE_FAILED, "PendingTimeout")
         admin = core_api(cluster.admin_kubeconfig)
-        eventually(
+        await eventually_off_loop(
             lambda: (
                 not admin.list_namespaced_pod(
                     cluster.namespace, field_selector=f"metadata.name={podmeta.pod_name(key)}"

@@ -22,6 +22,7 @@ from shepherd.taskstates import TERMINAL
 from shepherd.v1 import task_pb2
 from tests.helpers import core_api, eventually, task_key, unique_name
 from tests.helpers.audit import RECONCILER, calls_by_pod
+from tests.helpers.eventually import eventually_off_loop
 from tests.helpers.scheduler import SchedulerClient
 
 pytestmark = pytest.mark.integration
@@ -143,8 +144,10 @@ async def test_base_decides_the_outcome_while_sidecars_keep_running(
             assert "'base' exited with code 3" in failed.failure.message
             # Cleaned up by the default policy: the succeeded pod deleted, the failed one kept and
             # marked done.
-            eventually(lambda: kubelet.gone(ok_pod), what="the succeeded task's pod to be deleted")
-            eventually(
+            await eventually_off_loop(
+                lambda: kubelet.gone(ok_pod), what="the succeeded task's pod to be deleted"
+            )
+            await eventually_off_loop(
                 lambda: kubelet.labels(bad_pod).get(podmeta.LABEL_DONE) == "true",
                 what="the failed task's pod to be marked done",
             )
@@ -157,7 +160,9 @@ async def test_base_decides_the_outcome_while_sidecars_keep_running(
                 init=[container("istio-proxy", running())],
             )
             assert (await client.final(native)).state == S.TASK_STATE_SUCCEEDED
-            eventually(lambda: kubelet.gone(native_pod), what="the native-sidecar task's pod to be deleted")
+            await eventually_off_loop(
+                lambda: kubelet.gone(native_pod), what="the native-sidecar task's pod to be deleted"
+            )
             finals = {
                 name: [
                     c.task.state for c in client.changes[podmeta.key_string(key)] if c.task.state in TERMINAL
