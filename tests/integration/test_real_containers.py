@@ -57,7 +57,10 @@ async def test_a_real_exit_code_and_reason_reach_the_failure_details(real: Sched
     await real.launch(key, template="real", command=shell("echo working; exit 42"))
     task = await real.final(key, timeout=120)
     assert task.state == task_pb2.TASK_STATE_FAILED
-    assert (task.failure.reason, task.failure.pod_phase) == ("PodFailed", "Failed")
+    # The task is decided when `base` terminates (statemachine._base_ended), which a real kubelet
+    # may report before it moves the pod's phase on: the details carry the phase of that event.
+    assert task.failure.reason == "PodFailed"
+    assert task.failure.pod_phase in ("Running", "Failed")
     container = task.failure.container
     assert (container.name, container.phase, container.exit_code, container.reason) == (
         "base",
