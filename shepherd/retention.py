@@ -25,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shepherd.logging import get_logger
+from shepherd.logging import BoundLogger, get_logger
 from shepherd.settings import StoreSettings
 from shepherd.sqlite import Database, StoreUnavailable, TableLog
 
@@ -135,12 +135,21 @@ class Pruner:
         return pruned
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except StoreUnavailable as err:  # the store's own health check reports it; try later
-                self._log_.warning("retention skipped: the store cannot write", error=err.cause)
-            await asyncio.sleep(self._retention.interval_s)
+        await run_ticks(self.tick, self._retention, self._log_, "retention skipped")
 
 
-__all__ = ["SCHEMA", "OnPruned", "Pruner", "Retention"]
+async def run_ticks(
+    tick: Callable[[], Awaitable[object]], retention: Retention, log: BoundLogger, skipped: str
+) -> None:
+    """Call `tick` once per retention interval, for ever. A store that cannot write skips the tick
+    (its own health check reports it) and the next one tries again; anything else ends the loop,
+    for the service's supervisor to act on."""
+    while True:
+        try:
+            await tick()
+        except StoreUnavailable as err:
+            log.warning(f"{skipped}: the store cannot write", error=err.cause)
+        await asyncio.sleep(retention.interval_s)
+
+
+__all__ = ["SCHEMA", "OnPruned", "Pruner", "Retention", "run_ticks"]

@@ -25,8 +25,7 @@ from services.launcher.reconciler_client import ReconcilerClient, ReconcilerUnav
 from services.launcher.store import Launch, LaunchStore
 from shepherd import podmeta
 from shepherd.logging import get_logger
-from shepherd.retention import Retention
-from shepherd.sqlite import StoreUnavailable
+from shepherd.retention import Retention, run_ticks
 from shepherd.taskstates import TERMINAL
 from shepherd.v1 import launcher_service_pb2, task_pb2
 
@@ -138,12 +137,7 @@ class LaunchExpiry:
         return forgotten
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except StoreUnavailable as err:  # the store's own health check reports it; try later
-                self._log.warning("launch expiry skipped: the store cannot write", error=err.cause)
-            await asyncio.sleep(self._retention.interval_s)
+        await run_ticks(self.tick, self._retention, self._log, "launch expiry skipped")
 
 
 __all__ = ["LaunchExpiry", "judge", "prune_launches"]
