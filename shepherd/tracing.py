@@ -10,6 +10,8 @@ as children of the launch span, where the work happens, so one trace id covers t
 
     shepherd.launch            launcher    LaunchTask: checked, pod built, stored
     shepherd.pod.create        launcher    the create call, retries included, until its outcome
+    shepherd.launch.relaunch   launcher    a new attempt, asked for by the reconciler when the
+                                           pod was lost before it ran (its create follows)
     shepherd.pod.event         watcher     each event of the pod (the first is the pod's ADDED)
     shepherd.task.transition   reconciler  each state change, from its decision to its commit
     shepherd.pod.delete        reconciler  the pod action's call (shepherd.pod.mark_done for a
@@ -56,6 +58,7 @@ class SpanName(StrEnum):
 
     LAUNCH = "shepherd.launch"
     POD_CREATE = "shepherd.pod.create"
+    RELAUNCH = "shepherd.launch.relaunch"  # a new attempt of a launch whose pod was lost before it ran
     POD_EVENT = "shepherd.pod.event"
     TRANSITION = "shepherd.task.transition"
     POD_DELETE = "shepherd.pod.delete"

@@ -146,6 +146,10 @@ class PodCreator:
             self._inflight.add(name)
             try:
                 with tracing.span(tracing.SpanName.POD_CREATE, launch.traceparent) as span:
+                    if span.is_recording():
+                        span.set_attributes(
+                            {tracing.Attr.POD: launch.pod_name, tracing.Attr.ATTEMPT: launch.attempt}
+                        )
                     await self._create(launch, pod, name, span)
             except Exception as err:  # a worker must survive anything one launch throws at it
                 self._log.exception("unexpected error creating pod", error=str(err))

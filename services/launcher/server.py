@@ -170,6 +170,9 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         except StoreUnavailable as err:
             await abort_unavailable(context, str(err))
         if relaunched:
+            if tracing.enabled and launch.traceparent:
+                # The stored context, not the caller's: a relaunch belongs to the task's own trace.
+                tracing.point(tracing.SpanName.RELAUNCH, launch.traceparent, _span_attributes(launch))
             self._creator.submit(launch, pod)
             get_logger(
                 task_key=podmeta.log_key(request.key),

@@ -233,3 +233,36 @@ async def test_an_unsampled_caller_gets_no_spans_anywhere(
     assert _of(stack, quiet_caller.trace_id) == []
     quiet_pod = [s for s in _spans(stack) if s.attributes.get(tracing.Attr.POD) == launch.pod_name]
     assert quiet_pod == []
+
+
+async def test_a_relaunch_stays_in_its_tasks_trace(traced_stack: ServiceStack, cluster: ClusterInfo) -> None:
+    """A pod lost before it ran is relaunched by the launcher at the reconciler's request: the
+    relaunch and the second pod's create are spans of the task's trace, under its launch span."""
+    stack = traced_stack
+    key = task_key(dag_id="tracing", task_id="relaunched", run_id=unique_name("trace"))
+    caller = Caller.new()
+    api = core_api(cluster.admin_kubeconfig)
+    async with SchedulerClient.connect(stack) as client:
+        launch = (await _launch(client, key, caller, "sim.shepherd.dev/start-delay: '3s'")).launch
+        await client.reached(key, S.TASK_STATE_QUEUED)
+
+        async def first_pod_exists() -> bool:
+            pods = await asyncio.to_thread(
+                api.list_namespaced_pod, launch.namespace, field_selector=f"metadata.name={launch.pod_name}"
+            )
+            return bool(pods.items)
+
+        await eventually_async(first_pod_exists, what="the first attempt's pod")
+        await asyncio.to_thread(api.delete_namespaced_pod, launch.pod_name, launch.namespace)
+        task = await client.final(key)
+        assert (task.state, task.launch_attempts) == (S.TASK_STATE_SUCCEEDED, 2)
+        spans = await _trace_until(stack, caller, SpanName.POD_DELETE)
+
+    (root,) = [s for s in spans if s.name == SpanName.LAUNCH]
+    (relaunch,) = [s for s in spans if s.name == SpanName.RELAUNCH]
+    assert relaunch.service == "shepherd-launcher"
+    assert relaunch.parent_span_id == root.span_id
+    assert relaunch.attributes[tracing.Attr.ATTEMPT] == 2
+    creates = sorted((s for s in spans if s.name == SpanName.POD_CREATE), key=lambda s: s.start_ns)
+    assert [s.attributes[tracing.Attr.POD] for s in creates] == [launch.pod_name, task.pod_name]
+    assert creates[1].start_ns >= relaunch.start_ns
