@@ -238,6 +238,18 @@ class ServiceSettings(BaseSettings):
         # (shepherd.security.transport), so settings used for anything else need no certificates.
         return self
 
+    @model_validator(mode="after")
+    def _ports_are_distinct(self) -> Self:
+        # Caught here, before anything listens: otherwise the second bind fails after the gRPC port
+        # is already serving. 0 picks a free port, so it never collides.
+        ports = {"port": self.port, "health_port": self.health_port, "metrics_port": self.metrics_port}
+        taken: dict[int, str] = {}
+        for name, port in ports.items():
+            if port and port in taken:
+                raise ValueError(f"{taken[port]} and {name}: both are {port}; each needs a port of its own")
+            taken.setdefault(port, name)
+        return self
+
     @field_validator("otlp_endpoint")
     @classmethod
     def _otlp_endpoint_is_usable(cls, value: str) -> str:
