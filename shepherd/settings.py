@@ -164,14 +164,14 @@ class ServiceSettings(BaseSettings):
         ge=0,
         le=65535,
         description="Also serve grpc.health.v1 alone, in plaintext, on this port (for the kubelet's "
-        "gRPC probes, which cannot do TLS); 0: no such port.",
+        "gRPC probes, which cannot do TLS); 0: no such port. Must differ from port and metrics_port.",
     )
     metrics_port: int = Field(
         default=0,
         ge=0,
         le=65535,
         description="Serve Prometheus metrics (GET /metrics) in plaintext on this port, on `host`; 0: none. "
-        "Names start with shepherd_ (README.md, Metrics).",
+        "Must differ from port and health_port. Names start with shepherd_ (README.md, Metrics).",
     )
     # ---- tracing (shepherd.tracing; README.md, Tracing) -------------------------------------------
     otlp_endpoint: str = Field(
