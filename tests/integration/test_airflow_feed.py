@@ -12,12 +12,12 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import pytest
-
-from controlplane.stack import ServiceStack
 from shepherd_airflow.client import ShepherdClient, StateFeed
 from shepherd_airflow.config import Settings
 from shepherd_airflow.translate import TERMINAL_STATES
 from shepherd_airflow.v1 import launcher_service_pb2, task_pb2
+
+from controlplane.stack import ServiceStack
 from tests.helpers import eventually, unique_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.airflow]
@@ -53,7 +53,10 @@ def keys_of(dag: str, *task_ids: str) -> list[task_pb2.TaskKey]:
 def run_to_the_end(client: ShepherdClient, keys: list[task_pb2.TaskKey]) -> None:
     """Launch the tasks and wait until Shepherd has each in a terminal state."""
     results = client.launch(
-        [launcher_service_pb2.LaunchTaskRequest(key=k, command=["run-task"], pod_override_yaml=QUICK) for k in keys]
+        [
+            launcher_service_pb2.LaunchTaskRequest(key=k, command=["run-task"], pod_override_yaml=QUICK)
+            for k in keys
+        ]
     )
     assert not [r for r in results if r.HasField("error")], results
 
@@ -160,3 +163,27 @@ def test_the_queue_is_bounded_and_loses_nothing(shepherd: ShepherdClient) -> Non
     assert received.largest_drain <= 2
     for name in names:
         assert received.terminal(name) == [task_pb2.TASK_STATE_SUCCEEDED], received.states
+
+
+def test_a_reread_state_is_never_followed_by_an_older_one_from_the_stream(shepherd: ShepherdClient) -> None:
+    """The feed subscribes, then reads its tasks; a task that moves on in between is read in its
+    newest state while the stream still has its older transitions to send. Here the executor's
+    task is launched as the feed subscribes and has finished when the feed reads it: the feed
+    hands over SUCCEEDED once, and neither the stream's QUEUED and RUNNING after it nor the
+    stream's own SUCCEEDED. A task launched afterwards is the barrier: the stream got past them."""
+    dag = unique_name("feedorder")
+    (key,) = keys_of(dag, "t")
+    (sentinel,) = keys_of(dag, "sentinel")
+
+    def launched_and_finished() -> list[task_pb2.TaskKey]:
+        # Called by the feed once subscribed: the task runs its whole life before it is read.
+        run_to_the_end(shepherd, [key])
+        return [key]
+
+    feed = StateFeed(shepherd, launched_and_finished)
+    received = Received(feed)
+    with started(feed):
+        eventually(lambda: feed.reread >= 1, what="the tracked task to be read", timeout=120)
+        run_to_the_end(shepherd, [sentinel])
+        eventually(lambda: received.terminal("sentinel"), what="the sentinel's terminal state", timeout=60)
+    assert received.states["t"] == [task_pb2.TASK_STATE_SUCCEEDED], received.states
