@@ -455,11 +455,12 @@ class Cluster:
                     "resources": [{"group": "", "resources": ["pods/log", "events"]}],
                 },
                 {
-                    # Which identity lists, watches and patches pods: the in-cluster test checks
-                    # that each service calls as its own ServiceAccount, from its own pod.
+                    # Which identity reads, lists, watches and patches pods: the in-cluster test
+                    # checks that each service calls as its own ServiceAccount, from its own pod;
+                    # the gap test, that the watcher asks about a gap's vanished pods in one list.
                     "level": "Metadata",
                     "userGroups": ["system:serviceaccounts"],
-                    "verbs": ["list", "watch", "patch"],
+                    "verbs": ["get", "list", "watch", "patch"],
                     "resources": [{"group": "", "resources": ["pods"]}],
                 },
                 {"level": "None"},

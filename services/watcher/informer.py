@@ -13,8 +13,9 @@ Every DELETED event says how the pod went (PodEvent.gone), because "deleted" and
 matches the selector" (marked done, relabelled by an adopting executor) mean different things for
 its task, and a watch reports both as DELETED with the pod's last matching state. A pod whose
 deletion was requested is deleted; otherwise the pod is read by name: missing, or replaced by a
-pod with another UID, it was deleted; still there, it left the selector. A synthetic DELETED is a
-copy of the last state seen, so it is always read.
+pod with another UID, it was deleted; still there, it left the selector. A synthetic DELETED (a
+pod that vanished in a gap) is a copy of the last state seen, so it is always asked about: all of
+a gap's at once, with one paged list of the worker pods.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import aiohttp
 
 from services.watcher import encoded, metrics
 from services.watcher.metrics import Restart
-from shepherd import timestamps, tracing
+from shepherd import podmeta, timestamps, tracing
 from shepherd.eventlog import MemoryLog
 from shepherd.kube import ApiError, KubeClient, WatchExpired, is_transient
 from shepherd.kube.client import sleep_backoff
@@ -39,7 +40,6 @@ from shepherd.v1 import watcher_service_pb2
 
 PodEvent = watcher_service_pb2.PodEvent
 W = watcher_service_pb2
-_GONE_READS = 16  # vanished pods read at once after a gap
 
 
 def _trace(event: PodEvent) -> None:
@@ -81,6 +81,7 @@ class InformerStats:
     events: int = 0
     synthetic_events: int = 0
     gone_reads: int = 0  # pods read by name to tell a deletion from leaving the selector
+    gone_lists: int = 0  # lists of the worker pods to tell the same for the pods vanished in a gap
 
 
 @dataclass
@@ -152,6 +153,48 @@ class Informer:
             return W.POD_GONE_DELETED
         return W.POD_GONE_LEFT_SELECTOR
 
+    async def _how_vanished_went(
+        self, namespace: str | None, uids: set[str]
+    ) -> dict[str, W.PodGone.ValueType]:
+        """How each pod that vanished in a gap went, by uid: one paged list of the scope's worker
+        pods (any executor, done or not), not a read per pod. After a long gap under load that
+        can be thousands of pods, and reading them one by one kept a 10,000-pod scale run's
+        watcher from emitting anything for over ten minutes while the API server struggled. A
+        vanished pod still listed under its uid, not being deleted, left the selector; any other
+        was deleted. If the list keeps failing the consumer decides (POD_GONE_UNSPECIFIED)."""
+        if not uids:
+            return {}
+        retries = Retries(self.gone_read_retries)
+        while True:
+            try:
+                self.stats.gone_lists += 1
+                staying: set[str] = set()
+                token = ""
+                while True:
+                    page = await self.kube.list_pods(
+                        namespace, label_selector=f"{podmeta.LABEL_WORKER}=true", continue_token=token
+                    )
+                    for pod in page.get("items") or ():
+                        meta = pod.get("metadata") or {}
+                        if meta.get("uid") in uids and not meta.get("deletionTimestamp"):
+                            staying.add(meta["uid"])
+                    token = (page.get("metadata") or {}).get("continue", "")
+                    if not token:
+                        break
+                return {
+                    uid: W.POD_GONE_LEFT_SELECTOR if uid in staying else W.POD_GONE_DELETED for uid in uids
+                }
+            except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as err:
+                if retries.another(err):
+                    await sleep_backoff(retries.attempt, cap_s=5.0)
+                    continue
+                get_logger(component="informer", namespace=namespace or "*").warning(
+                    "could not list the pods that vanished in a gap; the consumer decides how they went",
+                    error=str(err),
+                    pods=len(uids),
+                )
+                return dict.fromkeys(uids, W.POD_GONE_UNSPECIFIED)
+
     def _record(self, event: PodEvent) -> None:
         """Append to the log under the next cursor, count it, and keep the cache in step."""
         event.cursor = self.log.next_cursor
@@ -180,24 +223,20 @@ class Informer:
                 self._emit("ADDED", pod, synthetic=after_gap)
             elif known.resource_version != meta.get("resourceVersion"):
                 self._emit("MODIFIED", pod, synthetic=after_gap)
-        vanished = []
-        for uid, known in list(self._cache.items()):
-            if uid not in seen and (namespace is None or known.namespace == namespace):
-                # The pod vanished while we were not watching: reconstructed from its last known
-                # state, which cannot say whether it was deleted or relabelled: the pod is read.
-                event = known.decoded()
-                event.type = watcher_service_pb2.POD_EVENT_TYPE_DELETED
-                event.synthetic = True
-                timestamps.stamp_now(event.observe_time)
-                vanished.append(event)
-        gate = asyncio.Semaphore(_GONE_READS)
-
-        async def read(event: PodEvent) -> W.PodGone.ValueType:
-            async with gate:
-                return await self._how_gone(event)
-
-        for event, gone in zip(vanished, await asyncio.gather(*map(read, vanished)), strict=True):
-            event.gone = gone
+        vanished = {
+            uid: known
+            for uid, known in self._cache.items()
+            if uid not in seen and (namespace is None or known.namespace == namespace)
+        }
+        # Each vanished pod is reconstructed from its last known state, which cannot say whether
+        # it was deleted or relabelled: the API server is asked, once for all of them.
+        gone = await self._how_vanished_went(namespace, set(vanished))
+        for known in vanished.values():
+            event = known.decoded()
+            event.type = watcher_service_pb2.POD_EVENT_TYPE_DELETED
+            event.synthetic = True
+            event.gone = gone.get(event.pod_uid, W.POD_GONE_DELETED)
+            timestamps.stamp_now(event.observe_time)
             self._record(event)
         return resource_version
 

@@ -13,6 +13,7 @@ from typing import Any
 
 LAUNCHER = "system:serviceaccount:shepherd:launcher"
 RECONCILER = "system:serviceaccount:shepherd:reconciler"
+WATCHER = "system:serviceaccount:shepherd:watcher"
 
 
 @dataclass

@@ -23,7 +23,7 @@ from shepherd.v1 import (
     watcher_service_pb2_grpc,
 )
 from tests.helpers import core_api, make_pod, task_key, unique_name
-from tests.helpers.audit import LAUNCHER, calls_by_pod
+from tests.helpers.audit import LAUNCHER, WATCHER, AuditLog, calls_by_pod
 from tests.helpers.cluster import spare_settings
 from tests.helpers.scheduler import SchedulerClient
 from tests.helpers.streams import Collector, unbatched
@@ -176,6 +176,77 @@ async def test_a_410_gap_is_rebuilt_and_every_task_touched_in_it_settles(
     creates = calls_by_pod(spare.audit_log, "create", LAUNCHER)
     mine = {podmeta.pod_name(k, a) for k in (running, pending, left, changed) for a in (1, 2)}
     assert {name: n for name, n in creates.items() if name in mine and n != 1} == {}
+
+
+async def test_the_pods_that_vanish_in_a_gap_are_asked_about_in_one_list_not_one_read_each(
+    gap_cluster: tuple[Cluster, ClusterInfo], tmp_path: Path
+) -> None:
+    """A long gap under load can leave thousands of vanished pods: reading each by name kept a
+    scale run's watcher silent for over ten minutes. Here 12 pods are deleted and one is marked
+    done in a gap; the watcher reports each as it went, and the API server's audit log shows it
+    read none of them by name."""
+    spare, info = gap_cluster
+    executor = f"gapmany-{unique_name('x')[-6:]}"
+    stack = ServiceStack(
+        info, tmp_path, executor_id=executor, flags={"watcher": ["--watch-timeout-s", str(WATCH_TIMEOUT_S)]}
+    )
+    stack.start()
+    admin = core_api(info.admin_kubeconfig)
+    ns = info.namespace
+    keys = [task_key(task_id=unique_name(f"many{i}")) for i in range(13)]
+    *deleted, kept = keys
+    audit = AuditLog.from_now(spare.audit_log)
+    try:
+        async with (
+            SchedulerClient.connect(stack) as client,
+            stack.channel("watcher", identity="reconciler") as channel,
+        ):
+            stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
+            events = Collector(
+                unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(after_cursor=0)), "events")
+            ).start()
+            for key in keys:
+                await client.launch(key, annotations={"sim.shepherd.dev/outcome": "run-forever"})
+            for key in keys:
+                await client.reached(key, S.TASK_STATE_RUNNING)
+            seen = len(events.items)
+            watcher = stack.procs["watcher"]
+            os.kill(watcher.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(WATCH_TIMEOUT_S + 3)  # lets the watch time out server-side
+                for key in deleted:
+                    await asyncio.to_thread(
+                        admin.delete_namespaced_pod, podmeta.pod_name(key), ns, grace_period_seconds=0
+                    )
+                await asyncio.to_thread(
+                    admin.patch_namespaced_pod,
+                    podmeta.pod_name(kept),
+                    ns,
+                    {"metadata": {"labels": {podmeta.LABEL_DONE: "true"}}},
+                )
+                await asyncio.to_thread(spare.compact_etcd)
+            finally:
+                os.kill(watcher.pid, signal.SIGCONT)
+            expected = {(podmeta.pod_name(k), W.POD_GONE_DELETED) for k in deleted} | {
+                (podmeta.pod_name(kept), W.POD_GONE_LEFT_SELECTOR)
+            }
+            await events.until(
+                lambda items: (
+                    {
+                        (e.pod_name, e.gone)
+                        for e in items[seen:]
+                        if e.synthetic and e.type == W.POD_EVENT_TYPE_DELETED
+                    }
+                    >= expected
+                ),
+                what="a synthetic DELETED for each pod of the gap, saying how it went",
+            )
+            await events.stop()
+        assert "re-listing" in stack.tail("watcher", 400)
+    finally:
+        stack.stop_all()
+    names = {podmeta.pod_name(k) for k in keys}
+    assert audit.calls("get", names, user=WATCHER) == {}
 
 
 async def test_a_pod_that_leaves_the_selector_is_not_reported_deleted(
