@@ -100,7 +100,8 @@ async def _stored(client: SchedulerClient, key: S.TaskKey) -> S.Task | None:
         if err.code() != grpc.StatusCode.NOT_FOUND:
             raise
         return None
-    return reply.task
+    task: S.Task = reply.task
+    return task
 
 
 async def _launch_of(client: SchedulerClient, key: S.TaskKey) -> lpb.Launch | None:
@@ -110,7 +111,8 @@ async def _launch_of(client: SchedulerClient, key: S.TaskKey) -> lpb.Launch | No
         if err.code() != grpc.StatusCode.NOT_FOUND:
             raise
         return None
-    return reply.launch
+    launch: lpb.Launch = reply.launch
+    return launch
 
 
 async def _run(client: SchedulerClient, name: str, annotations: dict[str, str] = SHORT) -> S.Task:
