@@ -177,6 +177,35 @@ async def test_a_task_pruned_by_count_is_never_resurrected_nor_run_again(
     assert dict(creates) == {podmeta.pod_name(key): 1}, creates
 
 
+async def test_a_repeated_launch_of_a_task_that_ran_makes_no_second_pod_after_count_pruning(
+    client: SchedulerClient, counted: ServiceStack
+) -> None:
+    """Both logs pruned past the task by count, moments after it ended: the launcher keeps its
+    launch (a retention period after its pod was created), so LaunchTask stays idempotent."""
+    audit = Cluster().audit_log
+    done = await _run(client, "repeat")
+    key = podmeta.key_string(done.key)
+    db_path = counted.workdir / "launcher.db"
+
+    def judged() -> bool:
+        """The launcher pruned the launch's last event and asked the reconciler about its task."""
+        with closing(sqlite3.connect(db_path)) as db:
+            launch = db.execute("SELECT 1 FROM launches WHERE key = ?", (key,)).fetchone()
+            due = db.execute("SELECT due FROM launch_expiry WHERE key = ?", (key,)).fetchone()
+        return launch is None or (due is not None and due[0] > time.time() + 3600)
+
+    for i in range(4 * MAX_ENTRIES):
+        if await asyncio.to_thread(judged):
+            break
+        await _run(client, f"more{i}")
+    assert await asyncio.to_thread(judged), "the launcher never pruned the launch's events"
+    assert await _stored(client, done.key) is None
+    assert (await client.launch(done.key, annotations=SHORT)).already_existed
+    assert (await _run(client, "sentinel")).state == S.TASK_STATE_SUCCEEDED
+    creates = calls_by_pod(audit, "create", LAUNCHER, {done.pod_name})
+    assert dict(creates) == {done.pod_name: 1}, creates
+
+
 async def test_pruning_a_failed_task_takes_its_pod_action_and_post_mortem_rows(
     client: SchedulerClient, counted: ServiceStack
 ) -> None:

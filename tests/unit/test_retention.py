@@ -146,14 +146,18 @@ async def test_launches_go_with_their_last_event_but_never_while_waiting_for_a_p
 
 def test_a_created_launch_is_forgotten_only_once_its_task_ended_a_period_ago() -> None:
     now = 10 * DAY
+    created = now - 3 * DAY
     running = S.Task(state=S.TASK_STATE_RUNNING)
-    assert judge(running, now=now, period_s=DAY) == (False, now + DAY)
+    assert judge(running, now=now, period_s=DAY, created=created) == (False, now + DAY)
     ended = S.Task(state=S.TASK_STATE_SUCCEEDED)
     ended.end_time.FromSeconds(int(now - DAY / 2))
-    assert judge(ended, now=now, period_s=DAY) == (False, now + DAY / 2)
+    assert judge(ended, now=now, period_s=DAY, created=created) == (False, now + DAY / 2)
     ended.end_time.FromSeconds(int(now - DAY))
-    assert judge(ended, now=now, period_s=DAY) == (True, now)
-    assert judge(None, now=now, period_s=DAY)[0]  # the reconciler pruned it: it ended long ago
+    assert judge(ended, now=now, period_s=DAY, created=created) == (True, now)
+    # The reconciler pruned it: by age long ago, but by count perhaps just now, so the launch stays
+    # until its pod was created a period ago.
+    assert judge(None, now=now, period_s=DAY, created=created) == (True, created + DAY)
+    assert judge(None, now=now, period_s=DAY, created=now - DAY / 4) == (False, now + 3 * DAY / 4)
 
 
 async def test_the_file_stops_growing_once_retention_applies(tmp_path: Path) -> None:
