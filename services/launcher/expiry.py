@@ -118,8 +118,8 @@ class LaunchExpiry:
                 break
             for (key, blob), task in zip(chunk, tasks, strict=True):
                 launch = Launch.FromString(blob)
-                created = launch.create_time.ToNanoseconds() / 1e9 if launch.HasField("create_time") else 0.0
-                forget, due = judge(task, now=now, period_s=self._retention.period_s, created=created)
+                made = launch.create_time.ToNanoseconds() / 1e9 if launch.HasField("create_time") else 0.0
+                forget, due = judge(task, now=now, period_s=self._retention.period_s, created=made)
                 verdicts.append(Verdict(key, bytes(blob), forget, due))
 
         def write(conn: sqlite3.Connection) -> int:
