@@ -329,10 +329,7 @@ async def serve(settings: ReconcilerSettings) -> None:
     )
     supervisor.spawn(consume_launcher(settings.launcher_address, engine, upstreams), name="launcher-stream")
     supervisor.spawn(consume_watcher(settings.watcher_address, engine, upstreams), name="watcher-stream")
-    supervisor.spawn(
-        recover_launch_outcomes(engine, launcher, batch=settings.pending_check_batch_size),
-        name="launch-gap-check",
-    )
+    supervisor.spawn(recover_launch_outcomes(engine, launcher), name="launch-gap-check")
     supervisor.spawn(upstreams.run(), name="upstream-health")
     supervisor.spawn(
         store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"

@@ -125,7 +125,12 @@ async def consume_watcher(address: str, engine: Engine, health: UpstreamHealth |
                 await sleep_backoff(failures, cap_s=5.0)
 
 
-async def recover_launch_outcomes(engine: Engine, launcher: LauncherCalls, *, batch: int) -> None:
+_GAP_CHECK_BATCH = 32  # GetLaunch calls in flight at once while checking after a gap
+
+
+async def recover_launch_outcomes(
+    engine: Engine, launcher: LauncherCalls, *, batch: int = _GAP_CHECK_BATCH
+) -> None:
     """After each gap in the launcher stream, ask the launcher about every task still QUEUED
     without a pod, `batch` at a time: a launch it still has is applied like its events (a failed
     one fails the task); one it no longer has ended without a pod (engine.LaunchLost). Done once
