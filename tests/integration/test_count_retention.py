@@ -46,7 +46,7 @@ QUEUED_TIMEOUT_S = 15.0
 
 
 @pytest.fixture(scope="module")
-def quota_namespace(cluster: ClusterInfo) -> str:
+def quota_namespace(cluster: ClusterInfo) -> Iterator[str]:
     """A namespace of this module's own (with the RBAC the services need there) where no pod may
     be created: a launch into it is retried (403 exceeded quota) until its queued timeout."""
     name = unique_name("noquota")
@@ -61,7 +61,8 @@ def quota_namespace(cluster: ClusterInfo) -> str:
             "spec": {"hard": {"pods": "0"}},
         }
     )
-    return name
+    yield name
+    core_api(cluster.admin_kubeconfig).delete_namespace(name)
 
 
 @pytest.fixture(scope="module")
