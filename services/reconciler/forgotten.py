@@ -40,14 +40,13 @@ def pruned_here(
     """Whether a launch the reconciler has no task for (read after `committed`, the launcher
     cursor it had committed) is one whose task it pruned, so must not be learnt again.
 
-    A launch still waiting for its pod is always learnt: its task has not run. Without the cursor
-    of its last event (a launcher older than that field) only age tells: a task is pruned by age
-    once it ended a retention period ago, after its launch was accepted."""
-    if launch.state == launcher_service_pb2.LAUNCH_STATE_ACCEPTED:
-        return False
+    That holds for a launch still waiting for its pod too (its task was cancelled here, and the
+    cancel has not reached the launcher yet). Without the cursor of its last event (a launcher
+    older than that field) only age tells, and such a launch is always learnt: a task is pruned by
+    age once it ended a retention period ago, after its pod was created."""
     if last_event_cursor:
         return last_event_cursor <= committed and not gap.holds(last_event_cursor)
-    if not launch.HasField("accept_time"):
+    if launch.state == launcher_service_pb2.LAUNCH_STATE_ACCEPTED or not launch.HasField("accept_time"):
         return False
     return launch.accept_time.ToNanoseconds() / 1e9 + retention_s <= now
 

@@ -196,11 +196,12 @@ def test_the_reconciler_does_not_learn_again_a_launch_whose_task_it_pruned() -> 
     assert pruned(300)
     assert not pruned(301)  # not applied yet: the stream is still bringing it
     assert not pruned(150)  # skipped unread in a gap: never seen here
-    launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED  # still waiting: never pruned
-    assert not pruned(50)
-    # No cursor (an older launcher): only age tells.
-    launch.state = launcher_service_pb2.LAUNCH_STATE_CREATED
+    launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED  # cancelled here, not yet there
+    assert pruned(50)
+    # No cursor (an older launcher): only age tells, and a launch still waiting is learnt.
     launch.accept_time.FromSeconds(int(now - DAY - 1))
+    assert not pruned(0)
+    launch.state = launcher_service_pb2.LAUNCH_STATE_CREATED
     assert pruned(0)
     assert not pruned(0, retention_s=2 * DAY)
 
