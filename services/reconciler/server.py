@@ -151,7 +151,6 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             stored, pod_uid = row
             stored.pod_uid = pod_uid
             return stored
-        launch = found.launch if found is not None else None
         if found is not None and pruned_here(
             found.launch,
             found.last_event_cursor,
@@ -160,9 +159,11 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             now=time.time(),
             retention_s=self._settings.retention_s,
         ):
-            launch = None
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, "key: this task ended and was pruned by the retention"
+            )
         try:
-            task = await self._engine.learn_launch(launch) if launch is not None else None
+            task = await self._engine.learn_launch(found.launch) if found is not None else None
         except StoreUnavailable as err:
             await abort_unavailable(context, str(err))
         if task is None:
