@@ -281,6 +281,7 @@ async def test_a_launch_outcome_pruned_unread_still_reaches_its_task(
     await asyncio.to_thread(counted.start, ("reconciler",))
     task = await client.final(key, timeout=90)
     assert task.state == S.TASK_STATE_FAILED, task
+    assert task.failure.reason == "LaunchOutcomeLost", task.failure
     for filler in fillers:
         assert (await client.final(filler)).state == S.TASK_STATE_SUCCEEDED
 
