@@ -160,11 +160,14 @@ async def test_a_task_pruned_by_count_is_never_resurrected_nor_run_again(
     created = launch.create_time.ToNanoseconds() / 1e9
     await asyncio.sleep(max(0.0, created + PENDING_TIMEOUT_S + 1 - time.time()))
 
-    # Asked about it (a `shepherd tasks get`, an adoption), it is gone: not QUEUED again.
-    assert await _not_found(client.reconciler.GetTask(rpb.GetTaskRequest(key=key), timeout=30)), (
-        "a pruned task was learnt again from its launch"
+    # Asked about it (a `shepherd tasks get`, an adoption), it is gone: not QUEUED again. (The
+    # client's channel may still be backing off from the restart: the calls wait for it.)
+    assert await _not_found(
+        client.reconciler.GetTask(rpb.GetTaskRequest(key=key), timeout=30, wait_for_ready=True)
+    ), "a pruned task was learnt again from its launch"
+    assert await _not_found(
+        client.reconciler.CancelTask(rpb.CancelTaskRequest(key=key), timeout=30, wait_for_ready=True)
     )
-    assert await _not_found(client.reconciler.CancelTask(rpb.CancelTaskRequest(key=key), timeout=30))
     # The launch is still kept here, so a repeated LaunchTask is still idempotent.
     assert (await client.launch(key, annotations=SHORT)).already_existed
 
