@@ -313,8 +313,10 @@ class StoreSettings(ServiceSettings):
     retention_max_entries: int = Field(
         default=0,
         ge=0,
-        description="Also prune the oldest log entries beyond this many (0: no count limit). Never "
-        "removes a task that has not finished, nor a launch still waiting for its pod.",
+        description="Also prune the oldest log entries beyond this many (0: no count limit), and with "
+        "them finished tasks and failed or cancelled launches, possibly well within retention_s. Never "
+        "removes a task that has not finished, a launch still waiting for its pod, nor one whose pod "
+        "was created less than retention_s ago.",
     )
     retention_interval_s: float = Field(
         default=10.0,

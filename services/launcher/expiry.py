@@ -9,9 +9,12 @@ that means the same try: until its task ended longer ago than the retention peri
   logged (the launcher failed it, or the reconciler had revoked the task first).
 - A CREATED launch's pod may run for longer than the retention. When its last event is pruned it
   is queued in `launch_expiry`, and the reconciler, which owns task state, is asked about its
-  task: the launch goes once the task ended a retention period ago (or the reconciler has pruned
-  the task itself); otherwise it is asked again later. While the reconciler does not answer,
-  nothing is forgotten.
+  task: the launch goes once the task ended a retention period ago; otherwise it is asked again
+  later. While the reconciler does not answer, nothing is forgotten. A task the reconciler no
+  longer has was pruned there: by age it ended a retention period ago, but by count
+  (retention_max_entries) it may have ended a moment ago, so the launch is still kept until its
+  pod was created a retention period ago: a task that ran is never launched again by a repeated
+  LaunchTask within that time.
 """
 
 from __future__ import annotations
@@ -63,12 +66,12 @@ class Verdict:
     due: float  # when to ask again, if not forgotten
 
 
-def judge(task: task_pb2.Task | None, *, now: float, period_s: float) -> tuple[bool, float]:
-    """Whether to forget a CREATED launch given the reconciler's record of its task, and if not,
-    when to ask again. No record: the reconciler pruned the task, which it does only once the task
-    has ended a retention period ago."""
+def judge(task: task_pb2.Task | None, *, now: float, period_s: float, created: float) -> tuple[bool, float]:
+    """Whether to forget a CREATED launch (its pod created at `created`) given the reconciler's
+    record of its task, and if not, when to ask again. No record: the reconciler pruned the task,
+    which it ended after its pod was created."""
     if task is None:
-        return True, now
+        return created + period_s <= now, created + period_s
     if task.state not in TERMINAL:
         return False, now + period_s
     ended = task.end_time.ToNanoseconds() / 1e9 if task.HasField("end_time") else now
@@ -114,7 +117,9 @@ class LaunchExpiry:
                 self._log.info("the reconciler did not answer; launches are kept for now", error=str(err))
                 break
             for (key, blob), task in zip(chunk, tasks, strict=True):
-                forget, due = judge(task, now=now, period_s=self._retention.period_s)
+                launch = Launch.FromString(blob)
+                made = launch.create_time.ToNanoseconds() / 1e9 if launch.HasField("create_time") else 0.0
+                forget, due = judge(task, now=now, period_s=self._retention.period_s, created=made)
                 verdicts.append(Verdict(key, bytes(blob), forget, due))
 
         def write(conn: sqlite3.Connection) -> int:

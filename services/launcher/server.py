@@ -128,8 +128,16 @@ class LauncherServicer(pb_grpc.LauncherServiceServicer):
         )
 
     async def GetLaunch(self, request: pb.GetLaunchRequest, context: Context) -> pb.GetLaunchResponse:
-        launch = await self._existing(request.key, request.HasField("key"), context)
-        return pb.GetLaunchResponse(launch=launch)
+        try:
+            check_key(request.key, present=request.HasField("key"))
+        except InvalidField as err:
+            await abort_invalid(context, err)
+        found = self._store.get_with_cursor(request.key)
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "key: this task was never launched here")
+        assert found is not None
+        launch, cursor = found
+        return pb.GetLaunchResponse(launch=launch, last_event_cursor=cursor)
 
     async def CancelLaunch(
         self, request: pb.CancelLaunchRequest, context: Context

@@ -33,7 +33,20 @@ CREATE TABLE IF NOT EXISTS launch_events (
     cursor INTEGER PRIMARY KEY AUTOINCREMENT,
     launch BLOB NOT NULL
 );
+-- The cursor of each launch's last event (GetLaunch answers it): a table of its own, so a store
+-- made before it existed opens unchanged; its row goes with the launch.
+CREATE TABLE IF NOT EXISTS launch_cursors (
+    key TEXT PRIMARY KEY,
+    cursor INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS launch_cursors_forget AFTER DELETE ON launches BEGIN
+    DELETE FROM launch_cursors WHERE key = old.key;
+END;
 """
+_SET_CURSOR = (
+    "INSERT INTO launch_cursors(key, cursor) VALUES (?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET cursor = excluded.cursor"
+)
 
 
 # Retention (services/launcher/expiry.py): a launch whose pod was created outlives its last event
@@ -70,6 +83,15 @@ class LaunchStore:
         name = podmeta.key_string(key)
         return self.get_many([name]).get(name)
 
+    def get_with_cursor(self, key: task_pb2.TaskKey) -> tuple[Launch, int] | None:
+        """The launch, with the cursor of its last event (0 if it was stored before that was kept)."""
+        row = self.db.reader.execute(
+            "SELECT l.launch, coalesce(c.cursor, 0) FROM launches l "
+            "LEFT JOIN launch_cursors c ON c.key = l.key WHERE l.key = ?",
+            (podmeta.key_string(key),),
+        ).fetchone()
+        return (Launch.FromString(row[0]), int(row[1])) if row is not None else None
+
     def get_many(self, keys: Sequence[str]) -> dict[str, Launch]:
         """The stored launches among `keys` (podmeta.key_string), by key: one query per 500 keys."""
         rows = self.db.rows_for_keys("SELECT key, launch FROM launches WHERE key IN ({})", keys)
@@ -104,7 +126,7 @@ class LaunchStore:
                     (key, blob, pod_json, launch.state),
                 )
                 if cur.rowcount == 1:
-                    self.events.append(conn, blob, launch)
+                    conn.execute(_SET_CURSOR, (key, self.events.append(conn, blob, launch)))
                     stored.append(None)
                 else:
                     stored.append(
@@ -152,7 +174,7 @@ class LaunchStore:
                 )
             if cur.rowcount != 1:
                 return False
-            self.events.append(conn, blob, launch)
+            conn.execute(_SET_CURSOR, (key, self.events.append(conn, blob, launch)))
             return True
 
         return self.db.write_soon(write, lazy=lazy)
@@ -194,7 +216,7 @@ class LaunchStore:
                 "UPDATE launches SET launch = ?, pod = ?, state = ? WHERE key = ?",
                 (blob, pod_json, launch.state, name),
             )
-            self.events.append(conn, blob, Launch.FromString(blob))
+            conn.execute(_SET_CURSOR, (name, self.events.append(conn, blob, Launch.FromString(blob))))
             return blob, pod_json, True
 
         outcome = await self.db.write(write)

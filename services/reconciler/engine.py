@@ -31,6 +31,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from services.reconciler import metrics
+from services.reconciler.forgotten import LaunchGap
 from services.reconciler.postmortem import ran_in_a_runtime
 from services.reconciler.statemachine import (
     TERMINAL,
@@ -42,6 +43,7 @@ from services.reconciler.statemachine import (
     decide_adoption,
     decide_cancel,
     decide_launch,
+    decide_launch_lost,
     decide_pending_timeout,
     decide_relaunch_refused,
     decide_stale_pod,
@@ -59,6 +61,11 @@ PodEvent = watcher_service_pb2.PodEvent
 Launch = launcher_service_pb2.Launch
 SOURCE_LAUNCHER = "launcher"
 SOURCE_WATCHER = "watcher"
+# Cursor rows of the latest gap in the launcher stream (forgotten.LaunchGap), and up to where the
+# tasks it may have left QUEUED were checked against the launcher.
+GAP_AFTER = "launcher-gap-after"
+GAP_UPTO = "launcher-gap-upto"
+GAP_CHECKED = "launcher-gap-checked"
 _TERMINAL_CACHE = 20_000  # finished tasks kept in memory to answer late events without a read
 _TASK_DEADLINE = "task:"  # deadline handles for tasks (not pods): created, but never seen
 
@@ -170,8 +177,25 @@ class FailureEvents:
     events: list[task_pb2.KubernetesEvent]
 
 
+@dataclass(frozen=True)
+class LaunchLost:
+    """After a gap: the launcher no longer has the launch of a task still QUEUED here."""
+
+    key: task_pb2.TaskKey
+
+
+@dataclass(frozen=True)
+class GapChecked:
+    """Every task a gap may have left QUEUED was checked against the launcher."""
+
+    upto: int
+
+
 Item = (
     LaunchItem
+    | LaunchGap
+    | LaunchLost
+    | GapChecked
     | PodItem
     | SnapshotStart
     | CancelItem
@@ -218,9 +242,15 @@ class Engine:
     # One logger for the per-transition lines: binding a new one per line costs more than the line.
     _log: BoundLogger = field(default_factory=lambda: get_logger(component="engine"))
     _last_commit: asyncio.Task[None] | None = None
+    # The latest gap in the launcher stream (committed), and whether its check is still to do.
+    gap: LaunchGap = field(default_factory=LaunchGap)
+    gap_unchecked: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.queue_size)
+        self.gap = LaunchGap(self.store.cursor(GAP_AFTER), self.store.cursor(GAP_UPTO))
+        if self.gap.upto > self.store.cursor(GAP_CHECKED):
+            self.gap_unchecked.set()  # the check was cut short by a restart: do it again
         for task, uid in self.store.unfinished():
             key = podmeta.key_string(task.key)
             self._active[key] = Tracked(task, uid)
@@ -266,6 +296,20 @@ class Engine:
         done: asyncio.Future[task_pb2.Task | None] = asyncio.get_running_loop().create_future()
         await self._queue.put(KnownLaunch(launch, done))
         return await done
+
+    def queued_without_pod(self) -> list[task_pb2.TaskKey]:
+        """Tasks QUEUED with no pod seen: after a gap, the ones whose launch outcome may be lost."""
+        return [
+            t.task.key
+            for t in self._active.values()
+            if t.task.state == task_pb2.TASK_STATE_QUEUED and not t.pod_uid
+        ]
+
+    async def launch_lost(self, key: task_pb2.TaskKey) -> None:
+        await self._queue.put(LaunchLost(key))
+
+    async def gap_checked(self, upto: int) -> None:
+        await self._queue.put(GapChecked(upto))
 
     def expect_adoption(self, pod_uid: str) -> None:
         """The pod is about to be relabelled to us: its task is reported ADOPTED when it comes into view."""
@@ -378,6 +422,18 @@ class Engine:
             batch.cursors[SOURCE_LAUNCHER] = item.cursor
         elif isinstance(item, PodItem):
             self._apply_pod(item.event, batch)
+        elif isinstance(item, LaunchGap):
+            # Committed with the first event after it, so a restart knows what was never read.
+            batch.cursors[GAP_AFTER], batch.cursors[GAP_UPTO] = item.after, item.upto
+            self.gap = item
+            self.gap_unchecked.set()
+        elif isinstance(item, LaunchLost):
+            key = podmeta.key_string(item.key)
+            tracked = self._lookup(key)
+            if tracked is not None and not tracked.pod_uid:
+                self._enact(key, tracked, decide_launch_lost(tracked.task.state), batch)
+        elif isinstance(item, GapChecked):
+            batch.cursors[GAP_CHECKED] = item.upto
         elif isinstance(item, SnapshotStart):
             self._snapshot_seen = set()
         elif isinstance(item, PendingExpired):

@@ -56,8 +56,9 @@ class LauncherCalls:
         for request in requests:
             self._relaunches.put_nowait(request)
 
-    async def get_launch(self, key: task_pb2.TaskKey) -> launcher_service_pb2.Launch | None:
-        """The launcher's record of `key`, or None if it never launched it."""
+    async def get_launch(self, key: task_pb2.TaskKey) -> launcher_service_pb2.GetLaunchResponse | None:
+        """The launcher's record of `key` (with the cursor of its last event), or None if it has
+        none (never launched, or forgotten)."""
         try:
             # wait_for_ready: a channel between reconnect attempts waits for the launcher (up to the
             # timeout) instead of failing at once, which would say nothing about the key.
@@ -70,8 +71,8 @@ class LauncherCalls:
             raise LauncherUnavailable(
                 f"could not ask the launcher about this key ({err.code().name}: {err.details()})"
             ) from err
-        launch: launcher_service_pb2.Launch = reply.launch
-        return launch
+        found: launcher_service_pb2.GetLaunchResponse = reply
+        return found
 
     async def cancel(self, key: task_pb2.TaskKey) -> None:
         """Best effort: a pod created despite the cancel is deleted when the watcher reports it."""

@@ -16,13 +16,14 @@ from services.reconciler import metrics as reconciler_metrics
 from services.reconciler.actions import PodActions
 from services.reconciler.adoption import Adopted, adopt
 from services.reconciler.collector import PostMortems
-from services.reconciler.engine import Engine, UnknownTask
+from services.reconciler.engine import SOURCE_LAUNCHER, Engine, UnknownTask
+from services.reconciler.forgotten import pruned_here
 from services.reconciler.launcher_calls import LauncherCalls, LauncherUnavailable
 from services.reconciler.postmortem import last_lines
 from services.reconciler.settings import ReconcilerSettings
 from services.reconciler.statemachine import Policy
 from services.reconciler.store import TaskStore, decode_page_token, prune_finished
-from services.reconciler.streams import consume_launcher, consume_watcher
+from services.reconciler.streams import consume_launcher, consume_watcher, recover_launch_outcomes
 from services.reconciler.sweep import sweep_finished, sweep_pending
 from services.reconciler.upstream import UpstreamHealth
 from shepherd import channels, logstream, metrics, podmeta, tracing
@@ -34,22 +35,10 @@ from shepherd.readiness import Readiness
 from shepherd.retention import Pruner, Retention
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor
-from shepherd.v1 import launcher_service_pb2, launcher_service_pb2_grpc, task_pb2
+from shepherd.v1 import launcher_service_pb2_grpc, task_pb2
 from shepherd.v1 import reconciler_service_pb2 as pb
 from shepherd.v1 import reconciler_service_pb2_grpc as pb_grpc
 from shepherd.validation import InvalidField, check_key, check_text
-
-Launch = launcher_service_pb2.Launch
-
-
-def pruned_here(launch: Launch, now: float, retention_s: float) -> bool:
-    """Whether a launch the reconciler has no task for is one whose task it pruned: its pod was
-    created (or its launch ended) longer ago than the retention. A task is pruned only once it
-    ended a retention period ago, and it ended after its launch was accepted."""
-    if launch.state == launcher_service_pb2.LAUNCH_STATE_ACCEPTED or not launch.HasField("accept_time"):
-        return False
-    return launch.accept_time.ToNanoseconds() / 1e9 + retention_s <= now
-
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReconcilerService"].full_name
 MAX_PAGE = 1000
@@ -149,17 +138,33 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         """A task not known here yet: the launcher may have accepted it (committed before its
         LaunchTask answered) while its event is still on the way. Ask the launcher and apply
         what it has, so whoever got that answer finds the task; only a key neither knows is
-        NOT_FOUND. Not a launch whose pod was created longer ago than the retention: its task was
-        pruned here, and the launcher forgets it soon; learnt again, it would look like a pod
-        lost before it ran, and be relaunched."""
+        NOT_FOUND. Not a launch whose task was pruned here (forgotten.py): learnt again, it would
+        go back to QUEUED, look like a pod lost before it ran, and be relaunched."""
+        # The committed cursor is read before the task is looked up again: a launch event
+        # committed in between has its task stored by then.
+        committed = self._store.cursor(SOURCE_LAUNCHER)
         try:
-            launch = await self._launcher.get_launch(key)
+            found = await self._launcher.get_launch(key)
         except LauncherUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"key: not known here, and {err}")
-        if launch is not None and pruned_here(launch, time.time(), self._settings.retention_s):
-            launch = None
+        row = self._store.get(podmeta.key_string(key))
+        if row is not None:  # its launch event was applied meanwhile
+            stored, pod_uid = row
+            stored.pod_uid = pod_uid
+            return stored
+        if found is not None and pruned_here(
+            found.launch,
+            found.last_event_cursor,
+            committed=committed,
+            gap=self._engine.gap,
+            now=time.time(),
+            retention_s=self._settings.retention_s,
+        ):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, "key: this task ended and was pruned by the retention"
+            )
         try:
-            task = await self._engine.learn_launch(launch) if launch is not None else None
+            task = await self._engine.learn_launch(found.launch) if found is not None else None
         except StoreUnavailable as err:
             await abort_unavailable(context, str(err))
         if task is None:
@@ -326,6 +331,7 @@ async def serve(settings: ReconcilerSettings) -> None:
     )
     supervisor.spawn(consume_launcher(settings.launcher_address, engine, upstreams), name="launcher-stream")
     supervisor.spawn(consume_watcher(settings.watcher_address, engine, upstreams), name="watcher-stream")
+    supervisor.spawn(recover_launch_outcomes(engine, launcher), name="launch-gap-check")
     supervisor.spawn(upstreams.run(), name="upstream-health")
     supervisor.spawn(
         store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"

@@ -332,6 +332,20 @@ def decide_vanished(current: TaskState) -> Decision:
     return Decision(lost_before_start=True, failure=failure)
 
 
+def decide_launch_lost(current: TaskState) -> Decision:
+    """A QUEUED task without a pod whose launch the launcher no longer has: its launch ended (the
+    launcher forgets a launch that failed or was cancelled with its last event) while the
+    reconciler was not reading, and the outcome was pruned unread. No pod was made: it failed."""
+    if current != S.TASK_STATE_QUEUED:
+        return Decision()
+    failure = task_pb2.FailureDetails(
+        reason="LaunchOutcomeLost",
+        message="the launch ended without a pod (it failed or was cancelled) while the reconciler "
+        "was not reading the launcher's events, which were pruned before it could",
+    )
+    return Decision(S.TASK_STATE_FAILED, failure)
+
+
 def decide_relaunch_refused(current: TaskState, why: str) -> Decision:
     """The launcher cannot relaunch the task's lost pod (e.g. it never launched it): reschedule."""
     if current in TERMINAL:

@@ -195,10 +195,16 @@ class TaskStore:
         self._batches += 1
         number = self._batches
         cursors = [*batch.cursors.items(), (_BATCHES, number)]
-        task_rows = [
-            (key, task.key.dag_id, task.state, task.SerializeToString(), uid)
-            for key, (task, uid) in batch.tasks.items()
-        ]
+        # A finished task's row is made with its terminal transition; saved again later (failure
+        # events, a stray pod of it), it is only updated: pruning may have deleted it since
+        # (prune_finished), and a row inserted anew would outlive its log for ever.
+        ended_now = {podmeta.key_string(c.task.key) for c in batch.changes if c.task.state in TERMINAL}
+        task_rows, update_rows = [], []
+        for key, (task, uid) in batch.tasks.items():
+            if task.state in TERMINAL and key not in ended_now:
+                update_rows.append((task.state, task.SerializeToString(), uid, key))
+            else:
+                task_rows.append((key, task.key.dag_id, task.state, task.SerializeToString(), uid))
         change_blobs = [change.SerializeToString() for change in batch.changes]
 
         def write(conn: sqlite3.Connection) -> list[PodActionRow] | None:
@@ -211,6 +217,7 @@ class TaskStore:
                 "state = excluded.state, task = excluded.task, pod_uid = excluded.pod_uid",
                 task_rows,
             )
+            conn.executemany("UPDATE tasks SET state = ?, task = ?, pod_uid = ? WHERE key = ?", update_rows)
             for change, blob in zip(batch.changes, change_blobs, strict=True):
                 # The cursor is set here, before the commit makes the change readable to followers.
                 change.cursor = self.transitions.append(conn, blob, change)
@@ -281,8 +288,10 @@ def prune_finished(conn: sqlite3.Connection, pruned: list[tuple[int, bytes]]) ->
     """Writer thread, as transitions are pruned (shepherd.retention): a task goes with its terminal
     transition, so a snapshot (ListTasks) never lists a task whose history is gone from the log.
     A task is deleted only if it is still in that terminal state: never one that is not finished.
-    The actions done on a deleted task's pod go too (a deleted pod is never seen again), and so
-    do what was read of it (its post-mortem row, its kept log tail)."""
+    The action done on a deleted task's pod goes too, whichever it was (a deleted pod is never
+    seen again; a pod marked done left the executor's selector), and so does what was read of it
+    (its post-mortem row, its kept log tail). An action not yet carried out stays, with its
+    post-mortem row, until the restart that carries it out (rare: pruning comes long after)."""
     finished: list[tuple[str, int]] = []
     for _, blob in pruned:
         task = task_pb2.TaskStateChange.FromString(blob).task
@@ -295,12 +304,10 @@ def prune_finished(conn: sqlite3.Connection, pruned: list[tuple[int, bytes]]) ->
             deleted += 1
             conn.execute("DELETE FROM kept_logs WHERE task_key = ?", (key,))
             if uid:
-                conn.execute(
-                    "DELETE FROM pod_actions WHERE pod_uid = ? AND done = 1 AND action = 'delete'", (uid,)
-                )
+                conn.execute("DELETE FROM pod_actions WHERE pod_uid = ? AND done = 1", (uid,))
                 conn.execute(
                     "DELETE FROM post_mortems WHERE pod_uid = ? "
-                    "AND NOT EXISTS (SELECT 1 FROM pod_actions WHERE pod_uid = ?)",
+                    "AND NOT EXISTS (SELECT 1 FROM pod_actions WHERE pod_uid = ? AND done = 0)",
                     (uid, uid),
                 )
     return deleted

@@ -443,6 +443,13 @@ class GetLaunchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LAUNCH_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_CURSOR_FIELD_NUMBER: _builtins.int
+    last_event_cursor: _builtins.int
+    """The cursor of the launch's last event in WatchLaunchEvents: the event that brought it to its
+    current state. 0 when not known (a launch stored by a launcher older than this field). A
+    reader that has processed the stream up to this cursor has seen the launch as it is now: the
+    reconciler relies on it to tell a task it has pruned from one it has not heard of yet.
+    """
     @_builtins.property
     def launch(self) -> Global___Launch:
         """The launch."""
@@ -451,10 +458,11 @@ class GetLaunchResponse(_message.Message):
         self,
         *,
         launch: Global___Launch | None = ...,
+        last_event_cursor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_event_cursor", b"last_event_cursor", "launch", b"launch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -42,10 +42,12 @@ class LauncherServiceStub:
     LaunchTask: _grpc.UnaryUnaryMultiCallable[_launcher_service_pb2.LaunchTaskRequest, _launcher_service_pb2.LaunchTaskResponse]
     """LaunchTask accepts one task and creates its pod in the background.
     Idempotent: launching a key that was already accepted returns the existing launch and
-    creates nothing, for as long as the launch is retained. A launch is kept until its last event
-    (pod created, failed or cancelled) is older than the launcher's retention period (7 days by
-    default) or beyond its retention count; one still waiting for its pod (ACCEPTED) is never
-    pruned. A key launched again after its launch was pruned is a new launch (while the first
+    creates nothing, for as long as the launch is retained. One still waiting for its pod
+    (ACCEPTED) is never pruned. A failed or cancelled one is kept until its last event is older
+    than the launcher's retention period (7 days by default) or beyond its retention count. One
+    whose pod was created is kept for at least the retention period after the pod was created,
+    and for as long as the reconciler still has its task, until the task ended a retention period
+    ago. A key launched again after its launch was pruned is a new launch (while the first
     pod still exists, its deterministic name keeps a second one from being created). The pod is built as template -> generated pod -> override, and the pod
     policy is checked on that final pod before anything is stored. Errors, each with a
     google.rpc.BadRequest naming the field: INVALID_ARGUMENT (a malformed key, command, template
@@ -106,10 +108,12 @@ class LauncherServiceAsyncStub(LauncherServiceStub):
     LaunchTask: _aio.UnaryUnaryMultiCallable[_launcher_service_pb2.LaunchTaskRequest, _launcher_service_pb2.LaunchTaskResponse]  # type: ignore[assignment]
     """LaunchTask accepts one task and creates its pod in the background.
     Idempotent: launching a key that was already accepted returns the existing launch and
-    creates nothing, for as long as the launch is retained. A launch is kept until its last event
-    (pod created, failed or cancelled) is older than the launcher's retention period (7 days by
-    default) or beyond its retention count; one still waiting for its pod (ACCEPTED) is never
-    pruned. A key launched again after its launch was pruned is a new launch (while the first
+    creates nothing, for as long as the launch is retained. One still waiting for its pod
+    (ACCEPTED) is never pruned. A failed or cancelled one is kept until its last event is older
+    than the launcher's retention period (7 days by default) or beyond its retention count. One
+    whose pod was created is kept for at least the retention period after the pod was created,
+    and for as long as the reconciler still has its task, until the task ended a retention period
+    ago. A key launched again after its launch was pruned is a new launch (while the first
     pod still exists, its deterministic name keeps a second one from being created). The pod is built as template -> generated pod -> override, and the pod
     policy is checked on that final pod before anything is stored. Errors, each with a
     google.rpc.BadRequest naming the field: INVALID_ARGUMENT (a malformed key, command, template
@@ -173,10 +177,12 @@ class LauncherServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_launcher_service_pb2.LaunchTaskResponse, _abc.Awaitable[_launcher_service_pb2.LaunchTaskResponse]]:
         """LaunchTask accepts one task and creates its pod in the background.
         Idempotent: launching a key that was already accepted returns the existing launch and
-        creates nothing, for as long as the launch is retained. A launch is kept until its last event
-        (pod created, failed or cancelled) is older than the launcher's retention period (7 days by
-        default) or beyond its retention count; one still waiting for its pod (ACCEPTED) is never
-        pruned. A key launched again after its launch was pruned is a new launch (while the first
+        creates nothing, for as long as the launch is retained. One still waiting for its pod
+        (ACCEPTED) is never pruned. A failed or cancelled one is kept until its last event is older
+        than the launcher's retention period (7 days by default) or beyond its retention count. One
+        whose pod was created is kept for at least the retention period after the pod was created,
+        and for as long as the reconciler still has its task, until the task ended a retention period
+        ago. A key launched again after its launch was pruned is a new launch (while the first
         pod still exists, its deterministic name keeps a second one from being created). The pod is built as template -> generated pod -> override, and the pod
         policy is checked on that final pod before anything is stored. Errors, each with a
         google.rpc.BadRequest naming the field: INVALID_ARGUMENT (a malformed key, command, template

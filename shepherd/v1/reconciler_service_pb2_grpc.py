@@ -87,7 +87,8 @@ class ReconcilerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """GetTask returns one task. Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (unknown task).
+        """GetTask returns one task. Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (unknown task, or
+        one pruned by the retention: a pruned task stays pruned).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,7 +47,9 @@ class ReconcilerServiceStub:
     cursor still available), UNAVAILABLE (shutting down).
     """
     GetTask: _grpc.UnaryUnaryMultiCallable[_reconciler_service_pb2.GetTaskRequest, _reconciler_service_pb2.GetTaskResponse]
-    """GetTask returns one task. Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (unknown task)."""
+    """GetTask returns one task. Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (unknown task, or
+    one pruned by the retention: a pruned task stays pruned).
+    """
     ListTasks: _grpc.UnaryUnaryMultiCallable[_reconciler_service_pb2.ListTasksRequest, _reconciler_service_pb2.ListTasksResponse]
     """ListTasks pages through tasks in key order, optionally filtered.
     Errors: INVALID_ARGUMENT (page_size out of range, malformed page_token).
@@ -89,7 +91,9 @@ class ReconcilerServiceAsyncStub(ReconcilerServiceStub):
     cursor still available), UNAVAILABLE (shutting down).
     """
     GetTask: _aio.UnaryUnaryMultiCallable[_reconciler_service_pb2.GetTaskRequest, _reconciler_service_pb2.GetTaskResponse]  # type: ignore[assignment]
-    """GetTask returns one task. Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (unknown task)."""
+    """GetTask returns one task. Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (unknown task, or
+    one pruned by the retention: a pruned task stays pruned).
+    """
     ListTasks: _aio.UnaryUnaryMultiCallable[_reconciler_service_pb2.ListTasksRequest, _reconciler_service_pb2.ListTasksResponse]  # type: ignore[assignment]
     """ListTasks pages through tasks in key order, optionally filtered.
     Errors: INVALID_ARGUMENT (page_size out of range, malformed page_token).
@@ -140,7 +144,9 @@ class ReconcilerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _reconciler_service_pb2.GetTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_reconciler_service_pb2.GetTaskResponse, _abc.Awaitable[_reconciler_service_pb2.GetTaskResponse]]:
-        """GetTask returns one task. Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (unknown task)."""
+        """GetTask returns one task. Errors: INVALID_ARGUMENT (bad key), NOT_FOUND (unknown task, or
+        one pruned by the retention: a pruned task stays pruned).
+        """
 
     @_abc_1.abstractmethod
     def ListTasks(

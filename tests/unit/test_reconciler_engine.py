@@ -12,6 +12,7 @@ import pytest
 import structlog
 
 from services.reconciler.engine import Engine, LaunchItem, PodItem, UnknownTask
+from services.reconciler.forgotten import LaunchGap
 from services.reconciler.statemachine import Policy
 from services.reconciler.store import PodActionRow, TaskStore
 from shepherd import podmeta
@@ -328,4 +329,31 @@ async def test_a_created_pod_never_seen_is_noticed_after_a_restart(tmp_path: Pat
             await asyncio.sleep(0.05)
         await second.settle()
         assert second.relaunches == [(key, 1)]
+    await store.close()
+
+
+async def test_a_launch_event_gap_is_checked_once_and_again_after_a_restart_cut_it_short(
+    tmp_path: Path,
+) -> None:
+    """A gap is committed with the events after it; its check (engine.gap_unchecked) is owed
+    until GapChecked is committed, also by the engine of a restart."""
+    store = TaskStore(tmp_path / "r.db", synchronous="OFF")
+    key = task_key(task_id="queued")
+    async with running(store) as h:
+        assert not h.engine.gap_unchecked.is_set()
+        await h.engine.submit(LaunchItem(5, _launch(key, L.LAUNCH_STATE_ACCEPTED)))
+        await h.engine.submit(LaunchGap(5, 40))
+        await h.settle()
+        assert h.engine.gap_unchecked.is_set()
+        assert [k.task_id for k in h.engine.queued_without_pod()] == ["queued"]
+        await h.engine.launch_lost(key)
+        await h.settle()
+        assert h.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_FAILED]
+    restarted = Harness(store, pending_timeout_s=1)
+    assert restarted.engine.gap == LaunchGap(5, 40)
+    assert restarted.engine.gap_unchecked.is_set()  # the check never finished: owed again
+    async with running(store) as h:
+        await h.engine.gap_checked(40)
+        await h.settle()
+    assert not Harness(store, pending_timeout_s=1).engine.gap_unchecked.is_set()
     await store.close()

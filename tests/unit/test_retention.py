@@ -11,7 +11,7 @@ import pytest
 
 from services.launcher.expiry import judge, prune_launches
 from services.launcher.store import Launch, LaunchStore, stamp_created, stamp_failed
-from services.reconciler.server import pruned_here
+from services.reconciler.forgotten import LaunchGap, pruned_here
 from services.reconciler.store import Batch, TaskStore, prune_finished
 from shepherd import podmeta, retention
 from shepherd.eventlog import CursorOutOfRange
@@ -146,14 +146,18 @@ async def test_launches_go_with_their_last_event_but_never_while_waiting_for_a_p
 
 def test_a_created_launch_is_forgotten_only_once_its_task_ended_a_period_ago() -> None:
     now = 10 * DAY
+    created = now - 3 * DAY
     running = S.Task(state=S.TASK_STATE_RUNNING)
-    assert judge(running, now=now, period_s=DAY) == (False, now + DAY)
+    assert judge(running, now=now, period_s=DAY, created=created) == (False, now + DAY)
     ended = S.Task(state=S.TASK_STATE_SUCCEEDED)
     ended.end_time.FromSeconds(int(now - DAY / 2))
-    assert judge(ended, now=now, period_s=DAY) == (False, now + DAY / 2)
+    assert judge(ended, now=now, period_s=DAY, created=created) == (False, now + DAY / 2)
     ended.end_time.FromSeconds(int(now - DAY))
-    assert judge(ended, now=now, period_s=DAY) == (True, now)
-    assert judge(None, now=now, period_s=DAY)[0]  # the reconciler pruned it: it ended long ago
+    assert judge(ended, now=now, period_s=DAY, created=created) == (True, now)
+    # The reconciler pruned it: by age long ago, but by count perhaps just now, so the launch stays
+    # until its pod was created a period ago.
+    assert judge(None, now=now, period_s=DAY, created=created) == (True, created + DAY)
+    assert judge(None, now=now, period_s=DAY, created=now - DAY / 4) == (False, now + 3 * DAY / 4)
 
 
 async def test_the_file_stops_growing_once_retention_applies(tmp_path: Path) -> None:
@@ -181,11 +185,25 @@ async def test_the_file_stops_growing_once_retention_applies(tmp_path: Path) -> 
 def test_the_reconciler_does_not_learn_again_a_launch_whose_task_it_pruned() -> None:
     now = 10 * DAY
     launch = Launch(state=launcher_service_pb2.LAUNCH_STATE_CREATED)
+    launch.accept_time.FromSeconds(int(now - 60))
+    gap = LaunchGap(after=100, upto=200)
+
+    def pruned(cursor: int, committed: int = 300, retention_s: float = DAY) -> bool:
+        return pruned_here(launch, cursor, committed=committed, gap=gap, now=now, retention_s=retention_s)
+
+    # Its last event was applied here, yet no task is stored: pruned (by count, a minute after).
+    assert pruned(50)
+    assert pruned(300)
+    assert not pruned(301)  # not applied yet: the stream is still bringing it
+    assert not pruned(150)  # skipped unread in a gap: never seen here
+    launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED  # cancelled here, not yet there
+    assert pruned(50)
+    # No cursor (an older launcher): only age tells, and a launch still waiting is learnt.
     launch.accept_time.FromSeconds(int(now - DAY - 1))
-    assert pruned_here(launch, now, DAY)
-    assert not pruned_here(launch, now, 2 * DAY)
-    launch.state = launcher_service_pb2.LAUNCH_STATE_ACCEPTED  # still waiting: never pruned
-    assert not pruned_here(launch, now, DAY)
+    assert not pruned(0)
+    launch.state = launcher_service_pb2.LAUNCH_STATE_CREATED
+    assert pruned(0)
+    assert not pruned(0, retention_s=2 * DAY)
 
 
 async def test_a_pruned_task_takes_its_kept_log_tail_with_it(tmp_path: Path) -> None:

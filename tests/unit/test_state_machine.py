@@ -10,6 +10,7 @@ from services.reconciler.statemachine import (
     decide,
     decide_cancel,
     decide_launch,
+    decide_launch_lost,
     moves_forward,
 )
 from shepherd import podmeta
@@ -315,3 +316,13 @@ def test_a_cancel_revokes_only_an_unfinished_task() -> None:
     )
     assert decide_cancel(S.TASK_STATE_FAILED).state is None
     assert decide_cancel(S.TASK_STATE_FAILED).action is PodAction.NONE
+
+
+def test_a_launch_lost_in_a_gap_fails_only_a_task_still_queued() -> None:
+    lost = decide_launch_lost(S.TASK_STATE_QUEUED)
+    assert lost.state == S.TASK_STATE_FAILED
+    assert lost.failure is not None
+    assert lost.failure.reason == "LaunchOutcomeLost"
+    assert lost.action is PodAction.NONE
+    for state in (S.TASK_STATE_RUNNING, S.TASK_STATE_ADOPTED, S.TASK_STATE_SUCCEEDED, S.TASK_STATE_REVOKED):
+        assert decide_launch_lost(state).state is None

@@ -183,7 +183,8 @@ class ListTasksResponse(_message.Message):
     in the page. A client that pages through a snapshot then calls WatchTaskStates with
     after_cursor set to the first page's cursor misses nothing (changes made while it paged are
     streamed again, in order). A snapshot is only as complete as the retention: tasks that ended
-    longer ago than the retention period (7 days by default) are pruned and no longer listed.
+    longer ago than the retention period (7 days by default), or whose transitions are beyond
+    the retention count, are pruned and no longer listed.
     """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Task]:
