@@ -98,6 +98,9 @@ def follow(executor: Any, spec: dict[str, Any], out: dict[str, Any]) -> None:
     until = {make_key(spec, {"task_id": t}) for t in spec.get("until", [])}
     until_running = {make_key(spec, {"task_id": t}) for t in spec.get("until_running", [])}
     revoke = {make_key(spec, {"task_id": t}) for t in spec.get("revoke_when_running", [])}
+    # Queued again under the same key after each terminal event, as Airflow does when a deferred
+    # task resumes or a reschedule-mode sensor pokes again: the same try, a new run of it.
+    again = {make_key(spec, t): list(t.get("again", [])) for t in spec.get("tasks", [])}
     done: set[TaskInstanceKey] = set()
     seen_running: set[TaskInstanceKey] = set()
     deadline = time.monotonic() + spec.get("timeout_s", 120)
@@ -116,7 +119,9 @@ def follow(executor: Any, spec: dict[str, Any], out: dict[str, Any]) -> None:
         for key, (state, info) in executor.get_event_buffer().items():
             state_name = str(getattr(state, "value", state))
             out["events"].append({"task_id": key.task_id, "state": state_name, "info": info})
-            if state_name in terminal:
+            if state_name in terminal and again.get(key):
+                queue(executor, spec, {"task_id": key.task_id, **again[key].pop(0)})
+            elif state_name in terminal:
                 done.add(key)
             if state_name == "running":
                 seen_running.add(key)

@@ -268,6 +268,50 @@ def test_adoption_reattaches_without_a_second_pod(
     assert never.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_try_queued_again_gets_a_new_pod_and_reports_that_run(
+    airflow: airflow_venv.AirflowVenv, stack: ServiceStack, cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    """A deferred task resuming, or a reschedule-mode sensor poking again: Airflow queues the same
+    TaskInstanceKey (same try) again after the run before handed control back (its pod succeeded).
+    Each queueing is a run of its own, as with the KubernetesExecutor: a new pod (the next
+    resumption of the Shepherd task), and Airflow hears that run's outcome, never the old one's.
+    A scheduler started afresh, which never saw the earlier runs, finds the next resumption from
+    Shepherd."""
+    dag, run = unique_name("afagain"), "manual__2026-12-01T00:00:00+00:00"
+    quick = {"sim.shepherd.dev/run-time": "1s"}
+    fails = {**quick, "sim.shepherd.dev/outcome": "fail", "sim.shepherd.dev/exit-code": "5"}
+    audit = AuditLog.from_now(Cluster().audit_log)
+    spec = {
+        "dag_id": dag,
+        "run_id": run,
+        "tasks": [{"task_id": "poke", "annotations": quick, "again": [{"annotations": quick}]}],
+        "until": ["poke"],
+        "timeout_s": 180,
+    }
+    first = drive(airflow, stack, cluster, tmp_path, spec)
+    assert [s for s, _ in events_of(first, "poke") if s != "running"] == ["success", "success"]
+    assert first["running_at_end"] == []
+    # A restarted scheduler: the third run of the same try, and this one fails.
+    spec["tasks"] = [{"task_id": "poke", "annotations": fails}]
+    second = drive(airflow, stack, cluster, tmp_path, spec)
+    outcomes = [e for e in events_of(second, "poke") if e[0] != "running"]
+    assert [s for s, _ in outcomes] == ["failed"], outcomes
+    assert "exited with code 5" in outcomes[0][1], outcomes
+
+    keys = [task_key(dag_id=dag, task_id="poke", run_id=run, resumption=r) for r in range(3)]
+    states = [shepherd_task(stack, k).state for k in keys]
+    S, F = task_pb2.TASK_STATE_SUCCEEDED, task_pb2.TASK_STATE_FAILED
+    assert states == [S, S, F], [task_pb2.TaskState.Name(s) for s in states]
+    pods = [podmeta.pod_name(k) for k in keys]
+    assert len(set(pods)) == 3
+    running_info = {i for s, i in events_of(second, "poke") if s == "running"}
+    assert running_info <= {f"{cluster.namespace}/{pods[2]}"}, running_info
+    assert dict(audit.creates(set(pods))) == dict.fromkeys(pods, 1)
+    with pytest.raises(grpc.RpcError) as never:
+        shepherd_task(stack, task_key(dag_id=dag, task_id="poke", run_id=run, resumption=3))
+    assert never.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_the_state_stream_resumes_after_the_reconciler_restarts(
     airflow: airflow_venv.AirflowVenv, cluster: ClusterInfo, tmp_path: Path
 ) -> None:
