@@ -300,8 +300,8 @@ def test_a_try_queued_again_gets_a_new_pod_and_reports_that_run(
 
     keys = [task_key(dag_id=dag, task_id="poke", run_id=run, resumption=r) for r in range(3)]
     states = [shepherd_task(stack, k).state for k in keys]
-    S, F = task_pb2.TASK_STATE_SUCCEEDED, task_pb2.TASK_STATE_FAILED
-    assert states == [S, S, F], [task_pb2.TaskState.Name(s) for s in states]
+    succeeded, failed = task_pb2.TASK_STATE_SUCCEEDED, task_pb2.TASK_STATE_FAILED
+    assert states == [succeeded, succeeded, failed], [task_pb2.TaskState.Name(s) for s in states]
     pods = [podmeta.pod_name(k) for k in keys]
     assert len(set(pods)) == 3
     running_info = {i for s, i in events_of(second, "poke") if s == "running"}
