@@ -374,17 +374,11 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         launched the current queueing (a resumed try), and the instance goes back to be reset
         rather than be told an earlier run's outcome."""
         assert self.client is not None
-        client = self.client
         not_adopted = []
         for ti in tis:
             key = ti.key
-
-            def lookup(resumption: int, key: TaskInstanceKey = key) -> task_pb2.Task | None:
-                return client.get(translate.task_key(key, resumption))
-
             try:
-                first = lookup(0)
-                task = None if first is None else translate.latest_resumption(lookup, first)
+                task = _latest_run(self.client, translate.task_key(key))
             except grpc.RpcError as err:
                 log.warning("shepherd: cannot adopt %s: %s", translate.key_text(key), err.details())
                 not_adopted.append(ti)
@@ -427,7 +421,8 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         return readable
 
     def get_task_log(self, ti: Any, try_number: int) -> tuple[list[str], list[str]]:
-        """The tail of the try's `base` container log, through GetTaskLogs.
+        """The tail of the `base` container log of the try's latest run (resumption), through
+        GetTaskLogs.
 
         Airflow's API server (its webserver in 2.10) calls this on an executor it made only to
         read logs and never started, so such a call opens a client of its own for the one read.
@@ -438,6 +433,9 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         try:
             if client is None:
                 client = ShepherdClient(load_settings())
+            latest = _latest_run(client, key)
+            if latest is not None:
+                key = latest.key
             text = client.log_tail(key)
         except grpc.RpcError as err:
             return [f"shepherd: no log for {translate.key_text(key)}: {err.details()}"], []
@@ -447,6 +445,20 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
             if client is not None and client is not self.client:
                 client.close()
         return [f"shepherd: log of {translate.key_text(key)} via GetTaskLogs"], [text]
+
+
+def _latest_run(client: ShepherdClient, key: task_pb2.TaskKey) -> task_pb2.Task | None:
+    """The latest resumption Shepherd has of `key`'s try, found from its first run; None when
+    Shepherd does not have the first run."""
+
+    def lookup(resumption: int) -> task_pb2.Task | None:
+        probe = task_pb2.TaskKey()
+        probe.CopyFrom(key)
+        probe.resumption = resumption
+        return client.get(probe)
+
+    first = lookup(0)
+    return None if first is None else translate.latest_resumption(lookup, first)
 
 
 def _reset_for_another_try(key: TaskInstanceKey, info: str) -> bool:
