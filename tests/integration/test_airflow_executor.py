@@ -343,12 +343,12 @@ def test_a_late_end_of_the_run_before_is_never_reported_for_the_next_queueing(
     }
     audit = AuditLog.from_now(Cluster().audit_log)
     out = drive(airflow, stack, cluster, tmp_path, spec)
-    keys = [task_key(dag_id=dag, task_id="defer", run_id=run, resumption=r) for r in range(2)]
     outcomes = [e for e in events_of(out, "defer") if e[0] != "running"]
     expected = ["failed"] if airflow.airflow_version.startswith("3.") else ["success", "failed"]
     assert [s for s, _ in outcomes] == expected, outcomes
     assert "exited with code 5" in outcomes[-1][1], outcomes
     assert out["running_at_end"] == []
+    keys = [task_key(dag_id=dag, task_id="defer", run_id=run, resumption=r) for r in range(2)]
     # Both runs happened, each in its own pod, and the earlier one's success is kept in Shepherd.
     eventually(
         lambda: shepherd_task(stack, keys[0]).state == task_pb2.TASK_STATE_SUCCEEDED,
