@@ -85,6 +85,11 @@ class MemoryLog(Generic[T]):
     def newest(self) -> int:
         return self.head
 
+    @property
+    def next_cursor(self) -> int:
+        """The cursor the next append gets: for an entry that carries its own cursor."""
+        return self._base + self._next_seq
+
     def append(self, item: T) -> int:
         self._entries.append(item)
         cursor = self._base + self._next_seq

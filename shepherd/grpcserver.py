@@ -9,21 +9,26 @@
 - server reflection, so grpcurl and ghz need no .proto files;
 - SIGTERM/SIGINT: health flips to NOT_SERVING, new RPCs are refused, running ones get
   `shutdown_grace_s` to finish, then the service's own shutdown runs;
-- health is SERVING only while every Readiness condition holds (started, and the store can write);
-  shepherd_serving and shepherd_health_condition_unmet say so, and which condition is unmet;
+- readiness (the empty health service name and the service's own) is SERVING only while every
+  Readiness condition holds (started, the store can write, and the API server or the upstream
+  streams where the service needs them); shepherd_serving and shepherd_health_condition_unmet say
+  so, and which condition is unmet. Liveness (the name LIVENESS, which the kubelet's liveness
+  probe asks for) is SERVING until a root task dies: an outage is waited out, never restarted;
 - Prometheus metrics (shepherd.metrics) in plaintext on `metrics_port`, when set;
-- `run` turns a failed start (a store that cannot be used) or a failed root task (see
-  supervisor.py) into one logged line and a non-zero exit, never a bare traceback.
+- `run` turns a failed start (a store that cannot be used, a port that cannot be bound) or a
+  failed root task (see supervisor.py) into one logged line and a non-zero exit, never a bare
+  traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import errno
 import gc
+import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -36,6 +41,7 @@ from shepherd.authn import Authenticator, CertificateAuthenticator, MeshAuthenti
 from shepherd.interceptors import Guard, RequestContextInterceptor
 from shepherd.limits import LaunchRate, StreamSlots
 from shepherd.logging import get_logger
+from shepherd.readiness import Readiness
 from shepherd.settings import ClientAuth, ServiceSettings
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import ServiceFailed
@@ -83,17 +89,47 @@ def run(main: Coroutine[Any, Any, None], settings: ServiceSettings) -> None:
     except StoreUnavailable as err:  # at start: the store cannot be opened, or cannot write
         get_logger().error(f"cannot start: {err}", store=err.path)
         sys.exit(1)
+    except PortUnavailable as err:  # at start: a port in use (another process, a second instance)
+        get_logger().error(f"cannot start: {err}", setting=err.setting, address=err.address)
+        sys.exit(1)
     finally:
         tracing.shutdown()  # export the spans still buffered
 
 
-class Readiness(enum.Enum):
-    """What must hold for a service to report SERVING; each condition is reported on its own."""
+# The health service name the kubelet's liveness probe asks for (deploy/: `livenessProbe.grpc.
+# service`). Readiness is the empty name and the service's own (`shepherd.v1.LauncherService`...),
+# SERVING while every Readiness condition holds; an outage the service waits out (the API server,
+# an upstream stream, a store that cannot write) or a slow start makes it NOT_SERVING, and a
+# restart would cure none of them. Liveness is SERVING from start until a root task dies (the
+# supervisor's crash-only stop, GrpcServer.fail) or the service drains: only a restart cures that.
+LIVENESS = "liveness"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-    STARTED = enum.auto()  # start-up is done (the watcher's first list, the reconciler in sync...)
-    STORE = enum.auto()  # the service's store can write
-    API = enum.auto()  # the Kubernetes API server answers (the launcher: it can do nothing without)
-    UPSTREAM = enum.auto()  # its event streams are up, or were lost only briefly (the reconciler)
+
+class PortUnavailable(Exception):
+    """A port the settings name cannot be bound (another process has it, or it is not allowed)."""
+
+    def __init__(self, setting: str, address: str, cause: str) -> None:
+        super().__init__(f"{setting}: cannot listen on {address}: {cause}")
+        self.setting = setting
+        self.address = address
+
+
+def _add_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    if credentials is None:
+        return int(server.add_insecure_port(address))
+    return int(server.add_secure_port(address, credentials))
+
+
+def _bind(setting: str, address: str, add: Callable[[], int]) -> int:
+    """grpc says only "Failed to bind" (its C core logs the errno); the cause is almost always a
+    port in use, so that is what the message suggests."""
+    try:
+        return add()
+    except RuntimeError:
+        cause = f"{os.strerror(errno.EADDRINUSE).lower()}, or not allowed"
+        raise PortUnavailable(setting, address, cause) from None
 
 
 class _MethodAwarePool:
@@ -210,17 +246,18 @@ class GrpcServer:
         self._frozen = False
         _enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])
         address = f"{settings.host}:{settings.port}"
-        if self.transport.server_credentials is not None:
-            self.port = self.server.add_secure_port(address, self.transport.server_credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        credentials = self.transport.server_credentials
+        self.port = _bind("port", address, lambda: _add_port(self.server, address, credentials))
         # The kubelet's gRPC probes cannot do TLS: health alone, in plaintext, on a port of its own.
         self.health_server: grpc.aio.Server | None = None
         self.health_port = 0
         if settings.health_port:
-            self.health_server = grpc.aio.server(options=_KEEPALIVE)
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = self.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+            health_server = self.health_server = grpc.aio.server(options=_KEEPALIVE)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            health_address = f"{settings.host}:{settings.health_port}"
+            self.health_port = _bind(
+                "health_port", health_address, lambda: health_server.add_insecure_port(health_address)
+            )
         # Prometheus scrapes in plaintext, like the kubelet's probes: a port of its own.
         self.metrics = (
             metrics.MetricsServer(settings.host, settings.metrics_port) if settings.metrics_port else None
@@ -229,12 +266,19 @@ class GrpcServer:
         self._log = get_logger(component="grpc")
 
     async def start(self) -> None:
+        """Serve; PortUnavailable (before anything listens) when the metrics port cannot be bound."""
+        if self.metrics is not None:
+            try:
+                await self.metrics.start()
+            except OSError as err:
+                cause = os.strerror(err.errno).lower() if err.errno else str(err)
+                address = f"{self.metrics.host}:{self.metrics.wanted_port}"
+                raise PortUnavailable("metrics_port", address, cause) from None
+        await self.health.set(LIVENESS, _SERVING)
         await self.set_serving(False)
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
-        if self.metrics is not None:
-            await self.metrics.start()
         for warning in self.transport.warnings:
             self._log.warning(warning)
         self._log.info(
@@ -255,7 +299,7 @@ class GrpcServer:
             self._unmet.discard(condition)
         else:
             self._unmet.add(condition)
-        metrics.unmet[metrics.condition_of(condition)].set(condition in self._unmet)
+        metrics.unmet[condition].set(condition in self._unmet)
         serving = not self._unmet
         metrics.SERVING.set(serving)
         if serving and not self._frozen:
@@ -264,11 +308,15 @@ class GrpcServer:
             gc.collect()
             gc.freeze()
             self._frozen = True
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = _SERVING if serving else _NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+
+    async def fail(self) -> None:
+        """A root task died (shepherd.supervisor): not ready, and no longer alive, so the kubelet
+        restarts the container even if draining takes long."""
+        await self.set_serving(False)
+        await self.health.set(LIVENESS, _NOT_SERVING)
 
     def request_stop(self) -> None:
         self._stop.set()

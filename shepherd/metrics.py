@@ -12,7 +12,6 @@ service's event loop (aiohttp), so those callbacks read the services' state on i
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -29,6 +28,7 @@ from prometheus_client import (
 )
 
 from shepherd.logging import get_logger
+from shepherd.readiness import Readiness
 
 PREFIX = "shepherd"
 # No <name>_created series beside each counter and histogram: a second series per child that
@@ -39,16 +39,6 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Time a task spends in one state: from under a second (a pod admitted at once) to hours.
 STATE_BUCKETS_S = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
-
-
-class Condition(StrEnum):
-    """Label values of shepherd_health_condition_unmet: why a service is NOT_SERVING.
-    Mirrors shepherd.grpcserver.Readiness (which names them in code)."""
-
-    STARTED = "started"  # still starting (first list, first sync)
-    STORE = "store"  # its SQLite store cannot write
-    API = "api"  # the Kubernetes API server does not answer (launcher)
-    UPSTREAM = "upstream"  # lost its event streams from the launcher/watcher for too long (reconciler)
 
 
 class Stream(StrEnum):
@@ -110,7 +100,7 @@ _REFUSED = Counter(
 refused = {reason: _REFUSED.labels(reason.value) for reason in Refusal}
 # Bound once: each open stream increments its own child, never a label lookup.
 subscribers = {stream: SUBSCRIBERS.labels(stream.value) for stream in Stream}
-unmet = {condition: CONDITION_UNMET.labels(condition.value) for condition in Condition}
+unmet = {condition: CONDITION_UNMET.labels(condition.value) for condition in Readiness}
 
 
 def set_function(gauge: Gauge, read: Callable[[], float]) -> None:
@@ -132,20 +122,26 @@ class MetricsServer:
     """GET /metrics in the Prometheus text format, plaintext, on a port of its own."""
 
     def __init__(self, host: str, port: int) -> None:
-        self._host, self._port = host, port
+        self.host, self.wanted_port = host, port
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     async def start(self) -> None:
+        """Listen; OSError (nothing left open) when the port cannot be bound."""
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
-        await site.start()
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.wanted_port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
         server = site._server  # aiohttp keeps the bound socket here; port 0 picks a free one
         sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else self._port
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self.wanted_port
         get_logger(component="metrics").info("serving metrics", port=self.port)
 
     async def _metrics(self, _: web.Request) -> web.Response:
@@ -155,8 +151,3 @@ class MetricsServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-
-
-def condition_of(readiness: enum.Enum) -> Condition:
-    """The label value of a shepherd.grpcserver.Readiness member (same names)."""
-    return Condition[readiness.name]

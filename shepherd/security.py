@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from shepherd.authn import LINKERD_HEADER, XFCC_HEADER
 from shepherd.channels import PLAINTEXT, ClientCredentials
 from shepherd.settings import ClientAuth, ServiceSettings, is_loopback
 
@@ -63,7 +64,7 @@ def transport(settings: ServiceSettings) -> Transport:
             (f"insecure: plaintext gRPC on {where} with no authentication; every caller may call every RPC",),
         )
     if settings.client_auth.is_mesh:
-        header = "l5d-client-id" if settings.client_auth is ClientAuth.LINKERD else "x-forwarded-client-cert"
+        header = LINKERD_HEADER if settings.client_auth is ClientAuth.LINKERD else XFCC_HEADER
         return Transport(
             Mode.MESH,
             None,

@@ -164,14 +164,14 @@ class ServiceSettings(BaseSettings):
         ge=0,
         le=65535,
         description="Also serve grpc.health.v1 alone, in plaintext, on this port (for the kubelet's "
-        "gRPC probes, which cannot do TLS); 0: no such port.",
+        "gRPC probes, which cannot do TLS); 0: no such port. Must differ from port and metrics_port.",
     )
     metrics_port: int = Field(
         default=0,
         ge=0,
         le=65535,
         description="Serve Prometheus metrics (GET /metrics) in plaintext on this port, on `host`; 0: none. "
-        "Names start with shepherd_ (README.md, Metrics).",
+        "Must differ from port and health_port. Names start with shepherd_ (README.md, Metrics).",
     )
     # ---- tracing (shepherd.tracing; README.md, Tracing) -------------------------------------------
     otlp_endpoint: str = Field(
@@ -236,6 +236,18 @@ class ServiceSettings(BaseSettings):
             raise ValueError("client_auth=token: bearer tokens need TLS; give tls_cert, tls_key and tls_ca")
         # Plaintext on a host that is not loopback is refused when the server starts
         # (shepherd.security.transport), so settings used for anything else need no certificates.
+        return self
+
+    @model_validator(mode="after")
+    def _ports_are_distinct(self) -> Self:
+        # Caught here, before anything listens: otherwise the second bind fails after the gRPC port
+        # is already serving. 0 picks a free port, so it never collides.
+        ports = {"port": self.port, "health_port": self.health_port, "metrics_port": self.metrics_port}
+        taken: dict[int, str] = {}
+        for name, port in ports.items():
+            if port and port in taken:
+                raise ValueError(f"{taken[port]} and {name}: both are {port}; each needs a port of its own")
+            taken.setdefault(port, name)
         return self
 
     @field_validator("otlp_endpoint")

@@ -4,7 +4,8 @@ A service is a few long-lived tasks (the pod creator, the engine, stream consume
 commit loop...). If one of them dies while the process lives on, the service goes on answering
 with a part missing: launches accepted but never created, events read but never committed. So
 when a root task fails (raises, or returns although it should run forever) the supervisor logs
-the cause once, naming the task, and stops the service: health goes NOT_SERVING, RPCs drain, the
+the cause once, naming the task, and stops the service: health goes NOT_SERVING (liveness too, so
+the kubelet restarts it even while it drains; nothing else drops liveness), RPCs drain, the
 other root tasks are cancelled, and the process exits non-zero. Its restart recovers, because
 the design survives any kill: the stores replay what was accepted and the streams resume from the
 cursors that were committed.
@@ -74,7 +75,7 @@ class Supervisor:
         finish (up to `grace_s`) and cancel the root tasks."""
         await self._server.wait_for_stop_signal()
         if self.failed is not None:
-            await self._server.set_serving(False)
+            await self._server.fail()
         await self._server.drain(grace_s)
         self._stopping = True
         tasks = list(self._tasks)

@@ -13,14 +13,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from shepherd.readiness import Readiness
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-# What each unmet condition means to an operator (shepherd.metrics.Condition's values).
+# What each unmet condition (the metric's `condition` label) means to an operator.
 _CONDITIONS = {
-    "started": "starting",
-    "store": "its store cannot write",
-    "api": "the Kubernetes API server is unreachable",
-    "upstream": "lost its upstream streams",
+    Readiness.STARTED: "starting",
+    Readiness.STORE: "its store cannot write",
+    Readiness.API: "the Kubernetes API server is unreachable",
+    Readiness.UPSTREAM: "lost its upstream streams",
 }
 _DOWN = "shepherd_reconciler_upstream_down_seconds"
 # The figure shown as a service's backlog.
@@ -51,8 +53,11 @@ def why(samples: Samples) -> list[str]:
         if name != "shepherd_health_condition_unmet" or not value:
             continue
         condition = dict(labels).get("condition", "")
-        reason = _CONDITIONS.get(condition, condition)
-        if condition == "upstream":
+        try:
+            reason = _CONDITIONS[Readiness(condition)]
+        except ValueError:  # a condition this CLI does not know (a newer service): its label
+            reason = condition
+        if condition == Readiness.UPSTREAM:
             lost = [
                 f"{dict(lab)['upstream']} for {samples.get((_DOWN, lab), 0):.0f} s"
                 for (n, lab), v in sorted(samples.items())

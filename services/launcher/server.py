@@ -30,10 +30,11 @@ from services.launcher.store import Accepted, LaunchStore, stamp_cancelled
 from services.launcher.templates import TemplateCatalog, UnknownTemplate
 from shepherd import channels, logstream, metrics, podmeta, tracing
 from shepherd.errors import MAX_FIELD_LEN, MAX_PROBLEM_LEN, abort_fields, abort_invalid, abort_unavailable
-from shepherd.grpcserver import Context, GrpcServer, Readiness, run
+from shepherd.grpcserver import Context, GrpcServer, run
 from shepherd.kube import KubeClient, load_connection
 from shepherd.kube.reachability import ApiReachability
 from shepherd.logging import configure, get_logger
+from shepherd.readiness import Readiness
 from shepherd.retention import Pruner, Retention
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor

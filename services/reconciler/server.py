@@ -27,9 +27,10 @@ from services.reconciler.sweep import sweep_finished, sweep_pending
 from services.reconciler.upstream import UpstreamHealth
 from shepherd import channels, logstream, metrics, podmeta, tracing
 from shepherd.errors import abort_invalid, abort_unavailable
-from shepherd.grpcserver import Context, GrpcServer, Readiness, run
+from shepherd.grpcserver import Context, GrpcServer, run
 from shepherd.kube import ApiError, KubeClient, load_connection
 from shepherd.logging import configure, get_logger
+from shepherd.readiness import Readiness
 from shepherd.retention import Pruner, Retention
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from services.watcher import metrics
+from services.watcher import encoded, metrics
 from services.watcher.metrics import Restart
 from shepherd import timestamps, tracing
 from shepherd.eventlog import MemoryLog
@@ -61,8 +61,14 @@ def _trace(event: PodEvent) -> None:
 
 @dataclass
 class _Known:
+    """A live pod's last event, kept encoded (a message object costs ~7x more: see encoded.py)."""
+
     resource_version: str
-    event: PodEvent
+    namespace: str
+    event: bytes
+
+    def decoded(self) -> PodEvent:
+        return PodEvent.FromString(self.event)
 
 
 @dataclass
@@ -79,10 +85,11 @@ class InformerStats:
 
 @dataclass
 class Informer:
-    """Feeds one MemoryLog from one or more namespaces' list+watch loops."""
+    """Feeds one MemoryLog (of encoded events: see encoded.py) from one or more namespaces'
+    list+watch loops."""
 
     kube: KubeClient
-    log: MemoryLog[PodEvent]
+    log: MemoryLog[bytes]
     label_selector: str
     namespaces: list[str] | None  # None: every namespace
     watch_timeout_s: int = 300
@@ -100,8 +107,9 @@ class Informer:
         return self._ready
 
     def snapshot(self) -> tuple[int, list[PodEvent]]:
-        """The current pods and the cursor they are consistent with (taken without awaiting)."""
-        return self.log.head, [known.event for known in self._cache.values()]
+        """The current pods (new objects, the caller's to change) and the cursor they are consistent
+        with (taken without awaiting)."""
+        return self.log.head, [known.decoded() for known in self._cache.values()]
 
     async def run(self) -> None:
         scopes: list[str | None] = list(self.namespaces) if self.namespaces is not None else [None]
@@ -146,19 +154,18 @@ class Informer:
 
     def _record(self, event: PodEvent) -> None:
         """Append to the log under the next cursor, count it, and keep the cache in step."""
-        event.cursor = self.log.append(event)  # subscribers read it only after this call returns
+        event.cursor = self.log.next_cursor
+        data = event.SerializeToString()
+        self.log.append(encoded.frame(data))  # subscribers read it only after this call returns
         self.stats.events += 1
         self.stats.synthetic_events += event.synthetic
         metrics.events[(event.type, event.synthetic)].inc()
         if event.type == watcher_service_pb2.POD_EVENT_TYPE_DELETED:
             self._cache.pop(event.pod_uid, None)
         else:
-            self._cache[event.pod_uid] = _Known(event.resource_version, event)
+            self._cache[event.pod_uid] = _Known(event.resource_version, event.namespace, data)
         if tracing.enabled and event.traceparent:
             _trace(event)
-
-    def _in_scope(self, namespace: str | None, event: PodEvent) -> bool:
-        return namespace is None or event.namespace == namespace
 
     async def _list(self, namespace: str | None, *, after_gap: bool) -> str:
         pods, resource_version = await self.kube.list_all_pods(namespace, label_selector=self.label_selector)
@@ -175,11 +182,10 @@ class Informer:
                 self._emit("MODIFIED", pod, synthetic=after_gap)
         vanished = []
         for uid, known in list(self._cache.items()):
-            if uid not in seen and self._in_scope(namespace, known.event):
+            if uid not in seen and (namespace is None or known.namespace == namespace):
                 # The pod vanished while we were not watching: reconstructed from its last known
                 # state, which cannot say whether it was deleted or relabelled: the pod is read.
-                event = PodEvent()
-                event.CopyFrom(known.event)
+                event = known.decoded()
                 event.type = watcher_service_pb2.POD_EVENT_TYPE_DELETED
                 event.synthetic = True
                 timestamps.stamp_now(event.observe_time)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from services.watcher import encoded
 from services.watcher import metrics as watcher_metrics
 from services.watcher.informer import Informer
 from services.watcher.settings import WatcherSettings
@@ -25,7 +26,7 @@ SNAPSHOT_CHUNK = 256  # events per message: well under gRPC's 4 MiB default mess
 
 
 class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
-    def __init__(self, informer: Informer, log: MemoryLog[PodEvent], *, interval_s: float) -> None:
+    def __init__(self, informer: Informer, log: MemoryLog[bytes], *, interval_s: float) -> None:
         self._informer = informer
         self._log = log
         self._interval_s = interval_s
@@ -48,9 +49,7 @@ class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
             if request.snapshot:
                 after, pods = self._informer.snapshot()
                 events = []
-                for pod in pods:
-                    event = PodEvent()
-                    event.CopyFrom(pod)
+                for event in pods:
                     event.type, event.cursor = watcher_service_pb2.POD_EVENT_TYPE_SNAPSHOT, after
                     events.append(event)
                 events.append(
@@ -64,13 +63,13 @@ class WatcherServicer(watcher_service_pb2_grpc.WatcherServiceServicer):
             async for entries in logstream.serve_log(
                 self._log, after, context, interval_s=self._interval_s, headers_sent=request.snapshot
             ):
-                yield watcher_service_pb2.WatchPodEventsResponse(events=[event for _, event in entries])
+                yield encoded.response(entries)
 
 
 async def serve(settings: WatcherSettings) -> None:
     log = get_logger(service="watcher")
     kube = KubeClient(load_connection(settings.kubeconfig))
-    events: MemoryLog[PodEvent] = MemoryLog(settings.event_retention)
+    events: MemoryLog[bytes] = MemoryLog(settings.event_retention)
     informer = Informer(
         kube=kube,
         log=events,

@@ -104,6 +104,8 @@ def follow(executor: Any, spec: dict[str, Any], out: dict[str, Any]) -> None:
     # deferral even while the run that deferred is still seen running.
     again = {make_key(spec, t): list(t.get("again", [])) for t in spec.get("tasks", [])}
     again_early = {make_key(spec, {"task_id": t}) for t in spec.get("again_when_running", [])}
+    # The feed thread ends under the executor (as an unexpected death would) once these run.
+    end_feed = {make_key(spec, {"task_id": t}) for t in spec.get("end_feed_when_running", [])}
     done: set[TaskInstanceKey] = set()
     seen_running: set[TaskInstanceKey] = set()
     deadline = time.monotonic() + spec.get("timeout_s", 120)
@@ -130,12 +132,28 @@ def follow(executor: Any, spec: dict[str, Any], out: dict[str, Any]) -> None:
                 done.add(key)  # (Airflow 2.10 holds a queueing back while the run before is running)
             elif state_name == "running" and not again.get(key):
                 seen_running.add(key)  # the last queueing's run
+            if state_name == "running" and key in end_feed and executor.feed is not None:
+                executor.feed.stop()
+                out["feed_ended"].append(key.task_id)
+                end_feed.clear()
             if state_name == "running" and key in revoke:
                 executor.revoke_task(ti=SimpleNamespace(key=key))
                 out["revoked"].append(key.task_id)
                 revoke.discard(key)
         time.sleep(0.2)
     out["running_at_end"] = sorted(k.task_id for k in executor.running)
+
+
+def record_applied(executor: Any, into: list[dict[str, Any]]) -> None:
+    """Every Shepherd task the executor is handed (from the feed, adoption or a catch-up read),
+    whether or not it is one the executor tracks: what the feed delivered, seen from outside."""
+    apply = executor._apply
+
+    def recording(task: Any) -> None:
+        into.append({"dag_id": task.key.dag_id, "task_id": task.key.task_id, "state": int(task.state)})
+        apply(task)
+
+    executor._apply = recording
 
 
 def requeue(spec: dict[str, Any]) -> dict[str, Any]:
@@ -197,8 +215,15 @@ def main() -> None:
         with open(sys.argv[2], "w") as result:
             json.dump(requeue(spec), result)
         return
-    out: dict[str, Any] = {"airflow": airflow.__version__, "events": [], "revoked": []}
+    out: dict[str, Any] = {
+        "airflow": airflow.__version__,
+        "events": [],
+        "revoked": [],
+        "feed_ended": [],
+        "applied": [],
+    }
     executor = ShepherdExecutor(parallelism=spec.get("parallelism", 32))
+    record_applied(executor, out["applied"])
     executor.job_id = spec.get("job_id", 1)
     executor.start()
     try:

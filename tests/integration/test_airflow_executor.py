@@ -513,3 +513,77 @@ def test_a_pod_lost_before_it_ran_is_requeued_without_spending_a_retry(tmp_path:
     assert state == "failed"
     assert "PodLostBeforeStart" in info
     assert out["running"] == 0
+
+
+def test_a_restarted_executor_follows_from_now_and_replays_no_old_states(
+    airflow: airflow_venv.AirflowVenv, stack: ServiceStack, cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    """A scheduler that starts (or restarts) follows task states from the head of the log: the
+    retained transitions of tasks that finished before it started (up to days of them) are not
+    read again, let alone queued in the scheduler; its own task's states all arrive."""
+    dag, run = unique_name("afhead"), "manual__2026-12-01T00:00:00+00:00"
+    quick = {"sim.shepherd.dev/run-time": "1s"}
+    audit = AuditLog.from_now(Cluster().audit_log)
+    before = ["old0", "old1", "old2"]
+    first = drive(
+        airflow,
+        stack,
+        cluster,
+        tmp_path,
+        {
+            "dag_id": dag,
+            "run_id": run,
+            "tasks": [{"task_id": t, "annotations": quick} for t in before],
+            "until": before,
+        },
+    )
+    for t in before:
+        assert [s for s, _ in events_of(first, t) if s != "running"] == ["success"], events_of(first, t)
+    # The next scheduler runs one task of the same DAG run; its terminal state is the barrier.
+    second = drive(
+        airflow,
+        stack,
+        cluster,
+        tmp_path,
+        {
+            "dag_id": dag,
+            "run_id": run,
+            "tasks": [{"task_id": "new", "annotations": quick}],
+            "until": ["new"],
+        },
+    )
+    assert [s for s, _ in events_of(second, "new") if s != "running"] == ["success"], events_of(second, "new")
+    replayed = [a for a in second["applied"] if a["dag_id"] == dag and a["task_id"] in before]
+    assert replayed == [], f"{len(replayed)} old transitions handed to the new executor: {replayed[:5]}"
+    mine = [a["state"] for a in second["applied"] if a["dag_id"] == dag and a["task_id"] == "new"]
+    assert task_pb2.TASK_STATE_SUCCEEDED in mine, second["applied"]
+    pods = {podmeta.pod_name(task_key(dag_id=dag, task_id=t, run_id=run)) for t in [*before, "new"]}
+    assert dict(audit.creates(pods)) == dict.fromkeys(pods, 1)
+
+
+def test_a_dead_state_feed_is_replaced_and_no_state_is_lost(
+    airflow: airflow_venv.AirflowVenv, stack: ServiceStack, cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    """The feed thread ends under the executor while its tasks run (as a thread killed by an
+    unexpected error would): the next heartbeat notices, starts a new feed that re-reads the
+    tracked tasks, and every task still reaches Airflow exactly once, as a success."""
+    dag, run = unique_name("afdead"), "manual__2026-12-01T00:00:00+00:00"
+    tasks = ["a", "b"]
+    spec = {
+        "dag_id": dag,
+        "run_id": run,
+        "tasks": [{"task_id": t, "annotations": {"sim.shepherd.dev/run-time": "6s"}} for t in tasks],
+        "until": tasks,
+        "end_feed_when_running": tasks,
+        "timeout_s": 90,
+    }
+    audit = AuditLog.from_now(Cluster().audit_log)
+    out = drive(airflow, stack, cluster, tmp_path, spec)
+    assert len(out["feed_ended"]) == 1, out["feed_ended"]
+    for t in tasks:
+        assert [s for s, _ in events_of(out, t) if s != "running"] == ["success"], events_of(out, t)
+        key = task_key(dag_id=dag, task_id=t, run_id=run)
+        assert shepherd_task(stack, key).state == task_pb2.TASK_STATE_SUCCEEDED
+    pods = {podmeta.pod_name(task_key(dag_id=dag, task_id=t, run_id=run)) for t in tasks}
+    assert dict(audit.creates(pods)) == dict.fromkeys(pods, 1)
+    assert out["running_at_end"] == []

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from controlplane import Cluster, ClusterInfo
+from shepherd.grpcserver import LIVENESS
 from shepherd.v1 import launcher_service_pb2, reconciler_service_pb2, watcher_service_pb2
 
 pytestmark = pytest.mark.integration
@@ -121,6 +122,10 @@ def test_each_deployment_serves_mutual_tls_from_its_secret_and_probes_in_plainte
     health_port = int(env["SHEPHERD_HEALTH_PORT"])
     assert container["readinessProbe"]["grpc"]["port"] == health_port
     assert container["livenessProbe"]["grpc"]["port"] == health_port
+    # Readiness asks the service's own health (every readiness condition); liveness asks the name
+    # only a dead root task drops, so an outage elsewhere never gets the container restarted.
+    assert container["readinessProbe"]["grpc"]["service"] == SERVICES[name].full_name
+    assert container["livenessProbe"]["grpc"].get("service") == LIVENESS
 
 
 def _fields(path: str) -> set[str]:

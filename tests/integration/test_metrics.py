@@ -27,6 +27,7 @@ from shepherd_cli.main import cli
 from tests.helpers import task_key, unique_name
 from tests.helpers.eventually import eventually_async
 from tests.helpers.metrics import Scrape, scrape
+from tests.helpers.probes import Probe, probed_service
 from tests.helpers.scheduler import SchedulerClient
 from tests.helpers.streams import Collector
 
@@ -193,13 +194,19 @@ def _status(stack: ServiceStack, tmp_path: Path) -> dict[str, Any]:
 async def test_the_reconciler_is_not_serving_while_an_upstream_stream_is_lost(
     metrics_stack: ServiceStack, tmp_path: Path
 ) -> None:
+    """Not ready while the watcher is gone, and ready again by itself once it is back; its liveness,
+    as the Deployment probes it, holds throughout: a restart would not bring the watcher back, and
+    would stop the queries the reconciler can still answer."""
     stack = metrics_stack
     await _subscribed(stack)
     async with stack.channel("reconciler") as channel:
-        health = Collector(
-            health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
-        ).start()
+        stub = health_pb2_grpc.HealthStub(channel)
+        health = Collector(stub.Watch(health_pb2.HealthCheckRequest(service=""))).start()
+        liveness = health_pb2.HealthCheckRequest(service=probed_service("reconciler", Probe.LIVENESS))
+        readiness = health_pb2.HealthCheckRequest(service=probed_service("reconciler", Probe.READINESS))
+        alive = Collector(stub.Watch(liveness)).start()
         try:
+            await alive.until(lambda seen: bool(seen), what="the liveness service's first status")
             await health.until(lambda seen: seen and seen[-1].status == SERVING, what="reconciler SERVING")
             await asyncio.to_thread(stack.stop, "watcher")
             await health.until(
@@ -207,6 +214,8 @@ async def test_the_reconciler_is_not_serving_while_an_upstream_stream_is_lost(
                 what="reconciler NOT_SERVING with the watcher gone",
                 seconds=LOSS_TIMEOUT_S + 60,
             )
+            assert (await stub.Check(readiness, timeout=10)).status == NOT_SERVING
+            assert (await stub.Check(liveness, timeout=10)).status == SERVING
             lost = await scrape(stack.metrics_url("reconciler"))
             assert lost.value("shepherd_health_condition_unmet", condition="upstream") == 1
             assert lost.value("shepherd_reconciler_upstream_connected", upstream="watcher") == 0
@@ -229,5 +238,8 @@ async def test_the_reconciler_is_not_serving_while_an_upstream_stream_is_lost(
             # The restarted watcher has a new log: the first resubscription may be answered
             # OUT_OF_RANGE and re-sync from a snapshot, a short loss that does not change health.
             await _subscribed(stack)
+            assert (await stub.Check(liveness, timeout=10)).status == SERVING
+            assert [s.status for s in alive.items] == [SERVING]
         finally:
             await health.stop()
+            await alive.stop()

@@ -1,10 +1,12 @@
 """What every service offers a platform team: reflection for grpcurl and ghz, health that means
-ready, request ids in the logs, and a graceful drain on SIGTERM."""
+ready, request ids in the logs, a graceful drain on SIGTERM, and a port that cannot be bound
+ending the service with one line that names it."""
 
 from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from shepherd.v1 import (
 )
 from tests.helpers import task_key, unique_name
 from tests.helpers.cluster import unreachable_kubeconfig
+from tests.helpers.probes import Probe, probed_service
 
 pytestmark = pytest.mark.integration
 GRPCURL = str(ClusterSettings().bin_dir / "grpcurl")
@@ -98,6 +101,10 @@ async def test_the_watcher_is_not_serving_until_its_first_list(cluster: ClusterI
             request = health_pb2.HealthCheckRequest(service="shepherd.v1.WatcherService")
             reply = await health.Check(request, wait_for_ready=True, timeout=30)
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Not ready, but alive: a restart would not make the API server reachable.
+            liveness = health_pb2.HealthCheckRequest(service=probed_service("watcher", Probe.LIVENESS))
+            reply = await health.Check(liveness, timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
             stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for _ in stub.WatchPodEvents(watcher_service_pb2.WatchPodEventsRequest()):
@@ -145,3 +152,29 @@ async def test_sigterm_drains_a_service_and_it_exits_cleanly(cluster: ClusterInf
         assert '"stopped"' in log
     finally:
         stack.stop_all()
+
+
+@pytest.mark.parametrize("setting", ["metrics_port", "health_port"])
+async def test_a_port_in_use_ends_the_service_with_one_line_naming_it(
+    cluster: ClusterInfo, tmp_path: Path, setting: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stack = ServiceStack(cluster, tmp_path, executor_id=f"port-{unique_name('x')[-6:]}")
+        if setting == "metrics_port":
+            stack.metrics_ports["watcher"] = port
+        else:
+            stack.flags["watcher"] = ["--health-port", str(port)]
+        stack.start(("watcher",), wait=False)
+        try:
+            assert await stack.exited("watcher", within_s=60) != 0
+        finally:
+            stack.stop_all()
+    log = stack.log_path("watcher").read_text()
+    errors = [line for line in log.splitlines() if '"level":"error"' in line]
+    assert len(errors) == 1, log[-3000:]
+    assert setting in errors[0], errors[0]
+    assert str(port) in errors[0], errors[0]
+    assert "Traceback" not in log, log[-3000:]

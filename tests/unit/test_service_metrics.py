@@ -8,7 +8,9 @@ import pytest
 
 from services.launcher.metrics import RetryCause, retry_cause
 from services.launcher.reconciler_client import ReconcilerUnavailable
+from shepherd import metrics
 from shepherd.kube import ApiError
+from shepherd.readiness import Readiness
 from shepherd_cli import servicemetrics
 
 
@@ -54,3 +56,19 @@ def test_status_names_the_lost_upstream_and_for_how_long() -> None:
 def test_a_ready_service_has_no_reason() -> None:
     text = '# TYPE shepherd_health_condition_unmet gauge\nshepherd_health_condition_unmet{condition="api"} 0'
     assert servicemetrics.why(servicemetrics.parse(text)) == []
+
+
+UNMET_TYPE = "# TYPE shepherd_health_condition_unmet gauge"
+
+
+@pytest.mark.parametrize("condition", list(Readiness))
+def test_every_readiness_condition_is_a_metric_label_that_status_explains(condition: Readiness) -> None:
+    assert set(metrics.unmet) == set(Readiness)
+    text = f'{UNMET_TYPE}\nshepherd_health_condition_unmet{{condition="{condition}"}} 1'
+    (reason,) = servicemetrics.why(servicemetrics.parse(text))
+    assert reason != condition.value, f"status shows the bare label {condition.value!r}"
+
+
+def test_a_condition_status_does_not_know_is_shown_by_its_label() -> None:
+    text = f'{UNMET_TYPE}\nshepherd_health_condition_unmet{{condition="quorum"}} 1'
+    assert servicemetrics.why(servicemetrics.parse(text)) == ["quorum"]

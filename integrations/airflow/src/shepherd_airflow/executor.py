@@ -92,14 +92,39 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
     def start(self) -> None:
         self.settings = load_settings()
         self.client = ShepherdClient(self.settings)
-        self.feed = StateFeed(self.client, self._tracked_keys)
-        self.feed.start()
+        self._start_feed()
         log.info(
             "shepherd: executor started (launcher %s, reconciler %s, parallelism %s)",
             self.settings.launcher_address,
             self.settings.reconciler_address,
             self.parallelism,
         )
+
+    def _start_feed(self) -> None:
+        assert self.client is not None
+        self.feed = StateFeed(self.client, self._tracked_keys)
+        self.feed.start()
+
+    def _check_feed(self) -> None:
+        """Replace a feed thread that ended without being stopped.
+
+        The feed survives every error by itself (it logs, backs off and reconnects), so this is a
+        failure beyond it, such as a bug. Like the KubernetesExecutor with a dead pod watcher
+        (its scheduler's sync() makes a new watcher that lists again), the executor starts a new
+        feed rather than raising: a raise would restart the whole scheduler to recover what a
+        new thread recovers, and the new feed loses nothing, since it follows from the head after
+        re-reading every tracked task. What the dead one had queued is applied first."""
+        feed = self.feed
+        if feed is None or feed.is_alive():
+            return
+        log.error(
+            "shepherd: the state feed thread ended unexpectedly; starting a new one, which re-reads "
+            "the %d tracked task(s)",
+            len(self.running),
+        )
+        for task in feed.drain():
+            self._apply(task)
+        self._start_feed()
 
     def _tracked_keys(self) -> list[task_pb2.TaskKey]:
         # Called from the feed thread: copy first, the scheduler thread changes `running`.
@@ -221,6 +246,7 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         the feed brought. Neither waits for a pod."""
         if self.client is None:
             return
+        self._check_feed()
         self._launch_pending()
         self._apply_feed()
 
@@ -377,17 +403,19 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         not_adopted = []
         for ti in tis:
             key = ti.key
+            # Tracked before it is read: a feed (re)subscribing meanwhile re-reads it, so no
+            # transition between this read and the feed's subscription is missed.
+            self.running.add(key)
             try:
                 task = _latest_run(self.client, translate.task_key(key))
             except grpc.RpcError as err:
                 log.warning("shepherd: cannot adopt %s: %s", translate.key_text(key), err.details())
-                not_adopted.append(ti)
-                continue
+                task = None
             if task is None or translate.predates(task, getattr(ti, "queued_dttm", None)):
+                self.running.discard(key)
                 not_adopted.append(ti)
                 continue
             self._resumptions[key] = task.key.resumption
-            self.running.add(key)
             self._apply(task)
         return not_adopted
 

@@ -311,3 +311,50 @@ def batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     """`items` in launch calls of at most `size` (and never more than Shepherd's batch limit)."""
     step = max(1, min(size, MAX_BATCH))
     return [items[i : i + step] for i in range(0, len(items), step)]
+
+
+def state_rank(state: int) -> int:
+    """How far along QUEUED -> RUNNING -> terminal a state is; a task's state never goes down.
+    ADOPTED (a task that changed owners before it ran or while it ran) ranks with QUEUED, as in
+    the reconciler: it is followed by RUNNING or a terminal state."""
+    if state in TERMINAL_STATES:
+        return 3
+    if state == task_pb2.TASK_STATE_RUNNING:
+        return 2
+    return 1 if state in (task_pb2.TASK_STATE_QUEUED, task_pb2.TASK_STATE_ADOPTED) else 0
+
+
+class ReadFloors:
+    """Keeps a task's re-read state from being followed by an older one off the stream.
+
+    The feed subscribes first and reads the tracked tasks with GetTask second, so nothing falls
+    between the two; but a read may already show a state whose transitions the stream has still
+    to send (RUNNING after a SUCCEEDED read). Each read sets a floor for its task: a transition
+    below it is stale and dropped, the read state's own transition is a duplicate (dropped, and
+    the stream has caught up: the floor goes), anything above it is news. Floors live only until
+    the next re-read, so there are never more than the tasks tracked.
+    """
+
+    def __init__(self) -> None:
+        self._floors: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._floors)
+
+    def clear(self) -> None:
+        self._floors.clear()
+
+    def read(self, task: task_pb2.Task) -> None:
+        self._floors[task.key.SerializeToString(deterministic=True)] = task.state
+
+    def is_news(self, task: task_pb2.Task) -> bool:
+        """Whether a streamed transition says more than the task's re-read did."""
+        name = task.key.SerializeToString(deterministic=True)
+        floor = self._floors.get(name)
+        if floor is None:
+            return True
+        rank, floor_rank = state_rank(task.state), state_rank(floor)
+        if rank < floor_rank:
+            return False
+        del self._floors[name]
+        return task.state != floor
