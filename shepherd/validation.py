@@ -9,11 +9,13 @@ from functools import cache
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from shepherd import podmeta
 from shepherd.v1 import task_pb2
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 MAX_ID_LEN = 250
 MAX_TRY_NUMBER = 100_000
+MAX_RESUMPTION = podmeta.MAX_RESUMPTION
 
 
 class InvalidField(ValueError):
@@ -46,6 +48,8 @@ def check_key(key: task_pb2.TaskKey, field: str = "key", *, present: bool = True
         )
     if key.map_index < -1:
         raise InvalidField(f"{field}.map_index", f"must be -1 (not mapped) or >= 0 (got {key.map_index})")
+    if key.resumption > MAX_RESUMPTION:
+        raise InvalidField(f"{field}.resumption", f"must be at most {MAX_RESUMPTION} (got {key.resumption})")
 
 
 def check_enums(message: Message, prefix: str = "") -> None:

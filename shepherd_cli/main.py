@@ -112,7 +112,8 @@ def _package_version() -> str:
 def cli(connection: Path) -> None:
     """Operate Shepherd: run its services, and list, watch, launch and cancel tasks.
 
-    A task key is written dag/task/run[/try[/map_index]] (try defaults to 1, map_index to -1).
+    A task key is written dag/task/run[/try[/map_index[/resumption]]] (try defaults to 1, map_index
+    to -1, resumption to 0).
     """
 
 

@@ -2,7 +2,8 @@
 
 One task per YAML document (`---` separates several):
 
-    key: etl/extract/r1          # or a mapping: {dag_id, task_id, run_id, try_number, map_index}
+    key: etl/extract/r1          # or a mapping: {dag_id, task_id, run_id, try_number, map_index,
+                                 #                resumption}
     command: [python, -m, etl.extract]
     template_name: ""            # optional; or template: {a whole v1 Pod}
     pod_override:                # optional partial v1 Pod, merged over the generated one
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 from shepherd.v1 import launcher_service_pb2, task_pb2
-from shepherd_cli.keys import KeySyntaxError, parse_key
+from shepherd_cli.keys import KEY_SYNTAX, KeySyntaxError, parse_key
 
 _FIELDS = {"key", "command", "template_name", "template", "pod_override"}
 _KEY_FIELDS = set(task_pb2.TaskKey.DESCRIPTOR.fields_by_name)
@@ -77,4 +78,4 @@ def _key(value: Any, where: str) -> task_pb2.TaskKey:
             return task_pb2.TaskKey(**fields)
         except (TypeError, ValueError) as err:
             raise TaskFileError(f"{where}: key: {err}") from None
-    raise TaskFileError(f"{where}: key is required, as dag/task/run[/try[/map_index]] or a mapping")
+    raise TaskFileError(f"{where}: key is required, as {KEY_SYNTAX} or a mapping")

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 import uuid
-from datetime import UTC
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -98,6 +98,12 @@ def follow(executor: Any, spec: dict[str, Any], out: dict[str, Any]) -> None:
     until = {make_key(spec, {"task_id": t}) for t in spec.get("until", [])}
     until_running = {make_key(spec, {"task_id": t}) for t in spec.get("until_running", [])}
     revoke = {make_key(spec, {"task_id": t}) for t in spec.get("revoke_when_running", [])}
+    # Queued again under the same key after each terminal event, as Airflow does when a deferred
+    # task resumes or a reschedule-mode sensor pokes again: the same try, a new run of it. With
+    # "again_when_running", already at its first running event: Airflow 3 queues a resumed
+    # deferral even while the run that deferred is still seen running.
+    again = {make_key(spec, t): list(t.get("again", [])) for t in spec.get("tasks", [])}
+    again_early = {make_key(spec, {"task_id": t}) for t in spec.get("again_when_running", [])}
     # The feed thread ends under the executor (as an unexpected death would) once these run.
     end_feed = {make_key(spec, {"task_id": t}) for t in spec.get("end_feed_when_running", [])}
     done: set[TaskInstanceKey] = set()
@@ -118,10 +124,14 @@ def follow(executor: Any, spec: dict[str, Any], out: dict[str, Any]) -> None:
         for key, (state, info) in executor.get_event_buffer().items():
             state_name = str(getattr(state, "value", state))
             out["events"].append({"task_id": key.task_id, "state": state_name, "info": info})
-            if state_name in terminal:
-                done.add(key)
-            if state_name == "running":
-                seen_running.add(key)
+            if again.get(key) and (
+                state_name in terminal or (state_name == "running" and key in again_early)
+            ):
+                queue(executor, spec, {"task_id": key.task_id, **again[key].pop(0)})
+            elif state_name in terminal and key not in executor.queued_tasks:
+                done.add(key)  # (Airflow 2.10 holds a queueing back while the run before is running)
+            elif state_name == "running" and not again.get(key):
+                seen_running.add(key)  # the last queueing's run
             if state_name == "running" and key in end_feed and executor.feed is not None:
                 executor.feed.stop()
                 out["feed_ended"].append(key.task_id)
@@ -150,8 +160,6 @@ def requeue(spec: dict[str, Any]) -> dict[str, Any]:
     """Airflow 3 only: in a migrated metadata database with the DAG `spec["dag_id"]` serialized,
     make a run whose instance `lost` is QUEUED and `moved_on` RUNNING under try 1, and hand both
     to the executor as Shepherd's UP_FOR_RESCHEDULE would. What the database then holds."""
-    from datetime import datetime
-
     from airflow.models.serialized_dag import SerializedDagModel
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
@@ -220,7 +228,13 @@ def main() -> None:
     executor.start()
     try:
         if spec.get("adopt"):
-            tis = [SimpleNamespace(key=make_key(spec, {"task_id": t})) for t in spec["adopt"]]
+            # When the instances were last queued, as Airflow's TaskInstance.queued_dttm says.
+            queued = spec.get("adopt_queued_at")
+            queued_dttm = None if queued is None else datetime.fromisoformat(queued)
+            tis = [
+                SimpleNamespace(key=make_key(spec, {"task_id": t}), queued_dttm=queued_dttm)
+                for t in spec["adopt"]
+            ]
             out["not_adopted"] = sorted(ti.key.task_id for ti in executor.try_adopt_task_instances(tis))
         for task in spec.get("tasks", []):
             queue(executor, spec, task)

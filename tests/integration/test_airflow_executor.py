@@ -20,6 +20,7 @@ import json
 import signal
 import subprocess
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,162 @@ def test_adoption_reattaches_without_a_second_pod(
     assert dict(audit.creates({podmeta.pod_name(key)})) == {podmeta.pod_name(key): 1}
     with pytest.raises(grpc.RpcError) as never:
         shepherd_task(stack, task_key(dag_id=dag, task_id="never_launched", run_id=run))
+    assert never.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_try_queued_again_gets_a_new_pod_and_reports_that_run(
+    airflow: airflow_venv.AirflowVenv, stack: ServiceStack, cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    """A deferred task resuming, or a reschedule-mode sensor poking again: Airflow queues the same
+    TaskInstanceKey (same try) again after the run before handed control back (its pod succeeded).
+    Each queueing is a run of its own, as with the KubernetesExecutor: a new pod (the next
+    resumption of the Shepherd task), and Airflow hears that run's outcome, never the old one's.
+    A scheduler started afresh, which never saw the earlier runs, finds the next resumption from
+    Shepherd."""
+    dag, run = unique_name("afagain"), "manual__2026-12-01T00:00:00+00:00"
+    quick = {"sim.shepherd.dev/run-time": "1s"}
+    fails = {**quick, "sim.shepherd.dev/outcome": "fail", "sim.shepherd.dev/exit-code": "5"}
+    audit = AuditLog.from_now(Cluster().audit_log)
+    spec = {
+        "dag_id": dag,
+        "run_id": run,
+        "tasks": [{"task_id": "poke", "annotations": quick, "again": [{"annotations": quick}]}],
+        "until": ["poke"],
+        "timeout_s": 180,
+    }
+    first = drive(airflow, stack, cluster, tmp_path, spec)
+    assert [s for s, _ in events_of(first, "poke") if s != "running"] == ["success", "success"]
+    assert first["running_at_end"] == []
+    # A restarted scheduler: the third run of the same try, and this one fails.
+    spec["tasks"] = [{"task_id": "poke", "annotations": fails}]
+    second = drive(airflow, stack, cluster, tmp_path, spec)
+    outcomes = [e for e in events_of(second, "poke") if e[0] != "running"]
+    assert [s for s, _ in outcomes] == ["failed"], outcomes
+    assert "exited with code 5" in outcomes[0][1], outcomes
+
+    keys = [task_key(dag_id=dag, task_id="poke", run_id=run, resumption=r) for r in range(3)]
+    states = [shepherd_task(stack, k).state for k in keys]
+    succeeded, failed = task_pb2.TASK_STATE_SUCCEEDED, task_pb2.TASK_STATE_FAILED
+    assert states == [succeeded, succeeded, failed], [task_pb2.TaskState.Name(s) for s in states]
+    pods = [podmeta.pod_name(k) for k in keys]
+    assert len(set(pods)) == 3
+    running_info = {i for s, i in events_of(second, "poke") if s == "running"}
+    assert running_info <= {f"{cluster.namespace}/{pods[2]}"}, running_info
+    assert dict(audit.creates(set(pods))) == dict.fromkeys(pods, 1)
+    with pytest.raises(grpc.RpcError) as never:
+        shepherd_task(stack, task_key(dag_id=dag, task_id="poke", run_id=run, resumption=3))
+    assert never.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_late_end_of_the_run_before_is_never_reported_for_the_next_queueing(
+    airflow: airflow_venv.AirflowVenv, stack: ServiceStack, cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    """The trigger fires while the pod of the run that deferred is still seen running. Airflow 3
+    hands the instance over again at once: the next resumption is launched beside it, and the
+    earlier run's success, arriving later, is not reported (the instance is queued again: that
+    success would fail it). Airflow 2.10 waits for the earlier run's end first, so both ends are
+    reported, each while the instance is its run's."""
+    dag, run = unique_name("aflate"), "manual__2026-12-01T00:00:00+00:00"
+    fails = {
+        "sim.shepherd.dev/run-time": "1s",
+        "sim.shepherd.dev/outcome": "fail",
+        "sim.shepherd.dev/exit-code": "5",
+    }
+    spec = {
+        "dag_id": dag,
+        "run_id": run,
+        "tasks": [
+            {
+                "task_id": "defer",
+                "annotations": {"sim.shepherd.dev/run-time": "3s"},
+                "again": [{"annotations": fails}],
+            }
+        ],
+        "again_when_running": ["defer"],
+        "until": ["defer"],
+        "timeout_s": 180,
+    }
+    audit = AuditLog.from_now(Cluster().audit_log)
+    out = drive(airflow, stack, cluster, tmp_path, spec)
+    outcomes = [e for e in events_of(out, "defer") if e[0] != "running"]
+    expected = ["failed"] if airflow.airflow_version.startswith("3.") else ["success", "failed"]
+    assert [s for s, _ in outcomes] == expected, outcomes
+    assert "exited with code 5" in outcomes[-1][1], outcomes
+    assert out["running_at_end"] == []
+    keys = [task_key(dag_id=dag, task_id="defer", run_id=run, resumption=r) for r in range(2)]
+    # Both runs happened, each in its own pod, and the earlier one's success is kept in Shepherd.
+    eventually(
+        lambda: shepherd_task(stack, keys[0]).state == task_pb2.TASK_STATE_SUCCEEDED,
+        what="the first run's end",
+    )
+    assert shepherd_task(stack, keys[1]).state == task_pb2.TASK_STATE_FAILED
+    pods = {podmeta.pod_name(k) for k in keys}
+    assert dict(audit.creates(pods)) == dict.fromkeys(pods, 1)
+
+
+def test_adoption_attaches_to_the_latest_run_of_a_resumed_try(
+    airflow: airflow_venv.AirflowVenv, stack: ServiceStack, cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    """The scheduler dies while the second run of a try (a sensor's second poke) runs. The next
+    scheduler adopts the instance onto that run (not the first, finished one) and makes no pod;
+    an instance queued again after the latest run Shepherd has was never launched, and is handed
+    back to be reset rather than told that run's outcome."""
+    dag, run = unique_name("afadoptr"), "manual__2026-12-01T00:00:00+00:00"
+    audit = AuditLog.from_now(Cluster().audit_log)
+    first = drive(
+        airflow,
+        stack,
+        cluster,
+        tmp_path,
+        {
+            "dag_id": dag,
+            "run_id": run,
+            "tasks": [
+                {
+                    "task_id": "poke",
+                    "annotations": {"sim.shepherd.dev/run-time": "1s"},
+                    "again": [{"annotations": {"sim.shepherd.dev/run-time": "10s"}}],
+                }
+            ],
+            "until_running": ["poke"],
+            "die": True,
+            "timeout_s": 180,
+        },
+    )
+    assert [s for s, _ in events_of(first, "poke") if s != "running"] == ["success"]
+    keys = [task_key(dag_id=dag, task_id="poke", run_id=run, resumption=r) for r in range(2)]
+    second = drive(
+        airflow,
+        stack,
+        cluster,
+        tmp_path,
+        {"dag_id": dag, "run_id": run, "adopt": ["poke"], "until": ["poke"], "timeout_s": 180},
+    )
+    assert second["not_adopted"] == []
+    outcomes = [e for e in events_of(second, "poke") if e[0] != "running"]
+    assert outcomes == [("success", f"{cluster.namespace}/{podmeta.pod_name(keys[1])}")], outcomes
+    assert [shepherd_task(stack, k).state for k in keys] == [task_pb2.TASK_STATE_SUCCEEDED] * 2
+    pods = {podmeta.pod_name(k) for k in keys}
+    assert dict(audit.creates(pods)) == dict.fromkeys(pods, 1)
+    # Queued again (a third poke) after that run was accepted, and the scheduler died before it
+    # launched anything: nothing to adopt.
+    third = drive(
+        airflow,
+        stack,
+        cluster,
+        tmp_path,
+        {
+            "dag_id": dag,
+            "run_id": run,
+            "adopt": ["poke"],
+            "adopt_queued_at": datetime.now(UTC).isoformat(),
+            "timeout_s": 5,
+        },
+    )
+    assert third["not_adopted"] == ["poke"]
+    assert events_of(third, "poke") == []
+    with pytest.raises(grpc.RpcError) as never:
+        shepherd_task(stack, task_key(dag_id=dag, task_id="poke", run_id=run, resumption=2))
     assert never.value.code() == grpc.StatusCode.NOT_FOUND
 
 

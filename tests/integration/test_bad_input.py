@@ -36,6 +36,7 @@ LAUNCH_CASES = [
     (launch(key={"run_id": "bad\nrun"}), "key.run_id"),
     (launch(key={"try_number": 0}), "key.try_number"),
     (launch(key={"map_index": -2}), "key.map_index"),
+    (launch(key={"resumption": 1_000_001}), "key.resumption"),
     (launch(command=[]), "command"),
     (launch(command=["ok", ""]), "command[1]"),
     (launch(pod_override_yaml="spec: [unclosed"), "pod_override_yaml"),

@@ -51,7 +51,9 @@ def test_task_keys_parse(text: str, expected: tuple[str, str, str, int, int]) ->
     ("text", "problem"),
     [
         ("etl/extract", "expected dag/task/run"),
-        ("a/b/c/1/2/3", "expected dag/task/run"),
+        ("a/b/c/1/2/3/4", "expected dag/task/run"),
+        ("etl/t/r1/1/-1/z", "the resumption part 'z'"),
+        ("etl/t/r1/1/-1/-1", "the resumption part '-1'"),
         ("etl//r1", "the task part is empty"),
         ("etl/t/r1/one", "the try part 'one' is not an integer"),
         ("etl/t/r1/1/x", "the map_index part 'x'"),

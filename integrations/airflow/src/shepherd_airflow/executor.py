@@ -6,7 +6,14 @@ per heartbeat (Shepherd stores each durably before answering and creates the pod
 one WatchTaskStates stream, followed in a background thread, feeds the event buffer. What a
 scheduler restart loses is only the in-memory `running` set, which adoption rebuilds from
 GetTask: the pods keep running, and none is made twice, because Shepherd's pod name and launch
-are a function of the task instance key.
+are a function of the task instance key and its resumption.
+
+Airflow queues the same task instance key (same try) again when a deferred task resumes and on
+every poke of a reschedule-mode sensor. Each such queueing is a run of its own, as with the
+KubernetesExecutor: the next resumption of the Shepherd task (TaskKey.resumption), with a new pod.
+The executor remembers the resumption of each key it follows and reports to Airflow only the
+states of that one, never a late state of an earlier run; a scheduler that never saw the earlier
+runs learns the latest from Shepherd when a launch answers that it exists already.
 
 Both executor interfaces are covered: Airflow 3 hands over ExecuteTask workloads
 (`_process_workloads`), which the pod runs with the Task SDK's `execute_workload`; Airflow 2.10
@@ -17,6 +24,7 @@ translate.py; this module is the adapter and holds the executor's bookkeeping.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # Refusals that say "not now" rather than "never": the launch is tried again next heartbeat.
 _RETRY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]})
+# Finished keys whose last resumption is remembered, so the next queueing of one (a sensor's next
+# poke) needs no read; a key forgotten costs a few GetTask calls when it comes back.
+_REMEMBERED_RUNS = 10_000
 
 
 def load_settings() -> Settings:
@@ -67,6 +78,14 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         # there would leave it in `running` for good.
         self._refused: dict[TaskInstanceKey, str] = {}
         self._template_cache: dict[str, str] = {}
+        # The resumption of the current queueing of each key followed (in `running` or
+        # `_to_launch`): only that Shepherd task's states reach Airflow.
+        self._resumptions: dict[TaskInstanceKey, int] = {}
+        # The last resumption of keys reported finished, oldest first (bounded).
+        self._finished_runs: OrderedDict[TaskInstanceKey, int] = OrderedDict()
+        # Keys whose launch was sent without an answer (the call failed): a later "already
+        # existed" is that launch, not an earlier queueing's.
+        self._unsure: set[TaskInstanceKey] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -109,7 +128,11 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
 
     def _tracked_keys(self) -> list[task_pb2.TaskKey]:
         # Called from the feed thread: copy first, the scheduler thread changes `running`.
-        return [translate.task_key(k) for k in list(self.running) if isinstance(k, TaskInstanceKey)]
+        return [
+            translate.task_key(k, self._resumptions.get(k, 0))
+            for k in list(self.running)
+            if isinstance(k, TaskInstanceKey)
+        ]
 
     def end(self) -> None:
         """Hand over what Airflow queued, report what is known, then stop following."""
@@ -178,13 +201,40 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         except ExecutorConfigError as err:
             self._refused[key] = f"shepherd: invalid executor_config: {err}"
             return
+        resumption = self._next_resumption(key)
+        self._resumptions[key] = resumption
         self._to_launch[key] = launcher_service_pb2.LaunchTaskRequest(
-            key=translate.task_key(key),
+            key=translate.task_key(key, resumption),
             command=command,
             template_name=layers.template_name,
             template_yaml=layers.template_yaml,
             pod_override_yaml=layers.pod_override_yaml,
         )
+
+    def _next_resumption(self, key: TaskInstanceKey) -> int:
+        """The resumption for a new queueing of `key`: the one after the run this executor last
+        launched for it (whose pod may still be winding down after it handed control back), or 0
+        when it knows of none. A key already waiting to be launched keeps its resumption."""
+        if key in self._to_launch:
+            return self._resumptions[key]
+        if key in self._resumptions:
+            return self._resumptions[key] + 1
+        if key in self._finished_runs:
+            return self._finished_runs.pop(key) + 1
+        return 0
+
+    def _forget(self, key: TaskInstanceKey, *, launched: bool = True) -> None:
+        """`key` is no longer followed; remember its last launched resumption for the next queueing."""
+        resumption = self._resumptions.pop(key, None)
+        self._unsure.discard(key)
+        if resumption is not None and not launched:
+            resumption = resumption - 1 if resumption else None
+        if resumption is None:
+            return
+        self._finished_runs[key] = resumption
+        self._finished_runs.move_to_end(key)
+        while len(self._finished_runs) > _REMEMBERED_RUNS:
+            self._finished_runs.popitem(last=False)
 
     def _read_template(self, path: str) -> str:
         if path not in self._template_cache:
@@ -212,6 +262,7 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
                 results = self.client.launch([request for _, request in batch])
             except grpc.RpcError as err:
                 # Launches are idempotent per key, so the whole batch is simply sent again.
+                self._unsure.update(key for key, _ in batch)
                 log.warning(
                     "shepherd: BatchLaunchTasks failed (%s: %s); %d task(s) retried next heartbeat",
                     err.code().name,
@@ -220,25 +271,69 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
                 )
                 return
             existing: list[TaskInstanceKey] = []
-            for (key, _), result in zip(batch, results, strict=True):
+            for (key, request), result in zip(batch, results, strict=True):
                 if result.HasField("error"):
                     if result.error.code in _RETRY_CODES:
                         continue  # stays in _to_launch
                     del self._to_launch[key]
+                    self._forget(key, launched=False)
                     field = f" ({result.error.field})" if result.error.field else ""
                     self.fail(key, f"shepherd refused the launch: {result.error.message}{field}")
                     continue
-                del self._to_launch[key]
-                if result.response.already_existed:
+                if not result.response.already_existed:
+                    del self._to_launch[key]
+                    self._unsure.discard(key)
+                elif key in self._unsure:
+                    del self._to_launch[key]  # our own earlier send went through
+                    self._unsure.discard(key)
                     existing.append(key)
+                else:
+                    self._skip_earlier_runs(key, request)  # stays in _to_launch
             self._catch_up(existing)
+
+    def _skip_earlier_runs(
+        self, key: TaskInstanceKey, request: launcher_service_pb2.LaunchTaskRequest
+    ) -> None:
+        """Shepherd already has this resumption of a key Airflow has just queued, and not from a
+        send of ours: it is an earlier queueing's run (this scheduler started after it), which
+        ended or is winding down after handing control back. The launch moves to the resumption
+        after the latest Shepherd has, and goes out at the next heartbeat."""
+        assert self.client is not None
+        client = self.client
+
+        def lookup(resumption: int) -> task_pb2.Task | None:
+            return client.get(translate.task_key(key, resumption))
+
+        try:
+            known = lookup(request.key.resumption) or task_pb2.Task(key=request.key)
+            latest = translate.latest_resumption(lookup, known)
+        except grpc.RpcError as err:
+            log.warning("shepherd: GetTask %s failed: %s", translate.key_text(key), err.details())
+            return  # asked again at the next heartbeat
+        resumption = latest.key.resumption + 1
+        if resumption > translate.MAX_RESUMPTION:
+            del self._to_launch[key]
+            self._forget(key, launched=False)
+            self.fail(
+                key,
+                f"shepherd: {translate.key_text(key)} was queued more than {translate.MAX_RESUMPTION} times",
+            )
+            return
+        log.info(
+            "shepherd: %s queued again after %s ran; launching resumption %d",
+            translate.key_text(key),
+            translate.key_text(latest.key),
+            resumption,
+        )
+        self._resumptions[key] = resumption
+        request.key.resumption = resumption
 
     def _catch_up(self, keys: Sequence[TaskInstanceKey]) -> None:
         """A key Shepherd already had may have moved on before the feed started: read it once."""
         assert self.client is not None
         for key in keys:
             try:
-                task = self.client.get(translate.task_key(key))
+                task = self.client.get(translate.task_key(key, self._resumptions.get(key, 0)))
             except grpc.RpcError as err:
                 log.warning("shepherd: GetTask %s failed: %s", translate.key_text(key), err.details())
                 continue
@@ -260,7 +355,11 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         key = TaskInstanceKey(*event.key)
         if key not in self.running:
             return  # not ours (another scheduler's, or already reported)
+        if task.key.resumption != self._resumptions.get(key, 0):
+            return  # an earlier queueing's run, ending after Airflow queued the try again
         self._report(key, event)
+        if event.terminal:
+            self._forget(key)
 
     def _report(self, key: TaskInstanceKey, event: Event) -> None:
         if event.outcome is Outcome.RUNNING:
@@ -294,7 +393,12 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
 
     def try_adopt_task_instances(self, tis: Sequence[Any]) -> Sequence[Any]:
         """Re-attach task instances a dead scheduler queued: those Shepherd has are tracked again
-        (their pods are not touched, let alone relaunched); the rest go back to Airflow to reset."""
+        (their pods are not touched, let alone relaunched); the rest go back to Airflow to reset.
+
+        An instance is attached to the latest resumption Shepherd has of its try, unless Shepherd
+        accepted that one before the instance was last queued: then the dead scheduler never
+        launched the current queueing (a resumed try), and the instance goes back to be reset
+        rather than be told an earlier run's outcome."""
         assert self.client is not None
         not_adopted = []
         for ti in tis:
@@ -303,14 +407,15 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
             # transition between this read and the feed's subscription is missed.
             self.running.add(key)
             try:
-                task = self.client.get(translate.task_key(key))
+                task = _latest_run(self.client, translate.task_key(key))
             except grpc.RpcError as err:
                 log.warning("shepherd: cannot adopt %s: %s", translate.key_text(key), err.details())
                 task = None
-            if task is None:
+            if task is None or translate.predates(task, getattr(ti, "queued_dttm", None)):
                 self.running.discard(key)
                 not_adopted.append(ti)
                 continue
+            self._resumptions[key] = task.key.resumption
             self._apply(task)
         return not_adopted
 
@@ -321,10 +426,12 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         self.queued_tasks.pop(key, None)
         self.running.discard(key)
         request = self._to_launch.pop(key, None)
+        shepherd_key = translate.task_key(key, self._resumptions.get(key, 0))
+        self._forget(key, launched=request is None or key in self._unsure)
         if self.client is None:
             return
         try:
-            self.client.cancel(translate.task_key(key), "revoked by the Airflow scheduler")
+            self.client.cancel(shepherd_key, "revoked by the Airflow scheduler")
         except grpc.RpcError as err:
             if request is None:
                 log.warning("shepherd: CancelTask %s failed: %s", translate.key_text(key), err.details())
@@ -342,7 +449,8 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         return readable
 
     def get_task_log(self, ti: Any, try_number: int) -> tuple[list[str], list[str]]:
-        """The tail of the try's `base` container log, through GetTaskLogs.
+        """The tail of the `base` container log of the try's latest run (resumption), through
+        GetTaskLogs.
 
         Airflow's API server (its webserver in 2.10) calls this on an executor it made only to
         read logs and never started, so such a call opens a client of its own for the one read.
@@ -353,6 +461,9 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
         try:
             if client is None:
                 client = ShepherdClient(load_settings())
+            latest = _latest_run(client, key)
+            if latest is not None:
+                key = latest.key
             text = client.log_tail(key)
         except grpc.RpcError as err:
             return [f"shepherd: no log for {translate.key_text(key)}: {err.details()}"], []
@@ -362,6 +473,20 @@ class ShepherdExecutor(BaseExecutor):  # type: ignore[misc]
             if client is not None and client is not self.client:
                 client.close()
         return [f"shepherd: log of {translate.key_text(key)} via GetTaskLogs"], [text]
+
+
+def _latest_run(client: ShepherdClient, key: task_pb2.TaskKey) -> task_pb2.Task | None:
+    """The latest resumption Shepherd has of `key`'s try, found from its first run; None when
+    Shepherd does not have the first run."""
+
+    def lookup(resumption: int) -> task_pb2.Task | None:
+        probe = task_pb2.TaskKey()
+        probe.CopyFrom(key)
+        probe.resumption = resumption
+        return client.get(probe)
+
+    first = lookup(0)
+    return None if first is None else translate.latest_resumption(lookup, first)
 
 
 def _reset_for_another_try(key: TaskInstanceKey, info: str) -> bool:

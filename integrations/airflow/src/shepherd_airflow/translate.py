@@ -9,6 +9,7 @@ Airflow nor gRPC; Airflow's objects reach it only as duck-typed values.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,10 @@ WORKLOAD_ENTRYPOINT = ("python", "-m", "airflow.sdk.execution_time.execute_workl
 # Shepherd's own limits on one launch (protos: LaunchTaskRequest).
 MAX_BATCH = 1000
 MAX_COMMAND_ITEM = 32768
+MAX_RESUMPTION = 1_000_000  # TaskKey.resumption
+# How far apart the scheduler's and the launcher's clocks may be when telling whether a Shepherd
+# task was launched for an instance's current queueing (see `predates`).
+CLOCK_SKEW = dt.timedelta(seconds=2)
 
 
 class KeyLike(Protocol):
@@ -51,14 +56,17 @@ class KeyFields(NamedTuple):
     map_index: int
 
 
-def task_key(key: KeyLike) -> task_pb2.TaskKey:
-    """The Shepherd task of one task-instance try: the same five fields, one to one."""
+def task_key(key: KeyLike, resumption: int = 0) -> task_pb2.TaskKey:
+    """The Shepherd task of one queueing of a task-instance try: the same five fields, one to
+    one, and the resumption: how many times Airflow queued this try before (a deferred task
+    resuming, a reschedule-mode sensor poking again, both under the same TaskInstanceKey)."""
     return task_pb2.TaskKey(
         dag_id=key.dag_id,
         task_id=key.task_id,
         run_id=key.run_id,
         try_number=int(key.try_number),
         map_index=int(key.map_index),
+        resumption=resumption,
     )
 
 
@@ -67,8 +75,51 @@ def key_fields(key: task_pb2.TaskKey) -> KeyFields:
 
 
 def key_text(key: KeyLike | task_pb2.TaskKey) -> str:
-    """The key as Shepherd's CLI spells it (dag/task/run/try/map), for log lines and messages."""
-    return f"{key.dag_id}/{key.task_id}/{key.run_id}/{key.try_number}/{key.map_index}"
+    """The key as Shepherd's CLI spells it (dag/task/run/try/map[/resumption]), for log lines
+    and messages."""
+    text = f"{key.dag_id}/{key.task_id}/{key.run_id}/{key.try_number}/{key.map_index}"
+    resumption = getattr(key, "resumption", 0)
+    return f"{text}/{resumption}" if resumption else text
+
+
+def latest_resumption(lookup: Callable[[int], task_pb2.Task | None], known: task_pb2.Task) -> task_pb2.Task:
+    """The task of the highest resumption Shepherd has of `known`'s try, `known` being one it has.
+
+    Resumptions of a try are launched one after the other, so those Shepherd still has are a run
+    of consecutive numbers (the oldest may have been pruned): probe upwards in doubling steps
+    until one is missing, then halve the gap. A sensor poked a thousand times costs some twenty
+    reads, once per scheduler start.
+    """
+    found, low = known, known.key.resumption
+    high = None  # the lowest resumption known to be missing
+    step = 1
+    while high is None:
+        probe = low + step
+        if probe > MAX_RESUMPTION:
+            high = MAX_RESUMPTION + 1
+        elif (task := lookup(probe)) is not None:
+            found, low, step = task, probe, step * 2
+        else:
+            high = probe
+    while high - low > 1:
+        middle = (low + high) // 2
+        if (task := lookup(middle)) is not None:
+            found, low = task, middle
+        else:
+            high = middle
+    return found
+
+
+def predates(task: task_pb2.Task, queued_at: dt.datetime | None) -> bool:
+    """Whether Shepherd accepted `task` before the task instance was last queued (its
+    `queued_dttm`): then it was launched for an earlier queueing of the same try, and is not the
+    run the instance now waits for. Unknown times count as not earlier."""
+    if queued_at is None or not task.HasField("queued_time"):
+        return False
+    accepted = task.queued_time.ToDatetime(tzinfo=dt.UTC)
+    if queued_at.tzinfo is None:
+        queued_at = queued_at.replace(tzinfo=dt.UTC)
+    return accepted < queued_at - CLOCK_SKEW
 
 
 class Outcome(enum.Enum):

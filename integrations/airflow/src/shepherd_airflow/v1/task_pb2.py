@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16shepherd/v1/task.proto\x12\x0bshepherd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"a\n\x07TaskKey\x12\x0e\n\x06\x64\x61g_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x12\n\ntry_number\x18\x04 \x01(\x05\x12\x11\n\tmap_index\x18\x05 \x01(\x05\"\xd6\x01\n\x0f\x43ontainerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.shepherd.v1.ContainerKind\x12*\n\x05phase\x18\x03 \x01(\x0e\x32\x1b.shepherd.v1.ContainerPhase\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\texit_code\x18\x06 \x01(\x05\x12\x15\n\rrestart_count\x18\x07 \x01(\x05\x12\x14\n\x0c\x63ontainer_id\x18\x08 \x01(\t\"\x8e\x01\n\x0fKubernetesEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\x12-\n\tlast_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x06 \x01(\t\"\xe0\x01\n\x0e\x46\x61ilureDetails\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tpod_phase\x18\x03 \x01(\t\x12\x12\n\npod_reason\x18\x04 \x01(\t\x12\x13\n\x0bpod_message\x18\x05 \x01(\t\x12/\n\tcontainer\x18\x06 \x01(\x0b\x32\x1c.shepherd.v1.ContainerStatus\x12\x12\n\napi_status\x18\x07 \x01(\x05\x12,\n\x06\x65vents\x18\x08 \x03(\x0b\x32\x1c.shepherd.v1.KubernetesEvent\"\xa6\x03\n\x04Task\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.shepherd.v1.TaskState\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x10\n\x08pod_name\x18\x04 \x01(\t\x12\x13\n\x0b\x65xecutor_id\x18\x05 \x01(\t\x12,\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\x1b.shepherd.v1.FailureDetails\x12/\n\x0bqueued_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0flaunch_attempts\x18\n \x01(\x05\x12\x0f\n\x07pod_uid\x18\x0b \x01(\t\x12\x33\n\x0fpod_create_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa3\x01\n\x0fTaskStateChange\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12\x1f\n\x04task\x18\x02 \x01(\x0b\x32\x11.shepherd.v1.Task\x12.\n\x0eprevious_state\x18\x03 \x01(\x0e\x32\x16.shepherd.v1.TaskState\x12/\n\x0b\x63hange_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xd9\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12 \n\x1cTASK_STATE_UP_FOR_RESCHEDULE\x10\x05\x12\x16\n\x12TASK_STATE_REVOKED\x10\x06\x12\x16\n\x12TASK_STATE_ADOPTED\x10\x07*a\n\rContainerKind\x12\x1e\n\x1a\x43ONTAINER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43ONTAINER_KIND_INIT\x10\x01\x12\x17\n\x13\x43ONTAINER_KIND_MAIN\x10\x02*\x8b\x01\n\x0e\x43ontainerPhase\x12\x1f\n\x1b\x43ONTAINER_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONTAINER_PHASE_WAITING\x10\x01\x12\x1b\n\x17\x43ONTAINER_PHASE_RUNNING\x10\x02\x12\x1e\n\x1a\x43ONTAINER_PHASE_TERMINATED\x10\x03\x42l\n\x0f\x64\x65v.shepherd.v1B\tTaskProtoP\x01Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\xaa\x02\x0bShepherd.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16shepherd/v1/task.proto\x12\x0bshepherd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n\x07TaskKey\x12\x0e\n\x06\x64\x61g_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x12\n\ntry_number\x18\x04 \x01(\x05\x12\x11\n\tmap_index\x18\x05 \x01(\x05\x12\x12\n\nresumption\x18\x06 \x01(\r\"\xd6\x01\n\x0f\x43ontainerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.shepherd.v1.ContainerKind\x12*\n\x05phase\x18\x03 \x01(\x0e\x32\x1b.shepherd.v1.ContainerPhase\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\texit_code\x18\x06 \x01(\x05\x12\x15\n\rrestart_count\x18\x07 \x01(\x05\x12\x14\n\x0c\x63ontainer_id\x18\x08 \x01(\t\"\x8e\x01\n\x0fKubernetesEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\x12-\n\tlast_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x06 \x01(\t\"\xe0\x01\n\x0e\x46\x61ilureDetails\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tpod_phase\x18\x03 \x01(\t\x12\x12\n\npod_reason\x18\x04 \x01(\t\x12\x13\n\x0bpod_message\x18\x05 \x01(\t\x12/\n\tcontainer\x18\x06 \x01(\x0b\x32\x1c.shepherd.v1.ContainerStatus\x12\x12\n\napi_status\x18\x07 \x01(\x05\x12,\n\x06\x65vents\x18\x08 \x03(\x0b\x32\x1c.shepherd.v1.KubernetesEvent\"\xa6\x03\n\x04Task\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.shepherd.v1.TaskKey\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.shepherd.v1.TaskState\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x10\n\x08pod_name\x18\x04 \x01(\t\x12\x13\n\x0b\x65xecutor_id\x18\x05 \x01(\t\x12,\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\x1b.shepherd.v1.FailureDetails\x12/\n\x0bqueued_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0flaunch_attempts\x18\n \x01(\x05\x12\x0f\n\x07pod_uid\x18\x0b \x01(\t\x12\x33\n\x0fpod_create_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa3\x01\n\x0fTaskStateChange\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12\x1f\n\x04task\x18\x02 \x01(\x0b\x32\x11.shepherd.v1.Task\x12.\n\x0eprevious_state\x18\x03 \x01(\x0e\x32\x16.shepherd.v1.TaskState\x12/\n\x0b\x63hange_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xd9\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12 \n\x1cTASK_STATE_UP_FOR_RESCHEDULE\x10\x05\x12\x16\n\x12TASK_STATE_REVOKED\x10\x06\x12\x16\n\x12TASK_STATE_ADOPTED\x10\x07*a\n\rContainerKind\x12\x1e\n\x1a\x43ONTAINER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43ONTAINER_KIND_INIT\x10\x01\x12\x17\n\x13\x43ONTAINER_KIND_MAIN\x10\x02*\x8b\x01\n\x0e\x43ontainerPhase\x12\x1f\n\x1b\x43ONTAINER_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONTAINER_PHASE_WAITING\x10\x01\x12\x1b\n\x17\x43ONTAINER_PHASE_RUNNING\x10\x02\x12\x1e\n\x1a\x43ONTAINER_PHASE_TERMINATED\x10\x03\x42l\n\x0f\x64\x65v.shepherd.v1B\tTaskProtoP\x01Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\xaa\x02\x0bShepherd.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,22 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shepherd.v1.task_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.shepherd.v1B\tTaskProtoP\001Z>github.com/shepherd-dev/shepherd/gen/go/shepherd/v1;shepherdv1\252\002\013Shepherd.V1'
-  _globals['_TASKSTATE']._serialized_start=1352
-  _globals['_TASKSTATE']._serialized_end=1569
-  _globals['_CONTAINERKIND']._serialized_start=1571
-  _globals['_CONTAINERKIND']._serialized_end=1668
-  _globals['_CONTAINERPHASE']._serialized_start=1671
-  _globals['_CONTAINERPHASE']._serialized_end=1810
+  _globals['_TASKSTATE']._serialized_start=1372
+  _globals['_TASKSTATE']._serialized_end=1589
+  _globals['_CONTAINERKIND']._serialized_start=1591
+  _globals['_CONTAINERKIND']._serialized_end=1688
+  _globals['_CONTAINERPHASE']._serialized_start=1691
+  _globals['_CONTAINERPHASE']._serialized_end=1830
   _globals['_TASKKEY']._serialized_start=72
-  _globals['_TASKKEY']._serialized_end=169
-  _globals['_CONTAINERSTATUS']._serialized_start=172
-  _globals['_CONTAINERSTATUS']._serialized_end=386
-  _globals['_KUBERNETESEVENT']._serialized_start=389
-  _globals['_KUBERNETESEVENT']._serialized_end=531
-  _globals['_FAILUREDETAILS']._serialized_start=534
-  _globals['_FAILUREDETAILS']._serialized_end=758
-  _globals['_TASK']._serialized_start=761
-  _globals['_TASK']._serialized_end=1183
-  _globals['_TASKSTATECHANGE']._serialized_start=1186
-  _globals['_TASKSTATECHANGE']._serialized_end=1349
+  _globals['_TASKKEY']._serialized_end=189
+  _globals['_CONTAINERSTATUS']._serialized_start=192
+  _globals['_CONTAINERSTATUS']._serialized_end=406
+  _globals['_KUBERNETESEVENT']._serialized_start=409
+  _globals['_KUBERNETESEVENT']._serialized_end=551
+  _globals['_FAILUREDETAILS']._serialized_start=554
+  _globals['_FAILUREDETAILS']._serialized_end=778
+  _globals['_TASK']._serialized_start=781
+  _globals['_TASK']._serialized_end=1203
+  _globals['_TASKSTATECHANGE']._serialized_start=1206
+  _globals['_TASKSTATECHANGE']._serialized_end=1369
 # @@protoc_insertion_point(module_scope)

@@ -126,7 +126,8 @@ Global___ContainerPhase: _TypeAlias = ContainerPhase  # noqa: Y015
 
 @_typing.final
 class TaskKey(_message.Message):
-    """TaskKey identifies one try of one task instance, like Airflow's TaskInstanceKey.
+    """TaskKey identifies one run of one try of one task instance: Airflow's TaskInstanceKey, plus
+    the resumption when the same try is queued again.
     Every field is validated; a bad one is answered with INVALID_ARGUMENT naming the field.
     """
 
@@ -137,6 +138,7 @@ class TaskKey(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     TRY_NUMBER_FIELD_NUMBER: _builtins.int
     MAP_INDEX_FIELD_NUMBER: _builtins.int
+    RESUMPTION_FIELD_NUMBER: _builtins.int
     dag_id: _builtins.str
     """DAG the task belongs to. Required, at most 250 characters."""
     task_id: _builtins.str
@@ -147,6 +149,13 @@ class TaskKey(_message.Message):
     """Attempt number, counting from 1. Required, 1 to 100,000."""
     map_index: _builtins.int
     """Index of a mapped task instance, or -1 when the task is not mapped. Must be >= -1."""
+    resumption: _builtins.int
+    """How many times this try was queued again after it handed control back to the scheduler (an
+    Airflow deferrable operator resuming after its trigger fired, a reschedule-mode sensor poking
+    again): each queueing is a run of its own, with its own pod. 0 for the first run. Part of the
+    key: resumptions of one try are different tasks, and a repeated launch of the same resumption
+    stays idempotent. At most 1,000,000.
+    """
     def __init__(
         self,
         *,
@@ -155,10 +164,11 @@ class TaskKey(_message.Message):
         run_id: _builtins.str = ...,
         try_number: _builtins.int = ...,
         map_index: _builtins.int = ...,
+        resumption: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dag_id", b"dag_id", "map_index", b"map_index", "run_id", b"run_id", "task_id", b"task_id", "try_number", b"try_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dag_id", b"dag_id", "map_index", b"map_index", "resumption", b"resumption", "run_id", b"run_id", "task_id", b"task_id", "try_number", b"try_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
