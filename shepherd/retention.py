@@ -76,7 +76,9 @@ class Pruner:
         self._retention = retention
         self._on_pruned = on_pruned
         self._delete_sql = f"DELETE FROM {log.table} WHERE cursor <= ? RETURNING cursor, {column}"
-        self._marked = -1  # the head of the last mark written: an idle log needs no new one
+        # The head of the last mark written: an idle log needs no new one, and an empty log (head
+        # 0) none at all, so a fresh service's first commit is its own work, not a mark.
+        self._marked = 0
         self.pruned_entries = 0
         self.pruned_records = 0
         self._log_ = get_logger(component="retention", log=log.table)
