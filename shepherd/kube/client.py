@@ -125,18 +125,31 @@ class KubeClient:
         page: dict[str, Any] = await self.get_json(_pods_path(namespace), params)
         return page
 
+    async def pod_pages(
+        self, namespace: str | None, *, label_selector: str = ""
+    ) -> AsyncIterator[tuple[list[dict[str, Any]], str]]:
+        """The matching pods a page at a time, each with the list's resourceVersion (the pages of
+        one list are one consistent snapshot). A caller that handles each page and lets it go
+        holds one page, not 10,000 parsed pods (hundreds of MB), whatever the list's size."""
+        token = ""
+        while True:
+            page = await self.list_pods(namespace, label_selector=label_selector, continue_token=token)
+            metadata = page.get("metadata") or {}
+            yield page.get("items") or [], str(metadata.get("resourceVersion", ""))
+            token = metadata.get("continue", "")
+            if not token:
+                return
+
     async def list_all_pods(
         self, namespace: str | None, *, label_selector: str = ""
     ) -> tuple[list[dict[str, Any]], str]:
         """Every matching pod, paging through the API, and the resourceVersion of the list."""
         items: list[dict[str, Any]] = []
-        token = ""
-        while True:
-            page = await self.list_pods(namespace, label_selector=label_selector, continue_token=token)
-            items.extend(page.get("items") or [])
-            token = page.get("metadata", {}).get("continue", "")
-            if not token:
-                return items, str(page.get("metadata", {}).get("resourceVersion", ""))
+        resource_version = ""
+        async for page, page_version in self.pod_pages(namespace, label_selector=label_selector):
+            items.extend(page)
+            resource_version = page_version
+        return items, resource_version
 
     async def watch_pods(
         self,
