@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -115,9 +115,15 @@ class PodCalls:
         }
 
 
-def pod_calls(entries: Iterable[Mapping[str, Any]], namespace: str, prefix: str) -> PodCalls:
+def pod_calls(
+    entries: Iterable[Mapping[str, Any]],
+    namespace: str,
+    prefix: str,
+    names: Collection[str] | None = None,
+) -> PodCalls:
     """Creates (answered 201) and deletes of pods in `namespace` whose names start with `prefix`
-    (the DAG's id as both executors put it first in the pod's name), from audit log entries."""
+    (the DAG's id as both executors put it first in the pod's name) and, if given, are in `names`
+    (in a namespace other runs share, the pod names of this run's tasks), from audit log entries."""
     calls = PodCalls()
     for entry in entries:
         ref = entry.get("objectRef") or {}
@@ -128,6 +134,7 @@ def pod_calls(entries: Iterable[Mapping[str, Any]], namespace: str, prefix: str)
             or ref.get("subresource")
             or ref.get("namespace") != namespace
             or not name.startswith(prefix)
+            or (names is not None and name not in names)
         ):
             continue
         code = int((entry.get("responseStatus") or {}).get("code") or 0)

@@ -3,23 +3,21 @@
 The executor of `apache-airflow-providers-cncf-kubernetes` creates, watches and deletes worker
 pods itself, from the scheduler. To run it as a deployment would, it gets here:
 - a namespace of its own (`airflow-k8s` by default) enforcing the `restricted` Pod Security
-  Standard, as Shepherd's workers' namespace does;
+  Standard, as Shepherd's workers' namespace does (controlplane/airflow.py's pod template, the
+  same for both executors, meets it);
 - a ServiceAccount there (`airflow-scheduler`) with a Role for what the executor calls: pods
   create, get, list, watch, patch (adoption relabels), delete, and pods/log (the UI's log view
   of a running task); the scheduler calls with a TokenRequest token for it, from a kubeconfig
   (`[kubernetes_executor] in_cluster = False`, `config_file`), so the audit log names it;
-- a pod template file: the very pod the Shepherd executor's workers get (image, environment,
-  node selection, security context, log volume), so both executors' tasks run the same pod;
 - its options, either the provider's defaults or tuned as its documentation recommends
-  (`worker_pods_creation_batch_size` 128 and `async_pod_creation`, whose concurrency then
-  defaults to the batch size).
+  (`worker_pods_creation_batch_size` 128 and `async_pod_creation`, whose concurrency,
+  `pod_creation_max_concurrency`, then defaults to the batch size).
 
 `remove` deletes the namespace and with it everything made here.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,27 +53,20 @@ class KubernetesExecutorSetup:
 
     namespace: str
     kubeconfig: Path
-    pod_template: Path
 
     @property
     def user(self) -> str:
         """The executor's identity as the API server (and its audit log) names it."""
         return f"system:serviceaccount:{self.namespace}:{SERVICE_ACCOUNT}"
 
-    def airflow_env(self, *, tuned: bool) -> dict[str, str]:
-        """The executor and its `[kubernetes_executor]` section as AIRFLOW__ environment variables."""
-        section = "AIRFLOW__KUBERNETES_EXECUTOR__"
-        env = {
-            "AIRFLOW__CORE__EXECUTOR": "KubernetesExecutor",
-            f"{section}NAMESPACE": self.namespace,
-            f"{section}IN_CLUSTER": "False",
-            f"{section}CONFIG_FILE": str(self.kubeconfig),
-            f"{section}POD_TEMPLATE_FILE": str(self.pod_template),
-        }
+    def options(self, *, tuned: bool) -> dict[str, str]:
+        """`[kubernetes_executor]` beyond what every deployment sets (namespace, pod template):
+        this identity, and the two tuned options or none (the provider's defaults)."""
+        options = {"in_cluster": "False", "config_file": str(self.kubeconfig)}
         if tuned:
-            env[f"{section}WORKER_PODS_CREATION_BATCH_SIZE"] = str(TUNED_BATCH)
-            env[f"{section}ASYNC_POD_CREATION"] = "True"
-        return env
+            options["worker_pods_creation_batch_size"] = str(TUNED_BATCH)
+            options["async_pod_creation"] = "True"
+        return options
 
 
 def namespace_object(namespace: str) -> dict[str, Any]:
@@ -113,20 +104,6 @@ def rbac_objects(namespace: str) -> list[dict[str, Any]]:
     ]
 
 
-def executor_template(worker_template: dict[str, Any]) -> dict[str, Any]:
-    """The KubernetesExecutor's pod template from the Shepherd executor's worker template: the same
-    spec; no namespace (the executor's `namespace` option places the pod) and none of Shepherd's
-    labels (the executor adds its own)."""
-    pod = copy.deepcopy(worker_template)
-    metadata = pod.setdefault("metadata", {})
-    metadata.pop("namespace", None)
-    metadata.pop("name", None)
-    metadata["labels"] = {"app.kubernetes.io/name": "airflow-worker"}
-    pod.setdefault("apiVersion", "v1")
-    pod.setdefault("kind", "Pod")
-    return pod
-
-
 def kubeconfig_for_token(admin_kubeconfig: Path, token: str, namespace: str) -> dict[str, Any]:
     """The admin kubeconfig's cluster (server and CA), with a token user instead of the admin."""
     admin = yaml.safe_load(admin_kubeconfig.read_text())
@@ -146,11 +123,9 @@ def kubeconfig_for_token(admin_kubeconfig: Path, token: str, namespace: str) -> 
     }
 
 
-def prepare(
-    cluster: Cluster, workdir: Path, worker_template: dict[str, Any], *, namespace: str = NAMESPACE
-) -> KubernetesExecutorSetup:
-    """Namespace, ServiceAccount, Role and binding on the cluster; kubeconfig and pod template in
-    `workdir`. Idempotent (server-side apply), so a run after a crash reuses what is there."""
+def prepare(cluster: Cluster, workdir: Path, *, namespace: str = NAMESPACE) -> KubernetesExecutorSetup:
+    """Namespace, ServiceAccount, Role and binding on the cluster, and the kubeconfig in `workdir`.
+    Idempotent (server-side apply), so a run after a crash reuses what is there."""
     admin = cluster._admin()
     for obj in [namespace_object(namespace), *rbac_objects(namespace)]:
         admin.apply(obj, field_manager=FIELD_MANAGER)
@@ -172,9 +147,7 @@ def prepare(
         )
     )
     kubeconfig.chmod(0o600)
-    template = workdir / f"{namespace}-pod-template.yaml"
-    template.write_text(yaml.safe_dump(executor_template(worker_template), sort_keys=False))
-    return KubernetesExecutorSetup(namespace, kubeconfig, template)
+    return KubernetesExecutorSetup(namespace, kubeconfig)
 
 
 def remove(cluster: Cluster, namespace: str = NAMESPACE, *, timeout_s: float = 120.0) -> None:

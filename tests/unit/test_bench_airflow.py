@@ -16,7 +16,7 @@ from bench.airflow_figures import (
     run_figures,
     side_by_side,
 )
-from controlplane.airflowk8s import KubernetesExecutorSetup, executor_template, kubeconfig_for_token
+from controlplane.airflowk8s import KubernetesExecutorSetup, kubeconfig_for_token
 
 T0 = datetime(2026, 12, 1, 22, 0, tzinfo=UTC)
 
@@ -115,6 +115,17 @@ def test_pod_calls_count_every_client_deletes_of_the_runs_pods_only() -> None:
     assert figures["delete_status_codes"] == {"200": 4, "404": 1}
 
 
+def test_pod_calls_can_be_kept_to_the_runs_own_pod_names() -> None:
+    entries = [
+        audit("create", "bench-a-1", user="e", code=201),
+        audit("create", "bench-a-2", user="e", code=201),  # another run's pod in the same namespace
+        audit("delete", "bench-a-1", user="e", code=200),
+        audit("delete", "bench-a-2", user="e", code=200),
+    ]
+    figures = pod_calls(entries, "ns", "bench-", names={"bench-a-1"}).figures()
+    assert (figures["pods_created"], figures["delete_calls"]) == (1, 1)
+
+
 def test_a_pod_never_deleted_is_counted() -> None:
     entries = [
         audit("create", "bench-a-1", user="e", code=201),
@@ -162,40 +173,11 @@ def test_the_table_shows_each_figure_with_its_ratio_to_the_baseline() -> None:
     assert "x" not in services.split("services' CPU", 1)[1]  # not measured: no ratio
 
 
-WORKER_TEMPLATE: dict[str, Any] = {
-    "apiVersion": "v1",
-    "kind": "Pod",
-    "metadata": {"namespace": "shepherd-workers", "labels": {"app.kubernetes.io/name": "shepherd-worker"}},
-    "spec": {
-        "restartPolicy": "Never",
-        "nodeSelector": {"shepherd.dev/real-node": "true"},
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [{"name": "base", "image": "shepherd.local/airflow-worker:abc"}],
-    },
-}
-
-
-def test_the_kubernetes_executor_runs_the_shepherd_workers_pod_in_its_own_namespace() -> None:
-    pod = executor_template(WORKER_TEMPLATE)
-    assert pod["spec"] == WORKER_TEMPLATE["spec"]
-    assert "namespace" not in pod["metadata"]
-    assert pod["metadata"]["labels"] == {"app.kubernetes.io/name": "airflow-worker"}
-    assert WORKER_TEMPLATE["metadata"]["namespace"] == "shepherd-workers"  # the original is untouched
-
-
 def test_kubernetes_executor_defaults_leave_the_providers_options_alone_and_tuned_sets_two() -> None:
-    setup = KubernetesExecutorSetup("airflow-k8s", Path("/k/config"), Path("/k/pod.yaml"))
-    section = "AIRFLOW__KUBERNETES_EXECUTOR__"
-    defaults, tuned = setup.airflow_env(tuned=False), setup.airflow_env(tuned=True)
-    assert defaults["AIRFLOW__CORE__EXECUTOR"] == "KubernetesExecutor"
-    assert defaults[f"{section}NAMESPACE"] == "airflow-k8s"
-    assert defaults[f"{section}IN_CLUSTER"] == "False"
-    assert defaults[f"{section}CONFIG_FILE"] == "/k/config"
-    assert defaults[f"{section}POD_TEMPLATE_FILE"] == "/k/pod.yaml"
-    assert {k: v for k, v in tuned.items() if k not in defaults} == {
-        f"{section}WORKER_PODS_CREATION_BATCH_SIZE": "128",
-        f"{section}ASYNC_POD_CREATION": "True",
-    }
+    setup = KubernetesExecutorSetup("airflow-k8s", Path("/k/config"))
+    defaults, tuned = setup.options(tuned=False), setup.options(tuned=True)
+    assert defaults == {"in_cluster": "False", "config_file": "/k/config"}
+    assert tuned == {**defaults, "worker_pods_creation_batch_size": "128", "async_pod_creation": "True"}
     assert setup.user == "system:serviceaccount:airflow-k8s:airflow-scheduler"
 
 
