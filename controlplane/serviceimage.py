@@ -1,11 +1,14 @@
-"""The services' image, built from the repository's Dockerfile on a machine with no registry and no
-Docker, and imported into the real node's containerd.
+"""The images the local cluster's real node runs, built from Dockerfiles in the repository on a
+machine with no registry and no Docker, and imported into the real node's containerd: the
+services' image (the repository's Dockerfile) and the Airflow worker image
+(integrations/airflow/worker/Dockerfile: Airflow, the Kubernetes provider and the test DAGs, for
+controlplane/airflow.py). Each is an `ImageRecipe`; one builder makes both.
 
 Three steps, each cached by the hash of what goes into it, outside the checkout:
 1. a Debian base with Python (mmdebstrap writes a root filesystem tar), added to buildah's own
-   storage as `shepherd.local/debian-python:<hash>`;
-2. the Dockerfile built by buildah with `--build-arg BASE=<that image>`, saved as a docker-archive
-   tar `shepherd.local/shepherd:<hash of the Dockerfile and everything it copies>`;
+   storage as `shepherd.local/debian-python:<hash>`, shared by every recipe;
+2. the recipe's Dockerfile built by buildah with `--build-arg BASE=<that image>`, saved as a
+   docker-archive tar `<repository>:<hash of the Dockerfile and everything it copies>`;
 3. that tar imported into the real node's containerd, unless the node already has the image.
 A second run with the same inputs only finds the tar and the node's image and returns.
 
@@ -17,6 +20,7 @@ bundle mounted read-only for those steps only.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -29,18 +33,49 @@ from controlplane import realnode
 from controlplane.settings import ClusterSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REPOSITORY = "shepherd.local/shepherd"
 BASE_REPOSITORY = "shepherd.local/debian-python"
+
+
+@dataclass(frozen=True)
+class ImageRecipe:
+    """One image: its Dockerfile, the build context, and what of the context goes into it."""
+
+    repository: str  # the image's name without the tag (the tag is the input hash)
+    context: str  # the build context, relative to the repository's root
+    dockerfile: str  # relative to the context
+    inputs: tuple[str, ...]  # what the Dockerfile copies and the build files, relative to the context
+    tar_prefix: str  # cached tars are <prefix>-<hash>.tar
+    # buildah's layer cache: a change to the DAGs does not reinstall Airflow (the services' image
+    # is small enough to build whole).
+    layers: bool = False
+
+
 # What the Dockerfile copies (as .dockerignore lets through), plus the two build files themselves.
-INPUTS = (
-    "Dockerfile",
-    ".dockerignore",
-    "pyproject.toml",
-    "README.md",
-    "shepherd",
-    "services",
-    "deploy/pod-templates",
+SERVICES = ImageRecipe(
+    repository="shepherd.local/shepherd",
+    context=".",
+    dockerfile="Dockerfile",
+    inputs=(
+        "Dockerfile",
+        ".dockerignore",
+        "pyproject.toml",
+        "README.md",
+        "shepherd",
+        "services",
+        "deploy/pod-templates",
+    ),
+    tar_prefix="shepherd",
 )
+AIRFLOW_WORKER = ImageRecipe(
+    repository="shepherd.local/airflow-worker",
+    context="integrations/airflow",
+    dockerfile="worker/Dockerfile",
+    inputs=("worker/Dockerfile", ".dockerignore", "dags"),
+    tar_prefix="airflow-worker",
+    layers=True,
+)
+REPOSITORY = SERVICES.repository
+INPUTS = SERVICES.inputs
 # The base: Debian's own Python 3.11 with venv, and CA certificates for pip. `python` is what the
 # Dockerfile and the Deployments run. Manuals and translations are left out; licences stay.
 SUITE = "bookworm"
@@ -77,9 +112,9 @@ def _log(msg: str) -> None:
     print(f"[image {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _files(root: Path) -> list[Path]:
+def _files(root: Path, inputs: tuple[str, ...]) -> list[Path]:
     found: list[Path] = []
-    for entry in INPUTS:
+    for entry in inputs:
         path = root / entry
         if path.is_dir():
             found += [
@@ -92,12 +127,13 @@ def _files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def input_hash(root: Path = REPO_ROOT) -> str:
+def input_hash(root: Path = REPO_ROOT, recipe: ImageRecipe = SERVICES) -> str:
     """The hash of everything the image is made from: the recipe, the base, and each input file's
     path and bytes. Unchanged inputs give the same image name, so the cached tar is reused."""
     digest = hashlib.sha256(f"{_RECIPE}\0{base_hash()}\0".encode())
-    for path in _files(root):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
+    context = root / recipe.context
+    for path in _files(context, recipe.inputs):
+        digest.update(str(path.relative_to(context)).encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
 
@@ -107,8 +143,8 @@ def base_hash() -> str:
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
-def image_name(root: Path = REPO_ROOT) -> str:
-    return f"{REPOSITORY}:{input_hash(root)}"
+def image_name(root: Path = REPO_ROOT, recipe: ImageRecipe = SERVICES) -> str:
+    return f"{recipe.repository}:{input_hash(root, recipe)}"
 
 
 def _run(argv: list[str], *, timeout: float = 1800) -> str:
@@ -184,9 +220,10 @@ class Builder:
             self._buildah("rm", container)
         return name
 
-    def build(self, name: str, tar: Path, root: Path) -> None:
+    def build(self, name: str, tar: Path, root: Path, recipe: ImageRecipe = SERVICES) -> None:
         base = self.base()
-        _log(f"building {root / 'Dockerfile'} on {base} with buildah")
+        context = root / recipe.context
+        _log(f"building {context / recipe.dockerfile} on {base} with buildah")
         # The machine's own package-index settings and CA bundle (a TLS-intercepting proxy's CA,
         # say) serve the RUN steps, mounted read-only: they never end up in the image.
         volumes = [f"--volume={p}:{p}:ro" for p in _HOST_BUILD_CONFIG if p.is_file()]
@@ -195,41 +232,59 @@ class Builder:
             "--isolation",
             "chroot",
             "--pull=never",
+            f"--layers={str(recipe.layers).lower()}",
+            "--force-rm",  # a failed step leaves no working container holding the layers
             *volumes,
             "--build-arg",
             f"BASE={base}",
             "--tag",
             name,
             "--file",
-            str(root / "Dockerfile"),
-            str(root),
+            str(context / recipe.dockerfile),
+            str(context),
         )
         tmp = tar.with_suffix(f".tmp{os.getpid()}")
         tmp.unlink(missing_ok=True)
         self._buildah("push", "--quiet", name, f"docker-archive:{tmp}:{name}")
         tmp.replace(tar)
-        # The tar is the cache; the store keeps only the base (and buildah's layers of it).
-        self._buildah("rmi", name)
+        # The tar is the cache; the store keeps only the base (and buildah's layers of it, and a
+        # layered recipe's cached steps). The tar is made, so a tag that will not go is no failure.
+        try:
+            self._buildah("rmi", name)
+        except ImageBuildError as err:
+            _log(f"kept {name} in buildah's storage: {err}")
 
 
 def ensure_tools() -> None:
     realnode.ensure_packages(TOOLS, _FIX, ImageBuildError)
 
 
-def build(settings: ClusterSettings, root: Path = REPO_ROOT, *, import_to_node: bool = True) -> ServiceImage:
-    """The services' image for these sources: built unless its tar is cached, then imported into
-    the real node's containerd unless the node already has it."""
+def build(
+    settings: ClusterSettings,
+    root: Path = REPO_ROOT,
+    *,
+    import_to_node: bool = True,
+    recipe: ImageRecipe = SERVICES,
+) -> ServiceImage:
+    """The recipe's image (the services' by default) for these sources: built unless its tar is
+    cached, then imported into the real node's containerd unless the node already has it. Two
+    processes asking for the same image at once build it once (a lock under the image cache)."""
     started = time.monotonic()
-    name = image_name(root)
-    tar = settings.image_cache_dir / f"shepherd-{name.rsplit(':', 1)[1]}.tar"
+    name = image_name(root, recipe)
+    tar = settings.image_cache_dir / f"{recipe.tar_prefix}-{name.rsplit(':', 1)[1]}.tar"
     built = False
-    if not tar.exists():
-        ensure_tools()
-        settings.image_cache_dir.mkdir(parents=True, exist_ok=True)
-        Builder(settings).build(name, tar, root)
-        built = True
+    settings.image_cache_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.image_cache_dir / f".{recipe.tar_prefix}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not tar.exists():
+            ensure_tools()
+            Builder(settings).build(name, tar, root, recipe)
+            built = True
+    if built:
         # Tars of older sources are rarely used again; a few stay for other checkouts sharing the cache.
-        tars = sorted(settings.image_cache_dir.glob("shepherd-*.tar"), key=lambda t: t.stat().st_mtime)
+        tars = sorted(
+            settings.image_cache_dir.glob(f"{recipe.tar_prefix}-*.tar"), key=lambda t: t.stat().st_mtime
+        )
         for old in tars[:-_KEEP_TARS]:
             old.unlink(missing_ok=True)
     imported = False
