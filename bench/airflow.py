@@ -82,7 +82,7 @@ def audit_entries(path: Path, start: int) -> Iterator[dict[str, Any]]:
 
 def shepherd_pod_names(tis: list[dict[str, Any]], attempts: int = 3) -> set[str]:
     """The pods Shepherd names for these task instances (its first `attempts` launch attempts)."""
-    names = set()
+    names: set[str] = set()
     for ti in tis:
         key = task_pb2.TaskKey(
             dag_id=ti["dag_id"],

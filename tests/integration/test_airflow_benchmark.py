@@ -58,19 +58,24 @@ def test_a_phase_measures_every_task_and_every_pod_of_its_run(
     assert figures["tasks"] == TASKS + 1
     assert figures["queued_to_running_n"] == TASKS + 1
     assert figures["seconds_to_all_done"] > 0
-    # One pod per task instance, every one deleted by the executor's own identity exactly once
-    # (the kubelet's final delete of a graceful deletion may come on top).
+    # One pod per task instance, every one deleted; the deletes counted are every client's.
     assert figures["pods_created"] == TASKS + 1
     assert figures["pods_never_deleted"] == 0
-    deleter = k8s.user if phase.executor is ExecutorKind.KUBERNETES else RECONCILER
-    assert figures["delete_calls_by_client"][deleter] == TASKS + 1, figures["delete_calls_by_client"]
+    by_client = figures["delete_calls_by_client"]
+    assert sum(by_client.values()) == figures["delete_calls"]
+    assert figures["delete_calls_per_pod"] == round(figures["delete_calls"] / (TASKS + 1), 2)
     assert figures["pods_left_after_180s"] == 0
     assert figures["scheduler_cpu_s"] > 0
     if phase.executor is ExecutorKind.SHEPHERD:
+        # Shepherd's reconciler deletes each pod exactly once.
+        assert by_client[RECONCILER] == TASKS + 1, by_client
         assert figures["namespace"] == cluster.namespace
         assert figures["services_cpu_s"] > 0
         assert figures["scheduler_side_cpu_s"] > figures["scheduler_cpu_s"]
     else:
+        # The KubernetesExecutor deletes with its own identity, at least once per pod (it was
+        # seen deleting a pod three times, twice answered 404).
+        assert by_client[k8s.user] >= TASKS + 1, by_client
         assert figures["namespace"] == k8s.namespace
         assert figures["kubernetes_executor_options"]["worker_pods_creation_batch_size"] == "128"
         assert figures["services_cpu_s"] is None
