@@ -93,8 +93,8 @@ bench: venv tools
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 ## bench-airflow: one DAG through a real Airflow, KubernetesExecutor (defaults, tuned) vs Shepherd
-## (AIRFLOW_TASKS=50); needs the real node, installs Airflow. Not part of `make bench`.
-AIRFLOW_TASKS ?= 50
+## (AIRFLOW_TASKS=30); needs the real node, installs Airflow. Not part of `make bench`.
+AIRFLOW_TASKS ?= 30
 bench-airflow: venv tools
 	$(BIN)/python -m bench --only airflow --airflow-tasks $(AIRFLOW_TASKS) $(BENCH_ARGS)
 

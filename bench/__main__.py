@@ -265,9 +265,9 @@ def main() -> int:
     parser.add_argument(
         "--airflow-tasks",
         type=int,
-        default=50,
-        help="mapped tasks of the Airflow comparison's DAG (default 50: each is a real container "
-        "starting Airflow's task runner, a few CPU-seconds on this machine; at most 1024)",
+        default=30,
+        help="mapped tasks of the Airflow comparison's DAG (default 30: each is a real container "
+        "starting Python and Airflow's task runner, several CPU-seconds on this machine; at most 1024)",
     )
     parser.add_argument(
         "--airflow-parallelism",

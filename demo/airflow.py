@@ -69,7 +69,7 @@ def follow(airflow: AirflowDeployment, run_id: str, console: Console, *, timeout
             else:
                 line = progress_line(elapsed, state, tis)
                 if line.split("]", 1)[1] != last:
-                    console.print(line, highlight=False)
+                    print(line, flush=True)  # a log or a pipe gets whole lines, never wrapped
                     last = line.split("]", 1)[1]
             if state in ("success", "failed") and all(state_of(t) in FINISHED for t in tis):
                 return state
