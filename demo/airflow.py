@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -27,8 +28,11 @@ from rich.table import Table
 from controlplane import Cluster
 from controlplane.airflow import AirflowDeployment, AirflowError, ShepherdConnection
 from controlplane.stack import ServiceStack
-from demo.airflowview import FINISHED, label, progress_line, state_of, summary_rows
+from demo.airflowview import FINISHED, label, progress_line, shepherd_key, state_of, summary_rows
+from shepherd import channels
+from shepherd.v1 import reconciler_service_pb2, reconciler_service_pb2_grpc
 from shepherd_cli.connection import Connection
+from shepherd_cli.keys import parse_key
 
 DAG = "shepherd_example"
 STYLE = {"success": "green", "failed": "red", "upstream_failed": "red", "running": "cyan", "queued": "yellow"}
@@ -86,31 +90,35 @@ def summary(
     tis = _task_instances(airflow, run_id)
     rows = summary_rows(airflow.api_url, DAG, run_id, tis)
     table = Table(title=f"Task instances of {DAG}, run {run_id}", title_justify="left", show_edge=False)
-    for column in ("task", "state", "tries", "seconds", "log in the Airflow UI (Logs tab)"):
-        table.add_column(column, overflow="fold")
+    for column in ("task", "state", "tries", "seconds"):
+        table.add_column(column)
     for row in rows:
         state = f"[{STYLE.get(row.state, 'white')}]{row.state}[/]"
         seconds = "" if row.seconds is None else f"{row.seconds:.1f}"
-        table.add_row(row.task, state, str(row.tries), seconds, row.ui)
+        table.add_row(row.task, state, str(row.tries), seconds)
     console.print(table)
+    width = max(len(row.task) for row in rows) if rows else 0
+    console.print("\nEach task's log in the Airflow UI (its Logs tab), served by the API server:")
+    for row in rows:
+        console.print(f"  {row.task:<{width}}  {row.ui}", soft_wrap=True)
     console.print(
-        "\nThe same logs from Shepherd (the pod's `base` container; kept after the pod is gone):",
-        highlight=False,
+        "\nThe same logs from Shepherd (the pod's `base` container, kept after the pod is gone), while the "
+        "services run (KEEP=1):"
     )
     for row in rows:
         if row.shepherd:
             console.print(
                 f"  .venv/bin/shepherd --connection {connection_file} tasks logs '{row.shepherd}'",
-                highlight=False,
                 soft_wrap=True,
             )
     return tis
 
 
 def show_failed_log(
-    airflow: AirflowDeployment, run_id: str, tis: list[dict[str, Any]], console: Console
+    airflow: AirflowDeployment, stack: ServiceStack, run_id: str, tis: list[dict[str, Any]], console: Console
 ) -> None:
-    """The end of the failed task's log, as Airflow's API server serves it."""
+    """The end of the failed task's log, as Airflow's API server serves it and as Shepherd's
+    reconciler does (`GetTaskLogs`, what `shepherd tasks logs` calls)."""
     for ti in tis:
         if state_of(ti) != "failed":
             continue
@@ -120,8 +128,20 @@ def show_failed_log(
             console.print(f"\n(log of {label(ti)} not available: {err})")
             continue
         console.print(f"\nLog of the failed task {label(ti)} (end), through Airflow's REST API:")
-        for line in [line for line in text.splitlines() if line.strip()][-8:]:
-            console.print(f"  | {line}", highlight=False, markup=False)
+        for line in [line for line in text.splitlines() if line.strip()][-6:]:
+            console.print(f"  | {line}", markup=False, soft_wrap=True)
+        key = parse_key(shepherd_key(DAG, run_id, ti))
+        console.print("\nThe same task's container log (end), through Shepherd's GetTaskLogs:")
+        try:
+            with channels.sync_channel(stack.address("reconciler"), stack.credentials()) as channel:
+                stub = reconciler_service_pb2_grpc.ReconcilerServiceStub(channel)
+                request = reconciler_service_pb2.GetTaskLogsRequest(key=key, tail_lines=6)
+                data = b"".join(chunk.data for chunk in stub.GetTaskLogs(request, timeout=30))
+        except grpc.RpcError as err:
+            console.print(f"  (not available: {err.code().name}: {err.details()})")
+            continue
+        for line in data.decode(errors="replace").splitlines():
+            console.print(f"  | {line}", markup=False, soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -179,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             state = follow(airflow, run_id, console, timeout_s=args.timeout)
             console.print(f"\nThe run ended {state}.\n")
             tis = summary(airflow, run_id, connection_file, console)
-            show_failed_log(airflow, run_id, tis, console)
+            show_failed_log(airflow, stack, run_id, tis, console)
             if args.keep:
                 console.print(f"\nAirflow stays up at {airflow.api_url}; Ctrl-C stops it and the services.")
                 with contextlib.suppress(KeyboardInterrupt):
