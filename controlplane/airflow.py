@@ -274,6 +274,12 @@ def _section_env(config: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
     }
 
 
+# Parsing a DAG file that imports the kubernetes client takes seconds of CPU; on a busy two-core
+# machine, with pods starting beside the scheduler, far more than Airflow's 30 s default bound.
+_SLOW_MACHINE = {
+    "core": {"dagbag_import_timeout": "300"},
+    "dag_processor": {"dag_file_processor_timeout": "330"},
+}
 _LOG_PLUMBING = frozenset({"event", "timestamp", "level", "logger", "filename", "lineno", "loc"})
 
 
@@ -439,6 +445,7 @@ class AirflowDeployment:
                 # The REST API answers every caller as an admin: a local test deployment only.
                 "simple_auth_manager_all_admins": "True",
                 "load_examples": "False",
+                **_SLOW_MACHINE["core"],
             },
             "database": {
                 "sql_alchemy_conn": self.postgres.url,
@@ -456,7 +463,7 @@ class AirflowDeployment:
                 "orphaned_tasks_check_interval": "5",
                 "enable_health_check": "False",
             },
-            "dag_processor": {"refresh_interval": "5"},
+            "dag_processor": {"refresh_interval": "5", **_SLOW_MACHINE["dag_processor"]},
         }
         if self.executor is ExecutorKind.SHEPHERD:
             assert self.shepherd is not None
@@ -555,6 +562,7 @@ class AirflowDeployment:
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": self.execution_api_url,
             "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS": "0o777",
             "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS": "0o666",
+            **_section_env({"core": _SLOW_MACHINE["core"]}),
             **self.pod_env,
         }
         return {

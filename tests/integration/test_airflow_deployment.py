@@ -98,6 +98,13 @@ def test_a_dag_of_every_kind_of_task_ends_as_airflow_would_end_it(
     # The long task runs until a user marks it failed, as from the UI.
     long = airflow.wait_for_task(dag, run, "long", {TaskState.RUNNING, *ENDED}, timeout=600)
     assert long.state == TaskState.RUNNING, long
+    # Its code is running (its log says so, read through Airflow while it runs).
+    eventually(
+        lambda: "long is still running" in airflow.task_log(dag, run, "long", 1),
+        what="the long task's code to run",
+        timeout=600,
+        interval=2.0,
+    )
     airflow.mark_failed(dag, run, "long")
     assert airflow.wait_for_run(dag, run, timeout=900) == "failed"
 
