@@ -28,7 +28,15 @@ from rich.table import Table
 from controlplane import Cluster
 from controlplane.airflow import AirflowDeployment, AirflowError, ShepherdConnection
 from controlplane.stack import ServiceStack
-from demo.airflowview import FINISHED, label, progress_line, shepherd_key, state_of, summary_rows
+from demo.airflowview import (
+    FINISHED,
+    label,
+    progress_line,
+    readable_log,
+    shepherd_key,
+    state_of,
+    summary_rows,
+)
 from shepherd import channels
 from shepherd.v1 import reconciler_service_pb2, reconciler_service_pb2_grpc
 from shepherd_cli.connection import Connection
@@ -128,19 +136,19 @@ def show_failed_log(
             console.print(f"\n(log of {label(ti)} not available: {err})")
             continue
         console.print(f"\nLog of the failed task {label(ti)} (end), through Airflow's REST API:")
-        for line in [line for line in text.splitlines() if line.strip()][-6:]:
+        for line in readable_log(text):
             console.print(f"  | {line}", markup=False, soft_wrap=True)
         key = parse_key(shepherd_key(DAG, run_id, ti))
         console.print("\nThe same task's container log (end), through Shepherd's GetTaskLogs:")
         try:
             with channels.sync_channel(stack.address("reconciler"), stack.credentials()) as channel:
                 stub = reconciler_service_pb2_grpc.ReconcilerServiceStub(channel)
-                request = reconciler_service_pb2.GetTaskLogsRequest(key=key, tail_lines=6)
+                request = reconciler_service_pb2.GetTaskLogsRequest(key=key, tail_lines=20)
                 data = b"".join(chunk.data for chunk in stub.GetTaskLogs(request, timeout=30))
         except grpc.RpcError as err:
             console.print(f"  (not available: {err.code().name}: {err.details()})")
             continue
-        for line in data.decode(errors="replace").splitlines():
+        for line in readable_log(data.decode(errors="replace")):
             console.print(f"  | {line}", markup=False, soft_wrap=True)
 
 

@@ -4,6 +4,7 @@ and `shepherd tasks logs`). Pure: demo/airflow.py fetches, this module formats."
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -91,3 +92,29 @@ def summary_rows(api_url: str, dag_id: str, run_id: str, tis: Sequence[Mapping[s
 
 def _time(text: Any) -> datetime | None:
     return datetime.fromisoformat(str(text).replace("Z", "+00:00")) if text else None
+
+
+def readable_log(text: str, last: int = 6) -> list[str]:
+    """The last `last` lines of a task's structured log as messages: each line's event (Airflow's
+    REST API gives `event {fields}`, the container's own log a JSON object with `event`), with an
+    exception's type and message, and without the log-group markers."""
+    lines = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        start = line.find("{")
+        fields: Any = None
+        if start >= 0:
+            try:
+                fields = json.loads(line[start:])
+            except ValueError:
+                fields = None
+        if not isinstance(fields, dict):
+            message = line
+        else:
+            message = line[:start].strip() if start > 0 else str(fields.get("event", ""))
+            for detail in fields.get("error_detail") or []:
+                if isinstance(detail, dict):
+                    message += f": {detail.get('exc_type')}: {detail.get('exc_value')}"
+        if message and not message.startswith(("::group::", "::endgroup::")):
+            lines.append(message)
+    return lines[-last:]

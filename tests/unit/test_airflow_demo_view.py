@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from demo.airflowview import progress_line, shepherd_key, summary_rows, ui_url
+from demo.airflowview import progress_line, readable_log, shepherd_key, summary_rows, ui_url
 from shepherd_cli.keys import parse_key
 
 RUN = "manual__2026-12-01T22:00:00+00:00"
@@ -55,3 +55,29 @@ def test_summary_rows_in_start_order_and_no_shepherd_key_for_a_task_that_never_r
     assert [r.seconds for r in rows] == [2.0, 1.5, None]
     assert rows[0].shepherd == "etl/extract/r1/1"
     assert rows[2].shepherd == ""
+
+
+def test_a_structured_log_reads_as_its_messages_with_the_exception() -> None:
+    error = '"error_detail": [{"exc_type": "RuntimeError", "exc_value": "stale feed"}]'
+    through_airflow = "\n".join(
+        [
+            'checking the feed... {"logger": "task.stdout"}',
+            '::endgroup:: {"try_number": 1}',
+            "Task failed with exception {" + error + "}",
+            "plain text",
+        ]
+    )
+    assert readable_log(through_airflow) == [
+        "checking the feed...",
+        "Task failed with exception: RuntimeError: stale feed",
+        "plain text",
+    ]
+    from_the_container = "\n".join(
+        [
+            '{"event": "::group::Post Execute", "level": "info"}',
+            '{"event": "Task failed with exception", ' + error + "}",
+            '{"event": "Workload finished", "final_state": "failed"}',
+        ]
+    )
+    assert readable_log(from_the_container, last=1) == ["Workload finished"]
+    assert readable_log(from_the_container)[0] == "Task failed with exception: RuntimeError: stale feed"
