@@ -9,12 +9,15 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 NODE_STAMP := node_modules/.installed-$(shell sha1sum package.json | cut -c1-12)
 
-.PHONY: run serve test lint unit integration fuzz venv tools binaries cluster-up cluster-down cluster-status image deploy-local undeploy-local protos bench chaos clean
+.PHONY: run serve test lint unit integration fuzz venv tools binaries cluster-up cluster-down cluster-status image deploy-local undeploy-local protos bench bench-airflow chaos clean
 
 ## run: start the control plane and the three services, and run the demo workload (TASKS=300).
+## AIRFLOW=1: a real Airflow on Shepherd runs an example DAG instead (KEEP=1 keeps it up until Ctrl-C).
 TASKS ?= 300
+AIRFLOW ?=
+KEEP ?=
 run: venv tools
-	$(BIN)/python -m demo --tasks $(TASKS)
+	$(BIN)/python -m demo $(if $(filter 1,$(AIRFLOW)),--airflow $(if $(filter 1,$(KEEP)),--keep),--tasks $(TASKS))
 
 ## serve: the three services in the foreground until Ctrl-C (`shepherd serve`; SERVE_ARGS for flags).
 serve: venv tools
@@ -88,6 +91,12 @@ undeploy-local: venv
 ## bench: the performance figures (launch rate vs raw ceiling, event latency, memory); see README.
 bench: venv tools
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## bench-airflow: one DAG through a real Airflow, KubernetesExecutor (defaults, tuned) vs Shepherd
+## (AIRFLOW_TASKS=30); needs the real node, installs Airflow. Not part of `make bench`.
+AIRFLOW_TASKS ?= 30
+bench-airflow: venv tools
+	$(BIN)/python -m bench --only airflow --airflow-tasks $(AIRFLOW_TASKS) $(BENCH_ARGS)
 
 ## chaos: seeded fault injection on a throw-away control plane (SEEDS=N; SEED=S replays a seed).
 SEEDS ?= 1

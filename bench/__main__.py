@@ -1,6 +1,8 @@
 """`python -m bench` (or `make bench`): the suite's figures, each against a baseline or target
 measured in the same run on this machine, saved to bench/results/. `--only scale` (not part of the
-default run: it takes the better part of an hour) pushes 200,000 tasks through the suite."""
+default run: it takes the better part of an hour) pushes 200,000 tasks through the suite.
+`--only airflow` (not part of the default run either: it needs the real node and installs Airflow)
+runs one DAG through a real Airflow with the KubernetesExecutor and with Shepherd, side by side."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import uvloop
 
-from bench import event_latency, launch_rate, memory, pending_timeout, scale
+from bench import airflow, event_latency, launch_rate, memory, pending_timeout, scale
+from bench.airflow_figures import side_by_side
 from bench.common import Report, fresh_stack
 
 # Durable as in production: every accepted launch is fsynced before LaunchTask answers.
@@ -21,6 +24,9 @@ FLAGS = {"launcher": ["--store-synchronous", "FULL"]}
 async def run(args: argparse.Namespace) -> Report:
     report = Report()
     workdir = Path(tempfile.mkdtemp(prefix="shepherd-bench-"))
+    if args.only == ["airflow"]:
+        compare_airflow(args, workdir, report)
+        return report
     print(
         "each phase below runs on a fresh local control plane and a fresh stack of the three "
         "services, each under its own ServiceAccount",
@@ -144,7 +150,41 @@ async def run(args: argparse.Namespace) -> Report:
         print(f"  {result['tasks']} tasks in {result['seconds']} s ({result['tasks_per_s']}/s)")
         for check in result["checks"]:
             report.check(check["name"], check["ok"], check["detail"])
+    if "airflow" in args.only:
+        compare_airflow(args, workdir, report)
     return report
+
+
+def compare_airflow(args: argparse.Namespace, workdir: Path, report: Report) -> None:
+    print(
+        f"\n== Airflow: one DAG of {args.airflow_tasks} short tasks (+1 seed task), KubernetesExecutor "
+        f"(defaults, tuned) vs Shepherd, parallelism {args.airflow_parallelism}, on the shared local "
+        "cluster's real node",
+        flush=True,
+    )
+    result = airflow.measure(workdir / "airflow", args.airflow_tasks, args.airflow_parallelism)
+    report.figures["airflow"] = result
+    print()
+    for line in side_by_side(result["phases"], airflow.BASELINE):
+        print(f"  {line}")
+    for name, phase in result["phases"].items():
+        print(
+            f"  {name}: {phase['states']}; {phase['pods_created']} pods, deletes by client "
+            f"{phase['delete_calls_by_client']}; scheduler CPU by process {phase['scheduler_cpu_by_process']}"
+            f"; other CPU {phase['other_cpu_s']}"
+            + (f"; services {phase['services_cpu_by_service']}" if phase["services_cpu_by_service"] else "")
+        )
+        report.check(
+            f"{name}: every task instance succeeded",
+            phase["all_succeeded"],
+            f"{phase['states']}, run {phase['run_state']}",
+        )
+        report.check(
+            f"{name}: one pod per task instance, each deleted",
+            phase["pods_created"] == result["task_instances"] and phase["pods_never_deleted"] == 0,
+            f"{phase['pods_created']} pods for {result['task_instances']} task instances, "
+            f"{phase['pods_never_deleted']} never deleted",
+        )
 
 
 def main() -> int:
@@ -219,10 +259,25 @@ def main() -> int:
         "--only",
         nargs="+",
         default=["rate", "latency", "memory", "pending"],
-        choices=["rate", "latency", "memory", "pending", "scale"],
+        choices=["rate", "latency", "memory", "pending", "scale", "airflow"],
         help="scenarios to run",
     )
+    parser.add_argument(
+        "--airflow-tasks",
+        type=int,
+        default=30,
+        help="mapped tasks of the Airflow comparison's DAG (default 30: each is a real container "
+        "starting Python and Airflow's task runner, several CPU-seconds on this machine; at most 1024)",
+    )
+    parser.add_argument(
+        "--airflow-parallelism",
+        type=int,
+        default=32,
+        help="Airflow's parallelism and max_active_tasks_per_dag in every phase (default 32)",
+    )
     args = parser.parse_args()
+    if not 1 <= args.airflow_tasks <= 1024:
+        parser.error("--airflow-tasks must be 1 to 1024 (the DAG's n parameter, Airflow's max_map_length)")
     # The same event loop as the services: the raw client must not pay more per create than the
     # launcher does, or its ceiling would be understated.
     report = uvloop.run(run(args))

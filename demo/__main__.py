@@ -1,4 +1,5 @@
-"""`python -m demo`: control plane + three services + a few hundred tasks, with live progress."""
+"""`python -m demo`: control plane + three services + a few hundred tasks, with live progress.
+`python -m demo --airflow` (`make run AIRFLOW=1`): a real Airflow on Shepherd runs an example DAG."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from demo.workload import REAL_TASKS, Demo
 
 
 def main() -> int:
+    if "--airflow" in sys.argv[1:]:
+        from demo import airflow  # Airflow's demo has its own options
+
+        return airflow.main(sys.argv[1:])
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument("--tasks", type=int, default=300, help="number of tasks to launch (default 300)")
     parser.add_argument("--pending-timeout", default="8", help="seconds before a Pending pod is given up")
