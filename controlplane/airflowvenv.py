@@ -5,10 +5,10 @@ The executor's tests run the executor class in it, and the real Airflow deployme
 
 Built once per Airflow release and package requirements, outside the checkout under
 `~/.cache/shepherd/airflow/` (or `$SHEPHERD_CACHE_DIR/airflow/`), so a test run after the first
-starts warm; a build that did not finish leaves no stamp and is redone. The executor's own code
-is reinstalled into it on every use (no dependencies, a few seconds), so the venv always runs the
-code under test. The environment its processes get has no PYTHONPATH: the services' packages
-cannot leak in from the checkout.
+starts warm; a build that did not finish leaves no stamp and is redone. The package is installed
+when the venv is built (so its dependencies resolve with Airflow's), but the venv's processes run
+this checkout's package source, first on their path (see `AirflowVenv.env`): several checkouts
+share the venv, and nothing of the services' packages is on that path.
 """
 
 from __future__ import annotations
@@ -54,10 +54,15 @@ class AirflowVenv:
         return self.path / "bin" / "python"
 
     def env(self, home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-        """A clean environment for the venv's processes: no PYTHONPATH, Airflow's home in `home`."""
+        """A clean environment for the venv's processes, Airflow's home in `home`. Its PYTHONPATH
+        is this checkout's executor package source and nothing else: the venv is shared by every
+        checkout using the cache, so the code under test is put first on the path rather than
+        installed into it (two checkouts installing their own copies in turn ran each other's
+        code), and the services' packages at the repository's root stay out of reach."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "AIRFLOW", "VIRTUAL_ENV"))}
         env.update(
             {
+                "PYTHONPATH": str(PACKAGE / "src"),
                 "AIRFLOW_HOME": str(home),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__API_AUTH__JWT_SECRET": "shepherd-test-secret-not-for-production",
@@ -106,7 +111,8 @@ def _package_copy(into: Path) -> Path:
 
 
 def ensure(airflow_version: str, extras: list[str]) -> AirflowVenv:
-    """The cached venv for this Airflow, built now if missing; the package reinstalled from the tree."""
+    """The cached venv for this Airflow, built now if missing (with the package, for its
+    dependencies); its processes run this checkout's package source (see `AirflowVenv.env`)."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     path = root / _key(airflow_version, extras)
@@ -114,8 +120,8 @@ def ensure(airflow_version: str, extras: list[str]) -> AirflowVenv:
     build_seconds: float | None = None
     with (root / ".lock").open("w") as lock, tempfile.TemporaryDirectory() as scratch:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two test sessions never build the same venv at once
-        package = _package_copy(Path(scratch))
         if not stamp.exists():
+            package = _package_copy(Path(scratch))
             shutil.rmtree(path, ignore_errors=True)
             started = time.monotonic()
             subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
@@ -124,5 +130,4 @@ def ensure(airflow_version: str, extras: list[str]) -> AirflowVenv:
             _pip(path, "install", f"apache-airflow=={airflow_version}", *extras, str(package))
             build_seconds = time.monotonic() - started
             stamp.write_text(f"{build_seconds:.1f}\n")
-        _pip(path, "install", "--no-deps", "--force-reinstall", str(package))
     return AirflowVenv(path, airflow_version, build_seconds)
