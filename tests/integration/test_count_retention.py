@@ -14,6 +14,7 @@ tasks it saw QUEUED ended.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sqlite3
 import time
@@ -27,6 +28,7 @@ import pytest
 from controlplane import Cluster, ClusterInfo
 from controlplane.stack import ServiceStack
 from shepherd import podmeta
+from shepherd.taskstates import TERMINAL
 from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import reconciler_service_pb2 as rpb
 from shepherd.v1 import task_pb2
@@ -282,11 +284,23 @@ async def test_a_launch_outcome_pruned_unread_still_reaches_its_task(
         lambda: _forgotten(client, key), what="the failed launch to be pruned at the launcher"
     )
     await asyncio.to_thread(counted.start, ("reconciler",))
-    task = await client.final(key, timeout=90)
+    # Read with GetTask, not the client's state stream: the stream's cursor from before the restart
+    # may itself be pruned by the count bound (12 entries) before the client reconnects, and a
+    # fresh-clone run once timed out waiting on it while the task had ended as expected.
+    task = await eventually_async(lambda: _ended(client, key), what="the quota task to end", timeout=90)
     assert task.state == S.TASK_STATE_FAILED, task
     assert task.failure.reason == "LaunchOutcomeLost", task.failure
     for filler in fillers:
-        assert (await client.final(filler)).state == S.TASK_STATE_SUCCEEDED
+        ended = await eventually_async(
+            functools.partial(_ended, client, filler), what="a filler to end", timeout=90
+        )
+        assert ended.state == S.TASK_STATE_SUCCEEDED
+
+
+async def _ended(client: SchedulerClient, key: S.TaskKey) -> S.Task | None:
+    reply = await client.reconciler.GetTask(rpb.GetTaskRequest(key=key), timeout=30, wait_for_ready=True)
+    task: S.Task = reply.task
+    return task if task.state in TERMINAL else None
 
 
 async def _launch_failed(client: SchedulerClient, key: S.TaskKey) -> bool:
