@@ -183,7 +183,9 @@ def run_phase(
         config["kubernetes_executor"] = k8s.options(tuned=phase.tuned)
         namespace = k8s.namespace
     else:
-        stack = ServiceStack(info, workdir / "services", executor_id=f"bench-airflow-{int(time.time())}")
+        stack = ServiceStack(
+            info, workdir / "services", executor_id=f"bench-airflow-{int(time.time())}", die_with_parent=True
+        )
         namespace = info.namespace
     try:
         if stack is not None:

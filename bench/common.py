@@ -118,7 +118,11 @@ async def fresh_stack(
     cluster.down()
     info = cluster.up()
     stack = ServiceStack(
-        info, workdir / name, executor_id=f"bench-{name}-{int(time.time())}", flags=flags or {}
+        info,
+        workdir / name,
+        executor_id=f"bench-{name}-{int(time.time())}",
+        flags=flags or {},
+        die_with_parent=True,
     )
     try:  # a service that fails to come up must not leave the others running
         stack.start()

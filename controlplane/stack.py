@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,6 +62,12 @@ class ServiceStack:
     # `token_path(identity)`; the services' own are written from their kubeconfigs at start.
     client_auth: ClientAuth = ClientAuth.CERTIFICATE
     identities: dict[str, IssuedIdentity] = field(default_factory=dict)
+    # True: each service gets SIGTERM when the thread that started it ends (PR_SET_PDEATHSIG, set
+    # by util-linux's setpriv before it execs the service, so the pid is the service's), so a
+    # runner killed with -9 leaves no services behind to attach to the next cluster on the same
+    # ports. Only for a runner whose starting thread lives as long as the stack (`shepherd serve`,
+    # the benchmark): the kernel ties the signal to that thread, not to the process.
+    die_with_parent: bool = False
 
     def __post_init__(self) -> None:
         if self.secure:
@@ -174,11 +181,19 @@ class ServiceStack:
             log = self.log_path(name).open("ab")
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env.get(name, {})}
             self.procs[name] = subprocess.Popen(
-                self.command(name), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+                self._orphan_guard() + self.command(name),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
             )
             log.close()
         for name in names if wait else ():
             self.wait_serving(name, timeout=timeout)
+
+    def _orphan_guard(self) -> list[str]:
+        setpriv = shutil.which("setpriv") if self.die_with_parent else None
+        return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
     def wait_serving(self, name: str, *, timeout: float = 60.0) -> None:
         self.wait_health(name, health_pb2.HealthCheckResponse.SERVING, timeout=timeout)

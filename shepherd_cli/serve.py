@@ -81,7 +81,13 @@ def serve(options: ServeOptions, say: Callable[[str], None], *, stop: threading.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     cluster = _cluster(options, say)
-    stack = ServiceStack(cluster, options.workdir, executor_id=options.executor_id, ports=dict(options.ports))
+    stack = ServiceStack(
+        cluster,
+        options.workdir,
+        executor_id=options.executor_id,
+        ports=dict(options.ports),
+        die_with_parent=True,
+    )
     scheduler = GrpcAuthority(Path(cluster.state_dir)).scheduler()
     try:
         say(f"starting launcher, watcher and reconciler (executor {options.executor_id})")

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry.trace import Span
 
@@ -109,6 +109,9 @@ class Tracked:
     # The W3C trace context of its launch, while tracing is on (shepherd/tracing.py): from the
     # launch events and the pod's events, so kept in memory only (a restart's snapshot brings it back).
     traceparent: str = ""
+    # A tombstone's stand-in (store.prune_finished): the task was pruned in `task.state`. Decided
+    # on as the finished task it was, never stored again, never answered as known.
+    pruned: bool = False
 
 
 @dataclass(frozen=True)
@@ -325,7 +328,9 @@ class Engine:
         if tracked is not None:
             return tracked.task.state in TERMINAL
         row = self.store.get(name)
-        return row is not None and row[0].state in TERMINAL
+        if row is not None:
+            return row[0].state in TERMINAL
+        return bool(self.store.pruned_states([name]))  # pruned: it had ended
 
     @property
     def queue_depth(self) -> int:
@@ -468,14 +473,32 @@ class Engine:
         stored = self.store.get_many(missing)
         for key, row in stored.items():
             self._remember(key, Tracked(*row))
-        self._unstored.update(key for key in missing if key not in stored)
+        unstored = [key for key in missing if key not in stored]
+        if unstored:
+            pruned = self._tombstones(unstored)
+            self._unstored.update(key for key in unstored if key not in pruned)
 
     def _lookup(self, key: str) -> Tracked | None:
         tracked = self._active.get(key) or self._finished.get(key)
-        if tracked is None and key not in self._unstored and (row := self.store.get(key)) is not None:
-            tracked = Tracked(*row)
-            self._remember(key, tracked)
+        if tracked is None and key not in self._unstored:
+            if (row := self.store.get(key)) is not None:
+                tracked = Tracked(*row)
+                self._remember(key, tracked)
+            else:
+                tracked = self._tombstones([key]).get(key)
         return tracked
+
+    def _tombstones(self, keys: list[str]) -> dict[str, Tracked]:
+        """Stand-ins for the tasks among `keys` that pruning deleted, remembered as finished."""
+        found = {}
+        for key, state in self.store.pruned_states(keys).items():
+            task = task_pb2.Task(
+                state=cast(task_pb2.TaskState.ValueType, state), executor_id=self.executor_id
+            )
+            task.key.CopyFrom(podmeta.key_of_string(key))
+            found[key] = tracked = Tracked(task, pruned=True)
+            self._remember(key, tracked)
+        return found
 
     def _remember(self, key: str, tracked: Tracked) -> None:
         if tracked.task.state in TERMINAL:
@@ -604,7 +627,7 @@ class Engine:
             self._apply_launch(LaunchItem(0, accepted), batch)
         self._apply_launch(LaunchItem(0, launch), batch)  # no cursor: the stream's position stays
         tracked = self._lookup(podmeta.key_string(launch.key))
-        if tracked is None or tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
+        if tracked is None or tracked.pruned or tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
             return None
         task = task_pb2.Task()
         task.CopyFrom(tracked.task)
@@ -809,6 +832,8 @@ class Engine:
         tracked = self._lookup(key)
         if tracked is None or tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
             raise UnknownTask("key: no task with this key")
+        if tracked.pruned:
+            raise UnknownTask("key: this task ended and was pruned by the retention")
         pod = (
             PodRef(tracked.pod_uid, tracked.task.namespace, tracked.task.pod_name)
             if tracked.pod_uid

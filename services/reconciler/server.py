@@ -7,6 +7,7 @@ answered UNAVAILABLE, with RetryInfo.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -143,6 +144,10 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         # The committed cursor is read before the task is looked up again: a launch event
         # committed in between has its task stored by then.
         committed = self._store.cursor(SOURCE_LAUNCHER)
+        if self._store.pruned_states([podmeta.key_string(key)]):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, "key: this task ended and was pruned by the retention"
+            )
         try:
             found = await self._launcher.get_launch(key)
         except LauncherUnavailable as err:
@@ -336,7 +341,10 @@ async def serve(settings: ReconcilerSettings) -> None:
     supervisor.spawn(
         store.db.watch(lambda ok: server.set_serving(ok, condition=Readiness.STORE)), name="store-health"
     )
-    pruner = Pruner(store.db, store.transitions, "change", Retention.of(settings), prune_finished)
+    bounds = Retention.of(settings)
+    pruner = Pruner(
+        store.db, store.transitions, "change", bounds, functools.partial(prune_finished, bounds=bounds)
+    )
     supervisor.spawn(pruner.run(), name="retention")
 
     async def mark_ready() -> None:

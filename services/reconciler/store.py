@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from opentelemetry.trace import Span
 
 from shepherd import podmeta, retention
+from shepherd.retention import Retention
 from shepherd.sqlite import Database, StoreUnavailable, Synchronous, TableLog
 from shepherd.taskstates import TERMINAL
 from shepherd.v1 import task_pb2
@@ -58,6 +60,12 @@ CREATE TABLE IF NOT EXISTS post_mortems (
     keep_log INTEGER NOT NULL,
     read_events INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pruned_tasks (
+    key TEXT PRIMARY KEY,          -- a task pruning deleted: a late event of it must not bring it back
+    state INTEGER NOT NULL,        -- the terminal state it was pruned in
+    pruned_at REAL NOT NULL        -- epoch seconds; kept a retention period (and count) after that
+);
+CREATE INDEX IF NOT EXISTS pruned_tasks_by_age ON pruned_tasks(pruned_at);
 CREATE TABLE IF NOT EXISTS kept_logs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- newest last: the oldest beyond the bound are dropped
     task_key TEXT NOT NULL UNIQUE,
@@ -124,6 +132,11 @@ class TaskStore:
         """The stored tasks among `keys` (podmeta.key_string), with their pod uids, by key."""
         rows = self.db.rows_for_keys("SELECT key, task, pod_uid FROM tasks WHERE key IN ({})", keys)
         return {key: (task_pb2.Task.FromString(blob), uid) for key, blob, uid in rows}
+
+    def pruned_states(self, keys: Sequence[str]) -> dict[str, int]:
+        """The terminal state of each of `keys` whose task pruning deleted, by key."""
+        rows = self.db.rows_for_keys("SELECT key, state FROM pruned_tasks WHERE key IN ({})", keys)
+        return {key: int(state) for key, state in rows}
 
     def cursor(self, source: str) -> int:
         row = self.db.reader.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()
@@ -284,14 +297,24 @@ class TaskStore:
         )
 
 
-def prune_finished(conn: sqlite3.Connection, pruned: list[tuple[int, bytes]]) -> int:
+def prune_finished(
+    conn: sqlite3.Connection, pruned: list[tuple[int, bytes]], *, bounds: Retention, now: float | None = None
+) -> int:
     """Writer thread, as transitions are pruned (shepherd.retention): a task goes with its terminal
     transition, so a snapshot (ListTasks) never lists a task whose history is gone from the log.
     A task is deleted only if it is still in that terminal state: never one that is not finished.
     The action done on a deleted task's pod goes too, whichever it was (a deleted pod is never
     seen again; a pod marked done left the executor's selector), and so does what was read of it
     (its post-mortem row, its kept log tail). An action not yet carried out stays, with its
-    post-mortem row, until the restart that carries it out (rare: pruning comes long after)."""
+    post-mortem row, until the restart that carries it out (rare: pruning comes long after).
+
+    What stays is a tombstone: the key and its terminal state. By count, a task can be pruned
+    before the reconciler has read its launch events (the launcher's stream lagged behind the
+    watcher's), and after a restart, its memory of finished tasks empty, such an event would make
+    the task anew, QUEUED, and relaunch it. The tombstone makes it a finished task's event
+    instead. It is kept a retention period, and at most `bounds.max_entries` of them: by then the
+    launcher, pruning its own log by the same bounds, has pruned those events too."""
+    now = time.time() if now is None else now
     finished: list[tuple[str, int]] = []
     for _, blob in pruned:
         task = task_pb2.TaskStateChange.FromString(blob).task
@@ -302,6 +325,10 @@ def prune_finished(conn: sqlite3.Connection, pruned: list[tuple[int, bytes]]) ->
         row = conn.execute("DELETE FROM tasks WHERE key = ? AND state = ? RETURNING pod_uid", (key, state))
         for (uid,) in row.fetchall():
             deleted += 1
+            conn.execute(
+                "INSERT OR REPLACE INTO pruned_tasks(key, state, pruned_at) VALUES (?, ?, ?)",
+                (key, state, now),
+            )
             conn.execute("DELETE FROM kept_logs WHERE task_key = ?", (key,))
             if uid:
                 conn.execute("DELETE FROM pod_actions WHERE pod_uid = ? AND done = 1", (uid,))
@@ -310,6 +337,13 @@ def prune_finished(conn: sqlite3.Connection, pruned: list[tuple[int, bytes]]) ->
                     "AND NOT EXISTS (SELECT 1 FROM pod_actions WHERE pod_uid = ? AND done = 0)",
                     (uid, uid),
                 )
+    conn.execute("DELETE FROM pruned_tasks WHERE pruned_at < ?", (now - bounds.period_s,))
+    if bounds.max_entries:
+        # Newest last by rowid (a replaced tombstone gets a new one): one index probe, not a count.
+        conn.execute(
+            "DELETE FROM pruned_tasks WHERE rowid <= (SELECT max(rowid) FROM pruned_tasks) - ?",
+            (bounds.max_entries,),
+        )
     return deleted
 
 

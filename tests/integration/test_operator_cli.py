@@ -8,6 +8,7 @@ written, with the address and credentials serve printed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -94,6 +95,8 @@ def served(cluster: ClusterInfo, tmp_path: Path) -> Iterator[Served]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # services a killed serve left (a failed test)
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _task_file(dag: str) -> str:
@@ -225,3 +228,23 @@ def test_ctrl_c_stops_everything_and_removes_the_connection_file(served: Served)
             # SO_REUSEADDR: closed connections in TIME_WAIT do not count, a listener still would.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, int(port)))
+
+
+def test_serve_killed_with_9_leaves_no_service_behind(served: Served) -> None:
+    """A supervisor or an OOM kill ends serve without its Ctrl-C path: its services must not
+    outlive it, or they keep the ports and attach to the next cluster started on the same ones."""
+    os.kill(served.proc.pid, signal.SIGKILL)  # serve alone, not its process group
+    served.proc.wait(timeout=30)
+    for name in ("launcher", "watcher", "reconciler"):
+        host, _, port = served.connection.address(name).rpartition(":")
+
+        def freed(host: str = host, port: str = port) -> bool:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((host, int(port)))
+                except OSError:
+                    return False
+                return True
+
+        eventually(freed, what=f"the {name} to exit after serve was killed", timeout=60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -14,8 +15,9 @@ import structlog
 from services.reconciler.engine import Engine, LaunchItem, PodItem, UnknownTask
 from services.reconciler.forgotten import LaunchGap
 from services.reconciler.statemachine import Policy
-from services.reconciler.store import PodActionRow, TaskStore
+from services.reconciler.store import PodActionRow, TaskStore, prune_finished
 from shepherd import podmeta
+from shepherd.retention import Pruner, Retention
 from shepherd.v1 import launcher_service_pb2, task_pb2, watcher_service_pb2
 from tests.helpers import task_key
 from tests.helpers.pods import container, pod_event
@@ -356,4 +358,42 @@ async def test_a_launch_event_gap_is_checked_once_and_again_after_a_restart_cut_
         await h.engine.gap_checked(40)
         await h.settle()
     assert not Harness(store, pending_timeout_s=1).engine.gap_unchecked.is_set()
+    await store.close()
+
+
+async def test_a_launch_event_read_after_its_task_was_pruned_does_not_bring_it_back(tmp_path: Path) -> None:
+    """By count, a task the watcher's events finished can be pruned before the reconciler has read
+    its launch events (the launcher's stream lagged). After a restart, its memory of finished
+    tasks empty, those events used to make the task anew, QUEUED, and relaunch it once its pod,
+    long gone, was not seen: it ran twice."""
+    store = TaskStore(tmp_path / "r.db", synchronous="OFF")
+    key, filler, sentinel = (task_key(task_id=name) for name in ("pruned", "filler", "sentinel"))
+    async with running(store) as first:
+        await first.feed(*(pod_event(key, phase) for phase in ("Pending", "Running", "Succeeded")))
+        await first.feed(pod_event(filler, "Pending"), pod_event(filler, "Succeeded"))
+    bounds = Retention(24 * 3600.0, max_entries=2)
+    pruner = Pruner(
+        store.db, store.transitions, "change", bounds, functools.partial(prune_finished, bounds=bounds)
+    )
+    await pruner.tick()
+    assert store.get(podmeta.key_string(key)) is None, "the task was not pruned"
+    async with running(store, pending_timeout_s=0.5) as second:
+        second.engine.watcher_live = True
+        for late in (key, sentinel):  # the sentinel's pod is never seen either, and created later
+            created = _launch(late, L.LAUNCH_STATE_CREATED)
+            created.create_time.GetCurrentTime()
+            await _launch_events(second, _launch(late, L.LAUNCH_STATE_ACCEPTED), created)
+        # The barrier: the sentinel's deadline, later than the pruned task's, has fired.
+        for _ in range(200):
+            if second.relaunches:
+                break
+            await asyncio.sleep(0.05)
+        await second.settle()
+        assert second.relaunches == [(sentinel, 1)]
+        # A pod of it turns up too: cleaned up as a finished task's pod, the task left pruned.
+        await second.feed(pod_event(key, "Succeeded", uid="stray-1"))
+        assert [(a.pod_uid, a.action) for a in second.actions] == [("stray-1", "delete")]
+        assert store.get(podmeta.key_string(key)) is None, "a pruned task was stored again"
+        assert second.states(key) == [], "a pruned task changed state again"
+        assert second.engine.is_finished(key)  # so the cleanup sweep treats a pod of it as finished's
     await store.close()

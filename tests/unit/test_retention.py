@@ -4,6 +4,7 @@ pruned cursor is refused rather than skipped, and that the file stops growing on
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from pathlib import Path
 
@@ -23,6 +24,12 @@ from tests.helpers import task_key
 
 S = task_pb2
 DAY = 24 * 3600.0
+
+
+def _pruner(store: TaskStore, bounds: Retention) -> Pruner:
+    return Pruner(
+        store.db, store.transitions, "change", bounds, functools.partial(prune_finished, bounds=bounds)
+    )
 
 
 def _task(name: str, state: S.TaskState.ValueType) -> S.Task:
@@ -54,9 +61,7 @@ async def test_pruning_removes_only_tasks_whose_terminal_transition_went(tmp_pat
     cut = store.transitions.head()
     await _commit(store, _task("later", S.TASK_STATE_SUCCEEDED))
     # Prune by count, up to `cut`: "later"'s end is still in the log.
-    pruner = Pruner(
-        store.db, store.transitions, "change", Retention(DAY, store.transitions.head() - cut), prune_finished
-    )
+    pruner = _pruner(store, Retention(DAY, store.transitions.head() - cut))
     await pruner.tick()
     assert store.transitions.oldest() == cut
     kept = _stored(store)
@@ -70,9 +75,7 @@ async def test_a_pruned_cursor_is_refused_and_cursor_zero_starts_at_the_oldest_l
     store = TaskStore(tmp_path / "r.db", synchronous="OFF")
     for i in range(10):
         await _commit(store, _task(f"t{i}", S.TASK_STATE_SUCCEEDED))
-    pruner = Pruner(
-        store.db, store.transitions, "change", Retention(DAY, max_entries=4, batch=3), prune_finished
-    )
+    pruner = _pruner(store, Retention(DAY, max_entries=4, batch=3))
     assert await pruner.tick() == 6
     log = store.transitions
     assert log.oldest() == 6
@@ -84,7 +87,7 @@ async def test_a_pruned_cursor_is_refused_and_cursor_zero_starts_at_the_oldest_l
     await store.close()
     # Reopened with every entry pruned: cursors go on from where they were, never reused.
     store = TaskStore(tmp_path / "r.db", synchronous="OFF")
-    pruner = Pruner(store.db, store.transitions, "change", Retention(100.0), prune_finished)
+    pruner = _pruner(store, Retention(100.0))
     await pruner.tick(now=1000.0)
     await pruner.tick(now=2000.0)
     assert store.transitions.read_after(0, 10) == []
@@ -98,7 +101,7 @@ async def test_a_pruned_cursor_is_refused_and_cursor_zero_starts_at_the_oldest_l
 
 async def test_entries_older_than_the_period_are_due_and_younger_ones_are_not(tmp_path: Path) -> None:
     store = TaskStore(tmp_path / "r.db", synchronous="OFF")
-    pruner = Pruner(store.db, store.transitions, "change", Retention(100.0), prune_finished)
+    pruner = _pruner(store, Retention(100.0))
     await _commit(store, _task("old", S.TASK_STATE_SUCCEEDED))
     await pruner.tick(now=1000.0)  # marks: at t=1000 the head was 1
     await _commit(store, _task("young", S.TASK_STATE_SUCCEEDED))
@@ -214,9 +217,7 @@ async def test_a_pruned_task_takes_its_kept_log_tail_with_it(tmp_path: Path) -> 
     await _commit(store, new)
     for task in (old, new):
         await store.keep_log(podmeta.key_string(task.key), "uid", b"tail\n", max_kept=10)
-    pruner = Pruner(
-        store.db, store.transitions, "change", Retention(DAY, store.transitions.head() - cut), prune_finished
-    )
+    pruner = _pruner(store, Retention(DAY, store.transitions.head() - cut))
     await pruner.tick()
     assert set(_stored(store)) == {"new"}
     assert store.kept_log(podmeta.key_string(old.key)) is None
