@@ -41,7 +41,7 @@ from shepherd.authn import Authenticator, CertificateAuthenticator, MeshAuthenti
 from shepherd.interceptors import Guard, RequestContextInterceptor
 from shepherd.limits import LaunchRate, StreamSlots
 from shepherd.logging import get_logger
-from shepherd.readiness import Readiness
+from shepherd.readiness import LIVENESS, Readiness
 from shepherd.settings import ClientAuth, ServiceSettings
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import ServiceFailed
@@ -102,7 +102,6 @@ def run(main: Coroutine[Any, Any, None], settings: ServiceSettings) -> None:
 # an upstream stream, a store that cannot write) or a slow start makes it NOT_SERVING, and a
 # restart would cure none of them. Liveness is SERVING from start until a root task dies (the
 # supervisor's crash-only stop, GrpcServer.fail) or the service drains: only a restart cures that.
-LIVENESS = "liveness"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

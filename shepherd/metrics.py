@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from enum import StrEnum
+from importlib.metadata import PackageNotFoundError, version
 
 from aiohttp import web
 from prometheus_client import (
@@ -66,6 +67,11 @@ CONDITION_UNMET = Gauge(
     "1 while this readiness condition does not hold (the service is then NOT_SERVING): why it is not ready.",
     ["condition"],
 )
+BUILD_INFO = Gauge(
+    f"{PREFIX}_build_info",
+    "Always 1; its labels say which Shepherd release this process runs (what `shepherd status` shows).",
+    ["version"],
+)
 SUBSCRIBERS = Gauge(f"{PREFIX}_stream_subscribers", "Open server streams, by stream.", ["stream"])
 # The store's metrics are registered by the first store opened (register_store_metrics): a
 # service without a store (the watcher) would otherwise report one that cannot write.
@@ -101,6 +107,17 @@ refused = {reason: _REFUSED.labels(reason.value) for reason in Refusal}
 # Bound once: each open stream increments its own child, never a label lookup.
 subscribers = {stream: SUBSCRIBERS.labels(stream.value) for stream in Stream}
 unmet = {condition: CONDITION_UNMET.labels(condition.value) for condition in Readiness}
+
+
+def release() -> str:
+    """This package's version, as installed ("unknown" when run from a tree never installed)."""
+    try:
+        return version("shepherd")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+BUILD_INFO.labels(release()).set(1)
 
 
 def set_function(gauge: Gauge, read: Callable[[], float]) -> None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+# The gRPC health name of liveness (what a liveness probe checks), apart from readiness: see
+# shepherd.grpcserver. Here so that a client (`shepherd status`) needs none of the server's code.
+LIVENESS = "liveness"
+
 
 class Readiness(StrEnum):
     """What must hold for a service to be ready; the value is the metric's `condition` label."""

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from controlplane.settings import ClusterSettings
 from shepherd import channels
+from shepherd.readiness import LIVENESS
 from shepherd.settings import state_dir
 from shepherd.v1 import (
     launcher_service_pb2,
@@ -190,6 +191,11 @@ def serve(
 # ---- status ----------------------------------------------------------------------------------
 
 
+def _health_name(reply: health_pb2.HealthCheckResponse) -> str:
+    name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return name
+
+
 @cli.command(context_settings=CONTEXT)
 @_output_option
 @click.pass_context
@@ -201,14 +207,26 @@ def status(ctx: click.Context, fmt: str) -> None:
     for name in conn.SERVICES:
         address = connection.address(name)
         started = time.monotonic()
+        live = ""
         try:
             with channels.sync_channel(address, connection.credentials()) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-            health = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                rtt_ms = round((time.monotonic() - started) * 1000, 1)
+                # Liveness apart from readiness: a reconciler whose upstream is down is alive but
+                # not ready, and must not be restarted for it (what the kubelet's probe checks).
+                live = _health_name(stub.Check(health_pb2.HealthCheckRequest(service=LIVENESS), timeout=5))
+            health = _health_name(reply)
         except grpc.RpcError as err:
+            rtt_ms = round((time.monotonic() - started) * 1000, 1)
             health = f"unreachable ({describe_rpc_error(err)[0]})"
-        rtt_ms = round((time.monotonic() - started) * 1000, 1)
-        row: dict[str, Any] = {"service": name, "address": address, "health": health, "rtt_ms": rtt_ms}
+        row: dict[str, Any] = {
+            "service": name,
+            "address": address,
+            "health": health,
+            "liveness": live,
+            "rtt_ms": rtt_ms,
+        }
         if url := connection.metrics_url(name):
             try:
                 row.update(servicemetrics.summary(name, servicemetrics.fetch(url)))
@@ -219,7 +237,7 @@ def status(ctx: click.Context, fmt: str) -> None:
     fmt_ = Format(fmt)
     if fmt_ is Format.TABLE:
         table = Table(show_edge=False, header_style="bold")
-        for column in ("SERVICE", "ADDRESS", "HEALTH", "RTT", "BACKLOG", "WHY"):
+        for column in ("SERVICE", "ADDRESS", "HEALTH", "LIVE", "VERSION", "RTT", "BACKLOG", "WHY"):
             table.add_column(column)
         for row in rows:
             style = "green" if row["health"] == "SERVING" else "red"
@@ -232,6 +250,8 @@ def status(ctx: click.Context, fmt: str) -> None:
                 row["service"],
                 row["address"],
                 f"[{style}]{row['health']}[/]",
+                "yes" if row["liveness"] == "SERVING" else (row["liveness"] or "-"),
+                row.get("version", "-"),
                 f"{row['rtt_ms']} ms",
                 ", ".join(figures),
                 "; ".join(row.get("why", [])) or row.get("metrics_error", ""),

@@ -72,6 +72,11 @@ def summary(service: str, samples: Samples) -> dict[str, Any]:
     """The figures `shepherd status` shows for a service."""
     backlog = sum(samples.get((name, ()), 0.0) for name in _BACKLOG.get(service, ()))
     found: dict[str, Any] = {"why": why(samples)}
+    versions = [
+        dict(labels)["version"] for (name, labels), _ in samples.items() if name == "shepherd_build_info"
+    ]
+    if versions:
+        found["version"] = versions[0]
     if service in _BACKLOG:
         found["backlog"] = int(backlog)
     if service == "watcher":

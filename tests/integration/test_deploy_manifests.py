@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from controlplane import Cluster, ClusterInfo
-from shepherd.grpcserver import LIVENESS
+from shepherd.readiness import LIVENESS
 from shepherd.v1 import launcher_service_pb2, reconciler_service_pb2, watcher_service_pb2
 
 pytestmark = pytest.mark.integration

@@ -119,6 +119,8 @@ def test_serve_then_launch_get_list_watch_cancel(served: Served) -> None:
     assert f"--cert {served.connection.cert}" in printed
     status = json.loads(served.ok("status", "-o", "json"))
     assert [s["health"] for s in status["services"]] == ["SERVING"] * 3
+    assert [s["liveness"] for s in status["services"]] == ["SERVING"] * 3
+    assert all(s["version"] == status["client_version"] for s in status["services"]), status
 
     dag = f"cli{uuid.uuid4().hex[:8]}"
     launched = json.loads(served.ok("tasks", "launch", "-f", "-", "-o", "json", stdin=_task_file(dag)))

@@ -72,3 +72,10 @@ def test_every_readiness_condition_is_a_metric_label_that_status_explains(condit
 def test_a_condition_status_does_not_know_is_shown_by_its_label() -> None:
     text = f'{UNMET_TYPE}\nshepherd_health_condition_unmet{{condition="quorum"}} 1'
     assert servicemetrics.why(servicemetrics.parse(text)) == ["quorum"]
+
+
+def test_status_shows_the_release_each_service_runs() -> None:
+    text = '# TYPE shepherd_build_info gauge\nshepherd_build_info{version="1.2.3"} 1.0'
+    assert servicemetrics.summary("watcher", servicemetrics.parse(text))["version"] == "1.2.3"
+    # and each service publishes its own: the package's version
+    assert metrics.BUILD_INFO.labels(metrics.release())._value.get() == 1
