@@ -39,8 +39,8 @@ from demo.airflowview import (
 )
 from shepherd import channels
 from shepherd.v1 import reconciler_service_pb2, reconciler_service_pb2_grpc
-from shepherd_cli.connection import Connection
 from shepherd_cli.keys import parse_key
+from shepherd_cli.serve import stack_connection
 
 DAG = "shepherd_example"
 STYLE = {"success": "green", "failed": "red", "upstream_failed": "red", "running": "cyan", "queued": "yellow"}
@@ -176,18 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack.start()
     for name in ("launcher", "watcher", "reconciler"):
         print(f"  {name:<10} {stack.address(name)}")
-    issued = stack.identities["scheduler"]
     connection_file = workdir / "connection.json"
-    Connection(
-        launcher=stack.address("launcher"),
-        watcher=stack.address("watcher"),
-        reconciler=stack.address("reconciler"),
-        executor_id=stack.executor_id,
-        ca=str(issued.ca),
-        cert=str(issued.cert),
-        key=str(issued.key),
-        identity=issued.spiffe_id,
-    ).write(connection_file)
+    stack_connection(stack).write(connection_file)
     print(
         "\n== Airflow 3.3.2 with shepherd_airflow.ShepherdExecutor (the first run installs Airflow, "
         "builds the worker image and installs PostgreSQL: several minutes)",

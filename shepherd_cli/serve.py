@@ -75,6 +75,21 @@ def _with_context(kubeconfig: Path, context: str, workdir: Path) -> Path:
     return path
 
 
+def stack_connection(stack: ServiceStack) -> Connection:
+    """What a client needs to reach a running stack as the `scheduler` identity: its addresses,
+    metrics URLs and that identity's certificate (what `shepherd serve` writes to its file)."""
+    scheduler = stack.authority.scheduler()
+    return Connection(
+        **{name: stack.address(name) for name in SERVICES},
+        **{f"{name}_metrics": stack.metrics_url(name) for name in SERVICES if name in stack.metrics_ports},
+        executor_id=stack.executor_id,
+        ca=str(scheduler.ca),
+        cert=str(scheduler.cert),
+        key=str(scheduler.key),
+        identity=scheduler.spiffe_id,
+    )
+
+
 def serve(options: ServeOptions, say: Callable[[str], None], *, stop: threading.Event | None = None) -> int:
     """Start the services, publish the connection file, wait for SIGINT/SIGTERM, stop them."""
     stop = stop or threading.Event()
@@ -92,20 +107,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], *, stop: threading.
     try:
         say(f"starting launcher, watcher and reconciler (executor {options.executor_id})")
         stack.start()
-        connection = Connection(
-            launcher=stack.address("launcher"),
-            watcher=stack.address("watcher"),
-            reconciler=stack.address("reconciler"),
-            executor_id=options.executor_id,
-            ca=str(scheduler.ca),
-            cert=str(scheduler.cert),
-            key=str(scheduler.key),
-            identity=scheduler.spiffe_id,
-            launcher_metrics=stack.metrics_url("launcher"),
-            watcher_metrics=stack.metrics_url("watcher"),
-            reconciler_metrics=stack.metrics_url("reconciler"),
-        )
-        connection.write(options.connection_path)
+        stack_connection(stack).write(options.connection_path)
         for name in SERVICES:
             say(f"  {name:<10} {stack.address(name):<22} log {stack.log_path(name)}")
             say(f"  {'':<10} metrics {stack.metrics_url(name)}")

@@ -22,8 +22,8 @@ from controlplane.stack import SERVICES, ServiceStack
 from shepherd.v1 import launcher_service_pb2 as lpb
 from shepherd.v1 import task_pb2
 from shepherd.v1.launcher_service_pb2_grpc import LauncherServiceStub
-from shepherd_cli.connection import Connection
 from shepherd_cli.main import cli
+from shepherd_cli.serve import stack_connection
 from tests.helpers import task_key, unique_name
 from tests.helpers.eventually import eventually_async
 from tests.helpers.metrics import Scrape, scrape
@@ -173,15 +173,7 @@ async def test_every_metric_the_dashboard_uses_is_served(metrics_stack: ServiceS
 def _status(stack: ServiceStack, tmp_path: Path) -> dict[str, Any]:
     """`shepherd status -o json` with a connection file naming this stack."""
     path = tmp_path / "connection.json"
-    scheduler = stack.identities["scheduler"]
-    Connection(
-        **{name: stack.address(name) for name in SERVICES},
-        **{f"{name}_metrics": stack.metrics_url(name) for name in SERVICES},
-        executor_id=stack.executor_id,
-        ca=str(scheduler.ca),
-        cert=str(scheduler.cert),
-        key=str(scheduler.key),
-    ).write(path)
+    stack_connection(stack).write(path)
     runner = CliRunner(env={"COLUMNS": "250"})
     table = runner.invoke(cli, ["--connection", str(path), "status"])
     result = runner.invoke(cli, ["--connection", str(path), "status", "-o", "json"])

@@ -4,9 +4,11 @@ pods included), and a client that resumes from its cursor gets every later event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -58,27 +60,43 @@ def gap_cluster(
     spare.down()
 
 
-async def test_a_410_gap_is_rebuilt_and_every_task_touched_in_it_settles(
-    gap_cluster: tuple[Cluster, ClusterInfo], tmp_path: Path
-) -> None:
-    """During a watch gap a Running and a Pending pod are deleted, one pod is relabelled out of the
-    selector, one changes and one appears. After the 410 re-list the watcher reports each, the
-    deleted ones as deleted (it reads them by name: the rebuilt event has no deletionTimestamp),
-    and the reconciler settles every task: none is left waiting for a pod that no longer exists."""
+@dataclass
+class GapRun:
+    """A stack on the gap cluster whose watcher's watches time out after WATCH_TIMEOUT_S, a
+    scheduler client, and every pod event the watcher streams (from cursor 0)."""
+
+    spare: Cluster
+    info: ClusterInfo
+    stack: ServiceStack
+    client: SchedulerClient
+    events: Collector[W.PodEvent]
+
+    @contextlib.asynccontextmanager
+    async def gap(self) -> AsyncIterator[None]:
+        """Freeze the watcher until its watch has timed out server-side; the block makes the gap
+        (and compacts etcd, so the resume is a 410), then the watcher goes on."""
+        watcher = self.stack.procs["watcher"]
+        os.kill(watcher.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(WATCH_TIMEOUT_S + 3)
+            yield
+        finally:
+            os.kill(watcher.pid, signal.SIGCONT)
+
+
+@contextlib.asynccontextmanager
+async def gap_run(
+    gap_cluster: tuple[Cluster, ClusterInfo], workdir: Path, prefix: str
+) -> AsyncIterator[GapRun]:
+    """A GapRun; on a clean exit, the watcher must have re-listed (the gap was a real 410)."""
     spare, info = gap_cluster
-    executor = f"gap-{unique_name('x')[-6:]}"
     stack = ServiceStack(
-        info, tmp_path, executor_id=executor, flags={"watcher": ["--watch-timeout-s", str(WATCH_TIMEOUT_S)]}
+        info,
+        workdir,
+        executor_id=f"{prefix}-{unique_name('x')[-6:]}",
+        flags={"watcher": ["--watch-timeout-s", str(WATCH_TIMEOUT_S)]},
     )
     stack.start()
-    admin = core_api(info.admin_kubeconfig)
-    ns = info.namespace
-    run_forever = {"sim.shepherd.dev/outcome": "run-forever"}
-    running, pending, left, changed = (
-        task_key(task_id=unique_name(n)) for n in ("run", "pend", "left", "chg")
-    )
-    added_name = unique_name("new")
-    added = task_key(task_id=added_name)  # its pod is made by hand, named added_name
     try:
         async with (
             SchedulerClient.connect(stack) as client,
@@ -88,91 +106,107 @@ async def test_a_410_gap_is_rebuilt_and_every_task_touched_in_it_settles(
             events = Collector(
                 unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(after_cursor=0)), "events")
             ).start()
-            for key in (running, left, changed):
-                await client.launch(key, annotations=run_forever)
-            await client.launch(key=pending, override="spec: {nodeSelector: {disktype: no-such-node}}")
-            for key in (running, left, changed):
-                await client.reached(key, S.TASK_STATE_RUNNING)
-            pending_pod = podmeta.pod_name(pending)
-            await events.until(
-                lambda items: any(i.pod_name == pending_pod and i.conditions for i in items),
-                what="the pending pod's scheduling verdict",
-            )
-            seen = len(events.items)
-
-            watcher = stack.procs["watcher"]
-            os.kill(watcher.pid, signal.SIGSTOP)  # the watcher stops reading; its watch times out server-side
-            try:
-                await asyncio.sleep(WATCH_TIMEOUT_S + 3)
-                for key in (running, pending):
-                    admin.delete_namespaced_pod(
-                        podmeta.pod_name(key), ns, grace_period_seconds=0, _request_timeout=30
-                    )
-                admin.patch_namespaced_pod(
-                    podmeta.pod_name(left), ns, {"metadata": {"labels": {podmeta.LABEL_DONE: "true"}}}
-                )
-                admin.patch_namespaced_pod(
-                    podmeta.pod_name(changed), ns, {"metadata": {"labels": {"changed": "during-gap"}}}
-                )
-                admin.create_namespaced_pod(ns, executor_pod(executor, added_name), _request_timeout=30)
-                spare.compact_etcd()  # the watcher's last resourceVersion is now history: 410 Gone
-            finally:
-                os.kill(watcher.pid, signal.SIGCONT)
-
-            expected = {
-                (podmeta.pod_name(running), W.POD_EVENT_TYPE_DELETED, W.POD_GONE_DELETED),
-                (podmeta.pod_name(pending), W.POD_EVENT_TYPE_DELETED, W.POD_GONE_DELETED),
-                (podmeta.pod_name(left), W.POD_EVENT_TYPE_DELETED, W.POD_GONE_LEFT_SELECTOR),
-                (podmeta.pod_name(changed), W.POD_EVENT_TYPE_MODIFIED, W.POD_GONE_UNSPECIFIED),
-                (added_name, W.POD_EVENT_TYPE_ADDED, W.POD_GONE_UNSPECIFIED),
-            }
-            await events.until(
-                lambda items: {(e.pod_name, e.type, e.gone) for e in items[seen:] if e.synthetic} >= expected,
-                what="synthetic events for the gap",
-            )
-            rebuilt = [i for i in events.items[seen:] if i.synthetic]
-            assert (
-                next(e for e in rebuilt if e.pod_name == podmeta.pod_name(changed)).labels["changed"]
-                == "during-gap"
-            )
-            cursors = [i.cursor for i in events.items]
-            assert cursors == sorted(set(cursors))
-
-            # Every task touched in the gap settles.
-            lost_running = await client.final(running)
-            assert (lost_running.state, lost_running.failure.reason) == (
-                S.TASK_STATE_FAILED,
-                "DeletedWhileRunning",
-            )
-            assert "deleted" in lost_running.failure.message
-
-            async def pending_settled() -> str:
-                while True:
-                    states = client.states(pending)
-                    if S.TASK_STATE_UP_FOR_RESCHEDULE in states:
-                        return "rescheduled"
-                    reply = await client.launcher.GetLaunch(L.GetLaunchRequest(key=pending), timeout=10)
-                    if reply.launch.attempt == 2:
-                        return "relaunched"
-                    await asyncio.sleep(0.2)
-
-            outcome = await asyncio.wait_for(pending_settled(), 60)
-            if outcome == "relaunched":
-                relaunched_pod = podmeta.pod_name(pending, 2)
-                await events.until(
-                    lambda items: any(i.pod_name == relaunched_pod for i in items),
-                    what="the relaunched pod",
-                )
-            # The pod that appeared in the gap runs its life; its task's end is also the barrier
-            # that shows the reconciler has applied every event of the gap before it.
-            assert (await client.final(added)).state == S.TASK_STATE_SUCCEEDED
-            reply = await client.reconciler.GetTask(R.GetTaskRequest(key=left), timeout=10)
-            assert reply.task.state == S.TASK_STATE_RUNNING  # relabelled away, not deleted
-            assert client.states(changed)[-1] == S.TASK_STATE_RUNNING
+            yield GapRun(spare, info, stack, client, events)
             await events.stop()
         assert "re-listing" in stack.tail("watcher", 400)
     finally:
         stack.stop_all()
+
+
+async def test_a_410_gap_is_rebuilt_and_every_task_touched_in_it_settles(
+    gap_cluster: tuple[Cluster, ClusterInfo], tmp_path: Path
+) -> None:
+    """During a watch gap a Running and a Pending pod are deleted, one pod is relabelled out of the
+    selector, one changes and one appears. After the 410 re-list the watcher reports each, the
+    deleted ones as deleted (it reads them by name: the rebuilt event has no deletionTimestamp),
+    and the reconciler settles every task: none is left waiting for a pod that no longer exists."""
+    spare, info = gap_cluster
+    admin = core_api(info.admin_kubeconfig)
+    ns = info.namespace
+    run_forever = {"sim.shepherd.dev/outcome": "run-forever"}
+    running, pending, left, changed = (
+        task_key(task_id=unique_name(n)) for n in ("run", "pend", "left", "chg")
+    )
+    added_name = unique_name("new")
+    added = task_key(task_id=added_name)  # its pod is made by hand, named added_name
+    async with gap_run(gap_cluster, tmp_path, "gap") as run:
+        client, events, executor = run.client, run.events, run.stack.executor_id
+        for key in (running, left, changed):
+            await client.launch(key, annotations=run_forever)
+        await client.launch(key=pending, override="spec: {nodeSelector: {disktype: no-such-node}}")
+        for key in (running, left, changed):
+            await client.reached(key, S.TASK_STATE_RUNNING)
+        pending_pod = podmeta.pod_name(pending)
+        await events.until(
+            lambda items: any(i.pod_name == pending_pod and i.conditions for i in items),
+            what="the pending pod's scheduling verdict",
+        )
+        seen = len(events.items)
+
+        async with run.gap():
+            for key in (running, pending):
+                admin.delete_namespaced_pod(
+                    podmeta.pod_name(key), ns, grace_period_seconds=0, _request_timeout=30
+                )
+            admin.patch_namespaced_pod(
+                podmeta.pod_name(left), ns, {"metadata": {"labels": {podmeta.LABEL_DONE: "true"}}}
+            )
+            admin.patch_namespaced_pod(
+                podmeta.pod_name(changed), ns, {"metadata": {"labels": {"changed": "during-gap"}}}
+            )
+            admin.create_namespaced_pod(ns, executor_pod(executor, added_name), _request_timeout=30)
+            spare.compact_etcd()  # the watcher's last resourceVersion is now history: 410 Gone
+
+        expected = {
+            (podmeta.pod_name(running), W.POD_EVENT_TYPE_DELETED, W.POD_GONE_DELETED),
+            (podmeta.pod_name(pending), W.POD_EVENT_TYPE_DELETED, W.POD_GONE_DELETED),
+            (podmeta.pod_name(left), W.POD_EVENT_TYPE_DELETED, W.POD_GONE_LEFT_SELECTOR),
+            (podmeta.pod_name(changed), W.POD_EVENT_TYPE_MODIFIED, W.POD_GONE_UNSPECIFIED),
+            (added_name, W.POD_EVENT_TYPE_ADDED, W.POD_GONE_UNSPECIFIED),
+        }
+        await events.until(
+            lambda items: {(e.pod_name, e.type, e.gone) for e in items[seen:] if e.synthetic} >= expected,
+            what="synthetic events for the gap",
+        )
+        rebuilt = [i for i in events.items[seen:] if i.synthetic]
+        assert (
+            next(e for e in rebuilt if e.pod_name == podmeta.pod_name(changed)).labels["changed"]
+            == "during-gap"
+        )
+        cursors = [i.cursor for i in events.items]
+        assert cursors == sorted(set(cursors))
+
+        # Every task touched in the gap settles.
+        lost_running = await client.final(running)
+        assert (lost_running.state, lost_running.failure.reason) == (
+            S.TASK_STATE_FAILED,
+            "DeletedWhileRunning",
+        )
+        assert "deleted" in lost_running.failure.message
+
+        async def pending_settled() -> str:
+            while True:
+                states = client.states(pending)
+                if S.TASK_STATE_UP_FOR_RESCHEDULE in states:
+                    return "rescheduled"
+                reply = await client.launcher.GetLaunch(L.GetLaunchRequest(key=pending), timeout=10)
+                if reply.launch.attempt == 2:
+                    return "relaunched"
+                await asyncio.sleep(0.2)
+
+        outcome = await asyncio.wait_for(pending_settled(), 60)
+        if outcome == "relaunched":
+            relaunched_pod = podmeta.pod_name(pending, 2)
+            await events.until(
+                lambda items: any(i.pod_name == relaunched_pod for i in items),
+                what="the relaunched pod",
+            )
+        # The pod that appeared in the gap runs its life; its task's end is also the barrier
+        # that shows the reconciler has applied every event of the gap before it.
+        assert (await client.final(added)).state == S.TASK_STATE_SUCCEEDED
+        reply = await client.reconciler.GetTask(R.GetTaskRequest(key=left), timeout=10)
+        assert reply.task.state == S.TASK_STATE_RUNNING  # relabelled away, not deleted
+        assert client.states(changed)[-1] == S.TASK_STATE_RUNNING
     creates = calls_by_pod(spare.audit_log, "create", LAUNCHER)
     mine = {podmeta.pod_name(k, a) for k in (running, pending, left, changed) for a in (1, 2)}
     assert {name: n for name, n in creates.items() if name in mine and n != 1} == {}
@@ -186,65 +220,44 @@ async def test_the_pods_that_vanish_in_a_gap_are_asked_about_in_one_list_not_one
     done in a gap; the watcher reports each as it went, and the API server's audit log shows it
     read none of them by name."""
     spare, info = gap_cluster
-    executor = f"gapmany-{unique_name('x')[-6:]}"
-    stack = ServiceStack(
-        info, tmp_path, executor_id=executor, flags={"watcher": ["--watch-timeout-s", str(WATCH_TIMEOUT_S)]}
-    )
-    stack.start()
     admin = core_api(info.admin_kubeconfig)
     ns = info.namespace
     keys = [task_key(task_id=unique_name(f"many{i}")) for i in range(13)]
     *deleted, kept = keys
     audit = AuditLog.from_now(spare.audit_log)
-    try:
-        async with (
-            SchedulerClient.connect(stack) as client,
-            stack.channel("watcher", identity="reconciler") as channel,
-        ):
-            stub = watcher_service_pb2_grpc.WatcherServiceStub(channel)
-            events = Collector(
-                unbatched(stub.WatchPodEvents(W.WatchPodEventsRequest(after_cursor=0)), "events")
-            ).start()
-            for key in keys:
-                await client.launch(key, annotations={"sim.shepherd.dev/outcome": "run-forever"})
-            for key in keys:
-                await client.reached(key, S.TASK_STATE_RUNNING)
-            seen = len(events.items)
-            watcher = stack.procs["watcher"]
-            os.kill(watcher.pid, signal.SIGSTOP)
-            try:
-                await asyncio.sleep(WATCH_TIMEOUT_S + 3)  # lets the watch time out server-side
-                for key in deleted:
-                    await asyncio.to_thread(
-                        admin.delete_namespaced_pod, podmeta.pod_name(key), ns, grace_period_seconds=0
-                    )
+    async with gap_run(gap_cluster, tmp_path, "gapmany") as run:
+        client, events = run.client, run.events
+        for key in keys:
+            await client.launch(key, annotations={"sim.shepherd.dev/outcome": "run-forever"})
+        for key in keys:
+            await client.reached(key, S.TASK_STATE_RUNNING)
+        seen = len(events.items)
+        async with run.gap():
+            for key in deleted:
                 await asyncio.to_thread(
-                    admin.patch_namespaced_pod,
-                    podmeta.pod_name(kept),
-                    ns,
-                    {"metadata": {"labels": {podmeta.LABEL_DONE: "true"}}},
+                    admin.delete_namespaced_pod, podmeta.pod_name(key), ns, grace_period_seconds=0
                 )
-                await asyncio.to_thread(spare.compact_etcd)
-            finally:
-                os.kill(watcher.pid, signal.SIGCONT)
-            expected = {(podmeta.pod_name(k), W.POD_GONE_DELETED) for k in deleted} | {
-                (podmeta.pod_name(kept), W.POD_GONE_LEFT_SELECTOR)
-            }
-            await events.until(
-                lambda items: (
-                    {
-                        (e.pod_name, e.gone)
-                        for e in items[seen:]
-                        if e.synthetic and e.type == W.POD_EVENT_TYPE_DELETED
-                    }
-                    >= expected
-                ),
-                what="a synthetic DELETED for each pod of the gap, saying how it went",
+            await asyncio.to_thread(
+                admin.patch_namespaced_pod,
+                podmeta.pod_name(kept),
+                ns,
+                {"metadata": {"labels": {podmeta.LABEL_DONE: "true"}}},
             )
-            await events.stop()
-        assert "re-listing" in stack.tail("watcher", 400)
-    finally:
-        stack.stop_all()
+            await asyncio.to_thread(spare.compact_etcd)
+        expected = {(podmeta.pod_name(k), W.POD_GONE_DELETED) for k in deleted} | {
+            (podmeta.pod_name(kept), W.POD_GONE_LEFT_SELECTOR)
+        }
+        await events.until(
+            lambda items: (
+                {
+                    (e.pod_name, e.gone)
+                    for e in items[seen:]
+                    if e.synthetic and e.type == W.POD_EVENT_TYPE_DELETED
+                }
+                >= expected
+            ),
+            what="a synthetic DELETED for each pod of the gap, saying how it went",
+        )
     names = {podmeta.pod_name(k) for k in keys}
     assert audit.calls("get", names, user=WATCHER) == {}
 
