@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS pod_actions (
     done INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS pod_actions_pending ON pod_actions(done);
+-- Pruning a task finds the actions on each of its attempts' pods by name (pod names are made
+-- from the key and the attempt): a relaunched task's earlier pods are not its current pod_uid.
+CREATE INDEX IF NOT EXISTS pod_actions_by_name ON pod_actions(name, namespace);
 CREATE TABLE IF NOT EXISTS post_mortems (
     pod_uid TEXT PRIMARY KEY,      -- what to read of the pod before (log) and after (events) its action
     task_key TEXT NOT NULL,
@@ -303,8 +306,9 @@ def prune_finished(
     """Writer thread, as transitions are pruned (shepherd.retention): a task goes with its terminal
     transition, so a snapshot (ListTasks) never lists a task whose history is gone from the log.
     A task is deleted only if it is still in that terminal state: never one that is not finished.
-    The action done on a deleted task's pod goes too, whichever it was (a deleted pod is never
-    seen again; a pod marked done left the executor's selector), and so does what was read of it
+    The action done on each of a deleted task's pods goes too (its current one, and those of the
+    attempts before a relaunch), whichever it was (a deleted pod is never seen again; a pod marked
+    done left the executor's selector), and so does what was read of it
     (its post-mortem row, its kept log tail). An action not yet carried out stays, with its
     post-mortem row, until the restart that carries it out (rare: pruning comes long after).
 
@@ -315,27 +319,37 @@ def prune_finished(
     instead. It is kept a retention period, and at most `bounds.max_entries` of them: by then the
     launcher, pruning its own log by the same bounds, has pruned those events too."""
     now = time.time() if now is None else now
-    finished: list[tuple[str, int]] = []
+    finished: list[task_pb2.Task] = []
     for _, blob in pruned:
         task = task_pb2.TaskStateChange.FromString(blob).task
         if task.state in TERMINAL:
-            finished.append((podmeta.key_string(task.key), task.state))
+            finished.append(task)
     deleted = 0
-    for key, state in finished:
-        row = conn.execute("DELETE FROM tasks WHERE key = ? AND state = ? RETURNING pod_uid", (key, state))
+    for task in finished:
+        key = podmeta.key_string(task.key)
+        row = conn.execute(
+            "DELETE FROM tasks WHERE key = ? AND state = ? RETURNING pod_uid", (key, task.state)
+        )
         for (uid,) in row.fetchall():
             deleted += 1
             conn.execute(
                 "INSERT OR REPLACE INTO pruned_tasks(key, state, pruned_at) VALUES (?, ?, ?)",
-                (key, state, now),
+                (key, task.state, now),
             )
             conn.execute("DELETE FROM kept_logs WHERE task_key = ?", (key,))
-            if uid:
-                conn.execute("DELETE FROM pod_actions WHERE pod_uid = ? AND done = 1", (uid,))
+            uids = {uid} if uid else set()
+            for attempt in range(1, max(task.launch_attempts, 1) + 1):  # each attempt's pod
+                done = conn.execute(
+                    "DELETE FROM pod_actions WHERE name = ? AND namespace = ? AND done = 1 RETURNING pod_uid",
+                    (podmeta.pod_name(task.key, attempt), task.namespace),
+                )
+                uids.update(found for (found,) in done.fetchall())
+            for found in uids:
+                conn.execute("DELETE FROM pod_actions WHERE pod_uid = ? AND done = 1", (found,))
                 conn.execute(
                     "DELETE FROM post_mortems WHERE pod_uid = ? "
                     "AND NOT EXISTS (SELECT 1 FROM pod_actions WHERE pod_uid = ? AND done = 0)",
-                    (uid, uid),
+                    (found, found),
                 )
     conn.execute("DELETE FROM pruned_tasks WHERE pruned_at < ?", (now - bounds.period_s,))
     if bounds.max_entries:

@@ -13,7 +13,7 @@ import pytest
 from services.launcher.expiry import judge, prune_launches
 from services.launcher.store import Launch, LaunchStore, stamp_created, stamp_failed
 from services.reconciler.forgotten import LaunchGap, pruned_here
-from services.reconciler.store import Batch, TaskStore, prune_finished
+from services.reconciler.store import Batch, PodActionRow, TaskStore, prune_finished
 from shepherd import podmeta, retention
 from shepherd.eventlog import CursorOutOfRange
 from shepherd.retention import Pruner, Retention
@@ -222,4 +222,34 @@ async def test_a_pruned_task_takes_its_kept_log_tail_with_it(tmp_path: Path) -> 
     assert set(_stored(store)) == {"new"}
     assert store.kept_log(podmeta.key_string(old.key)) is None
     assert store.kept_log(podmeta.key_string(new.key)) == ("uid", b"tail\n")
+    await store.close()
+
+
+async def test_pruning_a_relaunched_task_takes_the_actions_on_each_of_its_pods(tmp_path: Path) -> None:
+    """A task relaunched after its first pod was lost has an action for each attempt's pod; the
+    first pod's is not the task's current pod, and was left behind for ever when the task went."""
+    store = TaskStore(tmp_path / "r.db", synchronous="OFF")
+    task = _task("relaunched", S.TASK_STATE_SUCCEEDED)
+    task.namespace, task.launch_attempts = "ns", 2
+    key = podmeta.key_string(task.key)
+    batch = Batch()
+    batch.tasks[key] = (task, "uid-2")
+    change = S.TaskStateChange()
+    change.task.CopyFrom(task)
+    batch.changes.append(change)
+    for attempt in (1, 2):
+        batch.actions.append(
+            PodActionRow(
+                f"uid-{attempt}", "ns", podmeta.pod_name(task.key, attempt), "delete", key, read_events=True
+            )
+        )
+    await store.commit(batch)
+    await store.finish_actions(["uid-1", "uid-2"])
+    await _commit(store, _task("after", S.TASK_STATE_SUCCEEDED))
+    await _pruner(store, Retention(DAY, max_entries=1)).tick()
+    assert set(_stored(store)) == {"after"}
+    left = store.db.reader.execute(
+        "SELECT pod_uid FROM pod_actions UNION ALL SELECT pod_uid FROM post_mortems"
+    )
+    assert left.fetchall() == []
     await store.close()
