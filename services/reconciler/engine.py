@@ -51,7 +51,7 @@ from services.reconciler.statemachine import (
     decide_vanished,
     moves_forward,
 )
-from services.reconciler.store import Batch, PodActionRow, TaskStore
+from services.reconciler.store import Batch, PodActionRow, TaskStore, Tombstone
 from shepherd import podmeta, timestamps, tracing
 from shepherd.logging import BoundLogger, get_logger
 from shepherd.sqlite import is_store_fault
@@ -110,8 +110,9 @@ class Tracked:
     # launch events and the pod's events, so kept in memory only (a restart's snapshot brings it back).
     traceparent: str = ""
     # A tombstone's stand-in (store.prune_finished): the task was pruned in `task.state`. Decided
-    # on as the finished task it was, never stored again, never answered as known.
-    pruned: bool = False
+    # on as the finished task it was, never stored again, never answered as known; but a launch
+    # or a pod that began after it was pruned is a new life of the key (Tombstone.covers).
+    pruned: Tombstone | None = None
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,7 @@ class Engine:
         row = self.store.get(name)
         if row is not None:
             return row[0].state in TERMINAL
-        return bool(self.store.pruned_states([name]))  # pruned: it had ended
+        return bool(self.store.tombstones([name]))  # pruned: it had ended
 
     @property
     def queue_depth(self) -> int:
@@ -491,12 +492,12 @@ class Engine:
     def _tombstones(self, keys: list[str]) -> dict[str, Tracked]:
         """Stand-ins for the tasks among `keys` that pruning deleted, remembered as finished."""
         found = {}
-        for key, state in self.store.pruned_states(keys).items():
+        for key, tombstone in self.store.tombstones(keys).items():
             task = task_pb2.Task(
-                state=cast(task_pb2.TaskState.ValueType, state), executor_id=self.executor_id
+                state=cast(task_pb2.TaskState.ValueType, tombstone.state), executor_id=self.executor_id
             )
             task.key.CopyFrom(podmeta.key_of_string(key))
-            found[key] = tracked = Tracked(task, pruned=True)
+            found[key] = tracked = Tracked(task, pruned=tombstone)
             self._remember(key, tracked)
         return found
 
@@ -570,7 +571,7 @@ class Engine:
         launch = item.launch
         key = podmeta.key_string(launch.key)
         tracked = self._lookup(key)
-        if tracked is None:
+        if tracked is None or (tracked.pruned is not None and not tracked.pruned.covers(launch.accept_time)):
             tracked = self._new_task(launch.key, launch.namespace, launch.pod_name, launch.attempt)
         if tracing.enabled and launch.traceparent:
             tracked.traceparent = launch.traceparent
@@ -627,7 +628,11 @@ class Engine:
             self._apply_launch(LaunchItem(0, accepted), batch)
         self._apply_launch(LaunchItem(0, launch), batch)  # no cursor: the stream's position stays
         tracked = self._lookup(podmeta.key_string(launch.key))
-        if tracked is None or tracked.pruned or tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
+        if (
+            tracked is None
+            or tracked.pruned is not None
+            or tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED
+        ):
             return None
         task = task_pb2.Task()
         task.CopyFrom(tracked.task)
@@ -645,7 +650,7 @@ class Engine:
             return
         key = podmeta.key_string(event.task_key)
         tracked = self._lookup(key)
-        if tracked is None:
+        if tracked is None or (tracked.pruned is not None and not tracked.pruned.covers(event.creation_time)):
             tracked = self._new_task(event.task_key, event.namespace, event.pod_name, event.launch_attempt)
         if tracing.enabled and event.traceparent:
             tracked.traceparent = event.traceparent
@@ -832,7 +837,7 @@ class Engine:
         tracked = self._lookup(key)
         if tracked is None or tracked.task.state == task_pb2.TASK_STATE_UNSPECIFIED:
             raise UnknownTask("key: no task with this key")
-        if tracked.pruned:
+        if tracked.pruned is not None:
             raise UnknownTask("key: this task ended and was pruned by the retention")
         pod = (
             PodRef(tracked.pod_uid, tracked.task.namespace, tracked.task.pod_name)

@@ -144,10 +144,6 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
         # The committed cursor is read before the task is looked up again: a launch event
         # committed in between has its task stored by then.
         committed = self._store.cursor(SOURCE_LAUNCHER)
-        if self._store.pruned_states([podmeta.key_string(key)]):
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, "key: this task ended and was pruned by the retention"
-            )
         try:
             found = await self._launcher.get_launch(key)
         except LauncherUnavailable as err:
@@ -157,6 +153,11 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             stored, pod_uid = row
             stored.pod_uid = pod_uid
             return stored
+        tombstone = self._store.tombstones([podmeta.key_string(key)]).get(podmeta.key_string(key))
+        if tombstone is not None and (found is None or tombstone.covers(found.launch.accept_time)):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, "key: this task ended and was pruned by the retention"
+            )
         if found is not None and pruned_here(
             found.launch,
             found.last_event_cursor,

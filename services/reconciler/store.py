@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.trace import Span
 
 from shepherd import podmeta, retention
@@ -79,6 +80,20 @@ CREATE TABLE IF NOT EXISTS kept_logs (
 
 
 @dataclass(frozen=True)
+class Tombstone:
+    """What is left of a pruned task (prune_finished): the state it ended in, and when it went.
+    Only what began before `pruned_at` can be about it: a launch accepted, or a pod created,
+    later is a new life of the key."""
+
+    state: int
+    pruned_at: float  # epoch seconds
+
+    def covers(self, began: Timestamp) -> bool:
+        """Whether something that began at `began` (unset: unknown) belongs to the pruned task."""
+        return not began.seconds or began.ToNanoseconds() / 1e9 <= self.pruned_at
+
+
+@dataclass(frozen=True)
 class PodActionRow:
     pod_uid: str
     namespace: str
@@ -136,10 +151,10 @@ class TaskStore:
         rows = self.db.rows_for_keys("SELECT key, task, pod_uid FROM tasks WHERE key IN ({})", keys)
         return {key: (task_pb2.Task.FromString(blob), uid) for key, blob, uid in rows}
 
-    def pruned_states(self, keys: Sequence[str]) -> dict[str, int]:
-        """The terminal state of each of `keys` whose task pruning deleted, by key."""
-        rows = self.db.rows_for_keys("SELECT key, state FROM pruned_tasks WHERE key IN ({})", keys)
-        return {key: int(state) for key, state in rows}
+    def tombstones(self, keys: Sequence[str]) -> dict[str, Tombstone]:
+        """The tombstone of each of `keys` whose task pruning deleted, by key."""
+        rows = self.db.rows_for_keys("SELECT key, state, pruned_at FROM pruned_tasks WHERE key IN ({})", keys)
+        return {key: Tombstone(int(state), float(at)) for key, state, at in rows}
 
     def cursor(self, source: str) -> int:
         row = self.db.reader.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()
@@ -379,4 +394,4 @@ def decode_page_token(token: str) -> str:
         raise ValueError("malformed page token") from err
 
 
-__all__ = ["Batch", "Committed", "PodActionRow", "TaskStore", "prune_finished"]
+__all__ = ["Batch", "Committed", "PodActionRow", "TaskStore", "Tombstone", "prune_finished"]

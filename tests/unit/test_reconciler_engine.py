@@ -368,6 +368,7 @@ async def test_a_launch_event_read_after_its_task_was_pruned_does_not_bring_it_b
     long gone, was not seen: it ran twice."""
     store = TaskStore(tmp_path / "r.db", synchronous="OFF")
     key, filler, sentinel = (task_key(task_id=name) for name in ("pruned", "filler", "sentinel"))
+    began = time.time() - 1  # when its launch was accepted and its pod created: before the pruning
     async with running(store) as first:
         await first.feed(*(pod_event(key, phase) for phase in ("Pending", "Running", "Succeeded")))
         await first.feed(pod_event(filler, "Pending"), pod_event(filler, "Succeeded"))
@@ -380,9 +381,11 @@ async def test_a_launch_event_read_after_its_task_was_pruned_does_not_bring_it_b
     async with running(store, pending_timeout_s=0.5) as second:
         second.engine.watcher_live = True
         for late in (key, sentinel):  # the sentinel's pod is never seen either, and created later
-            created = _launch(late, L.LAUNCH_STATE_CREATED)
+            accepted, created = _launch(late, L.LAUNCH_STATE_ACCEPTED), _launch(late, L.LAUNCH_STATE_CREATED)
+            for launch in (accepted, created):
+                launch.accept_time.FromNanoseconds(int(began * 1e9))
             created.create_time.GetCurrentTime()
-            await _launch_events(second, _launch(late, L.LAUNCH_STATE_ACCEPTED), created)
+            await _launch_events(second, accepted, created)
         # The barrier: the sentinel's deadline, later than the pruned task's, has fired.
         for _ in range(200):
             if second.relaunches:
@@ -391,9 +394,15 @@ async def test_a_launch_event_read_after_its_task_was_pruned_does_not_bring_it_b
         await second.settle()
         assert second.relaunches == [(sentinel, 1)]
         # A pod of it turns up too: cleaned up as a finished task's pod, the task left pruned.
-        await second.feed(pod_event(key, "Succeeded", uid="stray-1"))
+        await second.feed(pod_event(key, "Succeeded", uid="stray-1", created=began))
         assert [(a.pod_uid, a.action) for a in second.actions] == [("stray-1", "delete")]
         assert store.get(podmeta.key_string(key)) is None, "a pruned task was stored again"
         assert second.states(key) == [], "a pruned task changed state again"
         assert second.engine.is_finished(key)  # so the cleanup sweep treats a pod of it as finished's
+        # Launched again after it was pruned (the launcher forgot it too): a new task, run anew.
+        await _launch_events(second, _launch(key, L.LAUNCH_STATE_ACCEPTED))
+        await second.feed(
+            pod_event(key, "Running", uid="again-1"), pod_event(key, "Succeeded", uid="again-1")
+        )
+        assert second.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
     await store.close()
