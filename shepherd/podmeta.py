@@ -70,19 +70,6 @@ def key_string(key: task_pb2.TaskKey) -> str:
     return "\x1f".join(parts)
 
 
-def key_of_string(text: str) -> task_pb2.TaskKey:
-    """The key `key_string` made `text` from (stores keep keys as those strings)."""
-    parts = text.split("\x1f")
-    if len(parts) not in (5, 6):
-        raise ValueError(f"not a key string: {text!r}")
-    key = task_pb2.TaskKey(
-        dag_id=parts[0], task_id=parts[1], run_id=parts[2], try_number=int(parts[3]), map_index=int(parts[4])
-    )
-    if len(parts) == 6:
-        key.resumption = int(parts[5])
-    return key
-
-
 def log_key(key: task_pb2.TaskKey | str) -> str:
     """The key as log lines show it, "dag/task/run/try/map[/resumption]", from a TaskKey or a
     key_string."""

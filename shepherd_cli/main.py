@@ -215,7 +215,12 @@ def status(ctx: click.Context, fmt: str) -> None:
                 rtt_ms = round((time.monotonic() - started) * 1000, 1)
                 # Liveness apart from readiness: a reconciler whose upstream is down is alive but
                 # not ready, and must not be restarted for it (what the kubelet's probe checks).
-                live = _health_name(stub.Check(health_pb2.HealthCheckRequest(service=LIVENESS), timeout=5))
+                try:
+                    live = _health_name(
+                        stub.Check(health_pb2.HealthCheckRequest(service=LIVENESS), timeout=5)
+                    )
+                except grpc.RpcError as err:  # e.g. a service older than the liveness name
+                    live = describe_rpc_error(err)[0]
             health = _health_name(reply)
         except grpc.RpcError as err:
             rtt_ms = round((time.monotonic() - started) * 1000, 1)

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from opentelemetry.trace import Span
 
@@ -49,6 +49,7 @@ from services.reconciler.statemachine import (
     decide_stale_pod,
     decide_unseen,
     decide_vanished,
+    is_new_life,
     moves_forward,
 )
 from services.reconciler.store import Batch, PodActionRow, TaskStore, Tombstone
@@ -111,7 +112,8 @@ class Tracked:
     traceparent: str = ""
     # A tombstone's stand-in (store.prune_finished): the task was pruned in `task.state`. Decided
     # on as the finished task it was, never stored again, never answered as known; but a launch
-    # or a pod that began after it was pruned is a new life of the key (Tombstone.covers).
+    # or a pod that began after it was pruned is a new life of the key (statemachine.is_new_life,
+    # Tombstone.covers_pod).
     pruned: Tombstone | None = None
 
 
@@ -493,10 +495,8 @@ class Engine:
         """Stand-ins for the tasks among `keys` that pruning deleted, remembered as finished."""
         found = {}
         for key, tombstone in self.store.tombstones(keys).items():
-            task = task_pb2.Task(
-                state=cast(task_pb2.TaskState.ValueType, tombstone.state), executor_id=self.executor_id
-            )
-            task.key.CopyFrom(podmeta.key_of_string(key))
+            task = task_pb2.Task(executor_id=self.executor_id)
+            task.MergeFrom(tombstone.task)
             found[key] = tracked = Tracked(task, pruned=tombstone)
             self._remember(key, tracked)
         return found
@@ -571,7 +571,9 @@ class Engine:
         launch = item.launch
         key = podmeta.key_string(launch.key)
         tracked = self._lookup(key)
-        if tracked is None or (tracked.pruned is not None and not tracked.pruned.covers(launch.accept_time)):
+        if tracked is None or is_new_life(
+            tracked.task, launch.accept_time, pruned_at=tracked.pruned.pruned_at if tracked.pruned else 0.0
+        ):
             tracked = self._new_task(launch.key, launch.namespace, launch.pod_name, launch.attempt)
         if tracing.enabled and launch.traceparent:
             tracked.traceparent = launch.traceparent
@@ -650,7 +652,9 @@ class Engine:
             return
         key = podmeta.key_string(event.task_key)
         tracked = self._lookup(key)
-        if tracked is None or (tracked.pruned is not None and not tracked.pruned.covers(event.creation_time)):
+        if tracked is None or (
+            tracked.pruned is not None and not tracked.pruned.covers_pod(event.creation_time)
+        ):
             tracked = self._new_task(event.task_key, event.namespace, event.pod_name, event.launch_attempt)
         if tracing.enabled and event.traceparent:
             tracked.traceparent = event.traceparent

@@ -22,7 +22,7 @@ from services.reconciler.forgotten import pruned_here
 from services.reconciler.launcher_calls import LauncherCalls, LauncherUnavailable
 from services.reconciler.postmortem import last_lines
 from services.reconciler.settings import ReconcilerSettings
-from services.reconciler.statemachine import Policy
+from services.reconciler.statemachine import Policy, is_new_life
 from services.reconciler.store import TaskStore, decode_page_token, prune_finished
 from services.reconciler.streams import consume_launcher, consume_watcher, recover_launch_outcomes
 from services.reconciler.sweep import sweep_finished, sweep_pending
@@ -154,7 +154,10 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             stored.pod_uid = pod_uid
             return stored
         tombstone = self._store.tombstones([podmeta.key_string(key)]).get(podmeta.key_string(key))
-        if tombstone is not None and (found is None or tombstone.covers(found.launch.accept_time)):
+        if tombstone is not None and (
+            found is None
+            or not is_new_life(tombstone.task, found.launch.accept_time, pruned_at=tombstone.pruned_at)
+        ):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, "key: this task ended and was pruned by the retention"
             )

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeAlias
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from shepherd import podmeta, taskstates
 from shepherd.v1 import launcher_service_pb2, task_pb2, watcher_service_pb2
 
@@ -277,6 +279,24 @@ def decide_launch(current: TaskState, launch: Launch) -> Decision:
         # was already in flight may exist or still appear: it goes away.
         return Decision(S.TASK_STATE_REVOKED, action=PodAction.DELETE, note="launch cancelled")
     return Decision()
+
+
+def is_new_life(task: task_pb2.Task, accepted: Timestamp, *, pruned_at: float = 0.0) -> bool:
+    """Whether a launch accepted at `accepted` is a new launch of the key of `task`, which ended
+    (the launcher forgot the old launch and took the key again), rather than an event of the
+    launch `task` came from, read late.
+
+    Every event of one launch carries the time it was accepted, relaunches included, and so does
+    the task made from it (`queued_time`): on the launcher's own clock, both. A task made from its
+    pod's events before its launch's were read has none; for a pruned one (its tombstone), only a
+    launch accepted after the pruning is new (the reconciler's clock: clocks far apart may take a
+    new launch for a late event, never the other way round, which would run a task twice); for
+    one still kept, no launch is taken for a new one."""
+    if task.state not in TERMINAL or not (accepted.seconds or accepted.nanos):
+        return False
+    if task.HasField("queued_time"):
+        return accepted.ToNanoseconds() > task.queued_time.ToNanoseconds()
+    return bool(pruned_at) and accepted.ToNanoseconds() / 1e9 > pruned_at
 
 
 def decide_cancel(current: TaskState) -> Decision:

@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS post_mortems (
 );
 CREATE TABLE IF NOT EXISTS pruned_tasks (
     key TEXT PRIMARY KEY,          -- a task pruning deleted: a late event of it must not bring it back
-    state INTEGER NOT NULL,        -- the terminal state it was pruned in
+    task BLOB NOT NULL,            -- serialized shepherd.v1.Task: its key, final state, queued_time
     pruned_at REAL NOT NULL        -- epoch seconds; kept a retention period (and count) after that
 );
 CREATE INDEX IF NOT EXISTS pruned_tasks_by_age ON pruned_tasks(pruned_at);
@@ -81,16 +81,16 @@ CREATE TABLE IF NOT EXISTS kept_logs (
 
 @dataclass(frozen=True)
 class Tombstone:
-    """What is left of a pruned task (prune_finished): the state it ended in, and when it went.
-    Only what began before `pruned_at` can be about it: a launch accepted, or a pod created,
-    later is a new life of the key."""
+    """What is left of a pruned task (prune_finished): its key, the state it ended in and when its
+    launch was accepted (`task`, nothing else of it), and when it went."""
 
-    state: int
+    task: task_pb2.Task
     pruned_at: float  # epoch seconds
 
-    def covers(self, began: Timestamp) -> bool:
-        """Whether something that began at `began` (unset: unknown) belongs to the pruned task."""
-        return not began.seconds or began.ToNanoseconds() / 1e9 <= self.pruned_at
+    def covers_pod(self, created: Timestamp) -> bool:
+        """Whether a pod created at `created` (unset: unknown) can be one of the pruned task's: a
+        pod created after the pruning belongs to a new life of the key."""
+        return not (created.seconds or created.nanos) or created.ToNanoseconds() / 1e9 <= self.pruned_at
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,8 @@ class TaskStore:
 
     def tombstones(self, keys: Sequence[str]) -> dict[str, Tombstone]:
         """The tombstone of each of `keys` whose task pruning deleted, by key."""
-        rows = self.db.rows_for_keys("SELECT key, state, pruned_at FROM pruned_tasks WHERE key IN ({})", keys)
-        return {key: Tombstone(int(state), float(at)) for key, state, at in rows}
+        rows = self.db.rows_for_keys("SELECT key, task, pruned_at FROM pruned_tasks WHERE key IN ({})", keys)
+        return {key: Tombstone(task_pb2.Task.FromString(blob), float(at)) for key, blob, at in rows}
 
     def cursor(self, source: str) -> int:
         row = self.db.reader.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()
@@ -327,12 +327,13 @@ def prune_finished(
     (its post-mortem row, its kept log tail). An action not yet carried out stays, with its
     post-mortem row, until the restart that carries it out (rare: pruning comes long after).
 
-    What stays is a tombstone: the key and its terminal state. By count, a task can be pruned
-    before the reconciler has read its launch events (the launcher's stream lagged behind the
-    watcher's), and after a restart, its memory of finished tasks empty, such an event would make
-    the task anew, QUEUED, and relaunch it. The tombstone makes it a finished task's event
-    instead. It is kept a retention period, and at most `bounds.max_entries` of them: by then the
-    launcher, pruning its own log by the same bounds, has pruned those events too."""
+    What stays is a tombstone: the key, its terminal state and when its launch was accepted. By
+    count, a task can be pruned before the reconciler has read its launch events (the launcher's
+    stream lagged behind the watcher's), and after a restart, its memory of finished tasks empty,
+    such an event would make the task anew, QUEUED, and relaunch it. The tombstone makes it a
+    finished task's event instead (statemachine.is_new_life). It is kept a retention period, and
+    at most `bounds.max_entries` of them: by then the launcher, pruning its own log by the same
+    bounds, has pruned those events too."""
     now = time.time() if now is None else now
     finished: list[task_pb2.Task] = []
     for _, blob in pruned:
@@ -347,9 +348,13 @@ def prune_finished(
         )
         for (uid,) in row.fetchall():
             deleted += 1
+            kept = task_pb2.Task(
+                state=task.state, queued_time=task.queued_time if task.HasField("queued_time") else None
+            )
+            kept.key.CopyFrom(task.key)
             conn.execute(
-                "INSERT OR REPLACE INTO pruned_tasks(key, state, pruned_at) VALUES (?, ?, ?)",
-                (key, task.state, now),
+                "INSERT OR REPLACE INTO pruned_tasks(key, task, pruned_at) VALUES (?, ?, ?)",
+                (key, kept.SerializeToString(), now),
             )
             conn.execute("DELETE FROM kept_logs WHERE task_key = ?", (key,))
             uids = {uid} if uid else set()

@@ -406,3 +406,23 @@ async def test_a_launch_event_read_after_its_task_was_pruned_does_not_bring_it_b
         )
         assert second.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
     await store.close()
+
+
+async def test_a_key_launched_again_after_its_task_ended_is_a_new_task_and_runs(harness: Harness) -> None:
+    """The launcher forgot the launch of a task that ended (pruned) and took the key again: a new
+    launch, accepted later. It used to be applied to the ended task, still remembered here: no
+    state, its pod deleted as a finished task's, and GetTask answered the old run's outcome."""
+    key = task_key(task_id="again")
+    first = _launch(key, L.LAUNCH_STATE_ACCEPTED)
+    await _launch_events(harness, first)
+    await harness.feed(pod_event(key, "Running", uid="first"), pod_event(key, "Succeeded", uid="first"))
+    late = _launch(key, L.LAUNCH_STATE_CREATED)
+    late.accept_time.CopyFrom(first.accept_time)  # an event of the same launch, read late: ignored
+    await _launch_events(harness, late)
+    assert harness.states(key) == [S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
+    again = _launch(key, L.LAUNCH_STATE_ACCEPTED)
+    again.accept_time.FromNanoseconds(first.accept_time.ToNanoseconds() + 1000)
+    await _launch_events(harness, again)
+    await harness.feed(pod_event(key, "Running", uid="second"), pod_event(key, "Failed", uid="second"))
+    assert harness.states(key)[3:] == [S.TASK_STATE_QUEUED, S.TASK_STATE_RUNNING, S.TASK_STATE_FAILED]
+    assert [(a.pod_uid, a.action) for a in harness.actions] == [("first", "delete"), ("second", "mark-done")]

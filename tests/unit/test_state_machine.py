@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.reconciler.statemachine import (
     PodAction,
@@ -11,6 +12,7 @@ from services.reconciler.statemachine import (
     decide_cancel,
     decide_launch,
     decide_launch_lost,
+    is_new_life,
     moves_forward,
 )
 from shepherd import podmeta
@@ -326,3 +328,23 @@ def test_a_launch_lost_in_a_gap_fails_only_a_task_still_queued() -> None:
     assert lost.action is PodAction.NONE
     for state in (S.TASK_STATE_RUNNING, S.TASK_STATE_ADOPTED, S.TASK_STATE_SUCCEEDED, S.TASK_STATE_REVOKED):
         assert decide_launch_lost(state).state is None
+
+
+def test_a_launch_is_a_new_life_of_its_key_only_if_accepted_after_the_ended_task_was() -> None:
+    def at(seconds: float) -> Timestamp:
+        stamp = Timestamp()
+        stamp.FromNanoseconds(int(seconds * 1e9))
+        return stamp
+
+    ended = task_pb2.Task(state=S.TASK_STATE_SUCCEEDED, queued_time=at(100))
+    assert is_new_life(ended, at(101))
+    assert not is_new_life(ended, at(100))  # the same launch: every event carries its accept time
+    assert not is_new_life(ended, at(99))
+    assert not is_new_life(ended, Timestamp())  # unknown
+    running = task_pb2.Task(state=S.TASK_STATE_RUNNING, queued_time=at(100))
+    assert not is_new_life(running, at(101))  # a task still going on is never replaced
+    # Made from its pod's events, its launch never read: only after its pruning can a launch be new.
+    unknown = task_pb2.Task(state=S.TASK_STATE_FAILED)
+    assert not is_new_life(unknown, at(101))
+    assert not is_new_life(unknown, at(101), pruned_at=200)
+    assert is_new_life(unknown, at(201), pruned_at=200)
