@@ -253,6 +253,7 @@ ROWS = (
     ("tasks", "reconciler.tasks"),
     ("transitions", "reconciler.transitions"),
     ("actions", "reconciler.pod_actions"),
+    ("tombstones", "reconciler.pruned_tasks"),
 )
 
 
