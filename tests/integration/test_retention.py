@@ -120,7 +120,9 @@ async def test_a_stream_from_the_head_gets_only_later_events(
         launcher = launcher_service_pb2_grpc.LauncherServiceStub(lch)
         # The earlier task's last event anywhere is its pod's deletion, seen by the watcher (the
         # reconciler deletes the pod after logging the task's end): wait for it, then subscribe.
-        everything = watcher.WatchPodEvents(watcher_service_pb2.WatchPodEventsRequest(snapshot=True))
+        # Read from the log's start, not a snapshot: under load the deletion can come before this
+        # call, and a snapshot (the pods now, then what follows) would never show it.
+        everything = watcher.WatchPodEvents(watcher_service_pb2.WatchPodEventsRequest(after_cursor=0))
         seen = Collector(unbatched(everything, "events")).start()
         await seen.until(
             lambda items: any(_deleted(e, before) for e in items), what="the earlier pod deleted"
