@@ -48,6 +48,13 @@ class Harness:
         await asyncio.sleep(0)  # let the engine take what was just queued
         await self.engine.idle()
 
+    async def until_relaunched(self, timeout_s: float = 10.0) -> None:
+        """Wait (without blocking the loop) until a relaunch was asked for, then settle."""
+        deadline = time.monotonic() + timeout_s
+        while not self.relaunches and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.settle()
+
     def states(self, key: task_pb2.TaskKey) -> list[int]:
         return [
             change.task.state
@@ -325,11 +332,7 @@ async def test_a_created_pod_never_seen_is_noticed_after_a_restart(tmp_path: Pat
         await _launch_events(first, created)
     async with running(store, pending_timeout_s=0.5) as second:
         second.engine.watcher_live = True  # the watcher is connected and has not seen the pod
-        for _ in range(200):
-            if second.relaunches:
-                break
-            await asyncio.sleep(0.05)
-        await second.settle()
+        await second.until_relaunched()
         assert second.relaunches == [(key, 1)]
     await store.close()
 
@@ -387,11 +390,7 @@ async def test_a_launch_event_read_after_its_task_was_pruned_does_not_bring_it_b
             created.create_time.GetCurrentTime()
             await _launch_events(second, accepted, created)
         # The barrier: the sentinel's deadline, later than the pruned task's, has fired.
-        for _ in range(200):
-            if second.relaunches:
-                break
-            await asyncio.sleep(0.05)
-        await second.settle()
+        await second.until_relaunched()
         assert second.relaunches == [(sentinel, 1)]
         # A pod of it turns up too: cleaned up as a finished task's pod, the task left pruned.
         await second.feed(pod_event(key, "Succeeded", uid="stray-1", created=began))
