@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from importlib.metadata import PackageNotFoundError, version
 
 from aiohttp import web
 from prometheus_client import (
@@ -30,6 +29,7 @@ from prometheus_client import (
 
 from shepherd.logging import get_logger
 from shepherd.readiness import Readiness
+from shepherd.release import release
 
 PREFIX = "shepherd"
 # No <name>_created series beside each counter and histogram: a second series per child that
@@ -107,14 +107,6 @@ refused = {reason: _REFUSED.labels(reason.value) for reason in Refusal}
 # Bound once: each open stream increments its own child, never a label lookup.
 subscribers = {stream: SUBSCRIBERS.labels(stream.value) for stream in Stream}
 unmet = {condition: CONDITION_UNMET.labels(condition.value) for condition in Readiness}
-
-
-def release() -> str:
-    """This package's version, as installed ("unknown" when run from a tree never installed)."""
-    try:
-        return version("shepherd")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 BUILD_INFO.labels(release()).set(1)

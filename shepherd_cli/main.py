@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +27,7 @@ from rich.table import Table
 from controlplane.settings import ClusterSettings
 from shepherd import channels
 from shepherd.readiness import LIVENESS
+from shepherd.release import release
 from shepherd.settings import state_dir
 from shepherd.v1 import (
     launcher_service_pb2,
@@ -93,13 +93,6 @@ def _emit(data: Any, fmt: Format) -> None:
     click.echo(output.render_data(data, fmt))
 
 
-def _package_version() -> str:
-    try:
-        return version("shepherd")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.option(
     "--connection",
@@ -109,7 +102,7 @@ def _package_version() -> str:
     show_envvar=True,
     help="The connection file `shepherd serve` writes: addresses and client credentials.",
 )
-@click.version_option(_package_version(), prog_name=PROG)
+@click.version_option(release(), prog_name=PROG)
 def cli(connection: Path) -> None:
     """Operate Shepherd: run its services, and list, watch, launch and cancel tasks.
 
@@ -262,10 +255,10 @@ def status(ctx: click.Context, fmt: str) -> None:
                 "; ".join(row.get("why", [])) or row.get("metrics_error", ""),
             )
         console.print(table)
-        console.print(f"executor {connection.executor_id}, client {PROG} {_package_version()}")
+        console.print(f"executor {connection.executor_id}, client {PROG} {release()}")
     else:
         _emit(
-            {"executor_id": connection.executor_id, "client_version": _package_version(), "services": rows},
+            {"executor_id": connection.executor_id, "client_version": release(), "services": rows},
             fmt_,
         )
     if not healthy:

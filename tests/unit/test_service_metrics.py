@@ -11,6 +11,7 @@ from services.launcher.reconciler_client import ReconcilerUnavailable
 from shepherd import metrics
 from shepherd.kube import ApiError
 from shepherd.readiness import Readiness
+from shepherd.release import release
 from shepherd_cli import servicemetrics
 
 
@@ -78,4 +79,4 @@ def test_status_shows_the_release_each_service_runs() -> None:
     text = '# TYPE shepherd_build_info gauge\nshepherd_build_info{version="1.2.3"} 1.0'
     assert servicemetrics.summary("watcher", servicemetrics.parse(text))["version"] == "1.2.3"
     # and each service publishes its own: the package's version
-    assert metrics.BUILD_INFO.labels(metrics.release())._value.get() == 1
+    assert metrics.BUILD_INFO.labels(release())._value.get() == 1
