@@ -50,6 +50,7 @@ from services.reconciler.statemachine import (
     decide_unseen,
     decide_vanished,
     is_new_life,
+    is_new_pod_life,
     moves_forward,
 )
 from services.reconciler.store import Batch, PodActionRow, TaskStore, Tombstone
@@ -113,7 +114,7 @@ class Tracked:
     # A tombstone's stand-in (store.prune_finished): the task was pruned in `task.state`. Decided
     # on as the finished task it was, never stored again, never answered as known; but a launch
     # or a pod that began after it was pruned is a new life of the key (statemachine.is_new_life,
-    # Tombstone.covers_pod).
+    # is_new_pod_life).
     pruned: Tombstone | None = None
 
 
@@ -653,7 +654,8 @@ class Engine:
         key = podmeta.key_string(event.task_key)
         tracked = self._lookup(key)
         if tracked is None or (
-            tracked.pruned is not None and not tracked.pruned.covers_pod(event.creation_time)
+            tracked.pruned is not None
+            and is_new_pod_life(event.creation_time, pruned_at=tracked.pruned.pruned_at)
         ):
             tracked = self._new_task(event.task_key, event.namespace, event.pod_name, event.launch_attempt)
         if tracing.enabled and event.traceparent:

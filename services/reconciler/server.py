@@ -36,7 +36,7 @@ from shepherd.readiness import Readiness
 from shepherd.retention import Pruner, Retention
 from shepherd.sqlite import StoreUnavailable
 from shepherd.supervisor import Supervisor
-from shepherd.v1 import launcher_service_pb2_grpc, task_pb2
+from shepherd.v1 import launcher_service_pb2, launcher_service_pb2_grpc, task_pb2
 from shepherd.v1 import reconciler_service_pb2 as pb
 from shepherd.v1 import reconciler_service_pb2_grpc as pb_grpc
 from shepherd.validation import InvalidField, check_key, check_text
@@ -148,27 +148,13 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             found = await self._launcher.get_launch(key)
         except LauncherUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"key: not known here, and {err}")
-        row = self._store.get(podmeta.key_string(key))
+        name = podmeta.key_string(key)
+        row = self._store.get(name)
         if row is not None:  # its launch event was applied meanwhile
             stored, pod_uid = row
             stored.pod_uid = pod_uid
             return stored
-        tombstone = self._store.tombstones([podmeta.key_string(key)]).get(podmeta.key_string(key))
-        if tombstone is not None and (
-            found is None
-            or not is_new_life(tombstone.task, found.launch.accept_time, pruned_at=tombstone.pruned_at)
-        ):
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, "key: this task ended and was pruned by the retention"
-            )
-        if found is not None and pruned_here(
-            found.launch,
-            found.last_event_cursor,
-            committed=committed,
-            gap=self._engine.gap,
-            now=time.time(),
-            retention_s=self._settings.retention_s,
-        ):
+        if self._pruned(name, found, committed):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, "key: this task ended and was pruned by the retention"
             )
@@ -180,6 +166,26 @@ class ReconcilerServicer(pb_grpc.ReconcilerServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, "key: no task with this key")
         assert task is not None
         return task
+
+    def _pruned(
+        self, name: str, found: launcher_service_pb2.GetLaunchResponse | None, committed: int
+    ) -> bool:
+        """Whether the task of key `name`, not stored, was pruned here: its tombstone covers the
+        launch the launcher has (or it has none), or that launch's last event was applied."""
+        tombstone = self._store.tombstones([name]).get(name)
+        if tombstone is not None and (
+            found is None
+            or not is_new_life(tombstone.task, found.launch.accept_time, pruned_at=tombstone.pruned_at)
+        ):
+            return True
+        return found is not None and pruned_here(
+            found.launch,
+            found.last_event_cursor,
+            committed=committed,
+            gap=self._engine.gap,
+            now=time.time(),
+            retention_s=self._settings.retention_s,
+        )
 
     async def AdoptTasks(self, request: pb.AdoptTasksRequest, context: Context) -> pb.AdoptTasksResponse:
         dead = list(request.dead_executor_ids)

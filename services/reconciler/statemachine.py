@@ -292,11 +292,21 @@ def is_new_life(task: task_pb2.Task, accepted: Timestamp, *, pruned_at: float = 
     launch accepted after the pruning is new (the reconciler's clock: clocks far apart may take a
     new launch for a late event, never the other way round, which would run a task twice); for
     one still kept, no launch is taken for a new one."""
-    if task.state not in TERMINAL or not (accepted.seconds or accepted.nanos):
+    if task.state not in TERMINAL or not _is_set(accepted):
         return False
     if task.HasField("queued_time"):
         return accepted.ToNanoseconds() > task.queued_time.ToNanoseconds()
     return bool(pruned_at) and accepted.ToNanoseconds() / 1e9 > pruned_at
+
+
+def is_new_pod_life(created: Timestamp, *, pruned_at: float) -> bool:
+    """Whether a pod created at `created`, of a key whose task was pruned at `pruned_at`, belongs
+    to a new life of the key: only a pod created after the pruning does (unset: unknown, so not)."""
+    return _is_set(created) and created.ToNanoseconds() / 1e9 > pruned_at
+
+
+def _is_set(stamp: Timestamp) -> bool:
+    return bool(stamp.seconds or stamp.nanos)
 
 
 def decide_cancel(current: TaskState) -> Decision:

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.trace import Span
 
 from shepherd import podmeta, retention
@@ -86,11 +85,6 @@ class Tombstone:
 
     task: task_pb2.Task
     pruned_at: float  # epoch seconds
-
-    def covers_pod(self, created: Timestamp) -> bool:
-        """Whether a pod created at `created` (unset: unknown) can be one of the pruned task's: a
-        pod created after the pruning belongs to a new life of the key."""
-        return not (created.seconds or created.nanos) or created.ToNanoseconds() / 1e9 <= self.pruned_at
 
 
 @dataclass(frozen=True)
@@ -357,15 +351,18 @@ def prune_finished(
                 (key, kept.SerializeToString(), now),
             )
             conn.execute("DELETE FROM kept_logs WHERE task_key = ?", (key,))
+            # Its current pod by uid (whatever its name), each attempt's pod by name; then what
+            # was read of each pod whose action went.
             uids = {uid} if uid else set()
-            for attempt in range(1, max(task.launch_attempts, 1) + 1):  # each attempt's pod
+            if uid:
+                conn.execute("DELETE FROM pod_actions WHERE pod_uid = ? AND done = 1", (uid,))
+            for attempt in range(1, max(task.launch_attempts, 1) + 1):
                 done = conn.execute(
                     "DELETE FROM pod_actions WHERE name = ? AND namespace = ? AND done = 1 RETURNING pod_uid",
                     (podmeta.pod_name(task.key, attempt), task.namespace),
                 )
                 uids.update(found for (found,) in done.fetchall())
             for found in uids:
-                conn.execute("DELETE FROM pod_actions WHERE pod_uid = ? AND done = 1", (found,))
                 conn.execute(
                     "DELETE FROM post_mortems WHERE pod_uid = ? "
                     "AND NOT EXISTS (SELECT 1 FROM pod_actions WHERE pod_uid = ? AND done = 0)",
